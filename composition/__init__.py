@@ -1,0 +1,1 @@
+"""composition: how the chosen adapters act on a model."""

@@ -1,0 +1,1 @@
+"""lorahub: the user-facing hub — pipeline, few-shot learning, training, evaluation, CLI."""

@@ -1,0 +1,186 @@
+"""The `loraplex` command line.
+
+Exit codes: 0 success, 1 user error (one line on stderr naming the problem), 2 bad usage.
+Every command takes `--registry DIR` (default `$LORAPLEX_HOME/registry`, else the user
+cache) and, where it lists things, `--json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from registry import AdapterError, Registry
+from router import SentenceEmbedder
+
+
+def default_registry() -> Path:
+    home = os.environ.get("LORAPLEX_HOME")
+    if home:
+        return Path(home) / "registry"
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "loraplex" / "registry"
+
+
+def read_examples(path: Path) -> list[str]:
+    """Example inputs from a .txt (one per line) or .jsonl (objects with `input`)."""
+    try:
+        lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise AdapterError(f"{path}: cannot read examples: {e}") from None
+    if path.suffix != ".jsonl":
+        return lines
+    out = []
+    for i, line in enumerate(lines, 1):
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise AdapterError(f"{path}:{i}: malformed JSON: {e}") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("input"), str):
+            raise AdapterError(f"{path}:{i}: expected an object with a string 'input'")
+        out.append(obj["input"])
+    return out
+
+
+def print_table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> None:
+    cells = [[str(c) for c in r] for r in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    for r in [list(headers), ["-" * w for w in widths], *cells]:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+def open_registry(args: argparse.Namespace) -> Registry:
+    return Registry(args.registry, embedder=SentenceEmbedder())
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    examples = read_examples(Path(args.examples)) if args.examples else None
+    tags = [t.strip() for t in args.tags.split(",") if t.strip()] if args.tags else None
+    with open_registry(args) as reg:
+        rec = reg.register(
+            args.source,
+            name=args.name,
+            examples=examples,
+            description=args.description,
+            tags=tags,
+            replace=args.replace,
+        )
+        reg.save_index()
+    if args.json:
+        print(json.dumps(rec.to_json()))
+    else:
+        print(
+            f"registered {rec.name} (rank {rec.rank}, {rec.n_modules} modules, "
+            f"sha256 {rec.sha256[:12]})"
+        )
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    with Registry(args.registry) as reg:
+        records = reg.list()
+    if args.json:
+        print(json.dumps([r.to_json() for r in records]))
+        return 0
+    rows = [
+        (r.name, r.rank, ",".join(r.targets), r.base_model.name, r.meta.task or "", r.sha256[:12])
+        for r in records
+    ]
+    print_table(rows, ["name", "rank", "targets", "base_model", "task", "sha256"])
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    with Registry(args.registry) as reg:
+        rec = reg.get(args.name)
+    info = rec.to_json()
+    if args.json:
+        print(json.dumps(info))
+    else:
+        for key, value in info.items():
+            print(f"{key:12} {value}")
+    return 0
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    with Registry(args.registry) as reg:
+        reg.remove(args.name)
+    print(f"removed {args.name}")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    if not args.text.strip():
+        raise AdapterError("search text is empty")
+    with open_registry(args) as reg:
+        hits = reg.search(args.text, k=args.k)
+        reg.save_index()
+    if args.json:
+        print(json.dumps([{"name": n, "score": s} for n, s in hits]))
+    else:
+        print_table([(n, f"{s:.3f}") for n, s in hits], ["name", "score"])
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from lorahub.demo import run_demo
+
+    return run_demo(args.registry if args.registry_given else None)
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--registry",
+        type=Path,
+        default=None,
+        help="registry folder (default: $LORAPLEX_HOME/registry or the user cache)",
+    )
+    common.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    p = argparse.ArgumentParser(prog="loraplex", description="Route and compose LoRA adapters.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("register", parents=[common], help="validate and store an adapter")
+    s.add_argument("source", help="PEFT folder, .safetensors file or hf://owner/name[@revision]")
+    s.add_argument("--name", help="registry name (default: the folder or file name)")
+    s.add_argument("--examples", help="example inputs: .txt (one a line) or .jsonl with 'input'")
+    s.add_argument("--description", help="what the adapter does (embedded if no examples)")
+    s.add_argument("--tags", help="comma-separated tags")
+    s.add_argument("--replace", action="store_true", help="replace an adapter of the same name")
+    s.set_defaults(func=cmd_register)
+
+    sub.add_parser("list", parents=[common], help="list adapters").set_defaults(func=cmd_list)
+    s = sub.add_parser("show", parents=[common], help="show one adapter")
+    s.add_argument("name")
+    s.set_defaults(func=cmd_show)
+    s = sub.add_parser("remove", parents=[common], help="remove an adapter")
+    s.add_argument("name")
+    s.set_defaults(func=cmd_remove)
+    s = sub.add_parser("search", parents=[common], help="adapters nearest to a text")
+    s.add_argument("text")
+    s.add_argument("-k", type=int, default=5, help="how many (default 5)")
+    s.set_defaults(func=cmd_search)
+    sub.add_parser("demo", parents=[common], help="run the demo").set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    args.registry_given = args.registry is not None
+    args.registry = args.registry or default_registry()
+    if getattr(args, "k", 1) <= 0:
+        print("loraplex: error: -k must be positive", file=sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except (AdapterError, ValueError) as e:
+        print(f"loraplex: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""registry: adapters as data — what exists, where it came from, what it looks like."""
+
+from registry.adapter import AdapterMeta, BaseModelInfo, LoraAdapter, LoraModule, lora_scaling
+from registry.embedding import Embedder
+from registry.errors import (
+    AdapterError,
+    AdapterFormatError,
+    AdapterLimitError,
+    AdapterNotFoundError,
+    AdapterShapeError,
+    AdapterValueError,
+    BaseModelMismatchError,
+    DuplicateNameError,
+    IntegrityError,
+    UnsafePathError,
+)
+from registry.index import IndexKind, VectorIndex
+from registry.peft_format import write_peft_folder
+from registry.sources import load_source
+from registry.store import AdapterRecord, Registry, check_name
+from registry.validate import Limits
+
+__all__ = [
+    "AdapterError",
+    "AdapterFormatError",
+    "AdapterLimitError",
+    "AdapterMeta",
+    "AdapterNotFoundError",
+    "AdapterRecord",
+    "AdapterShapeError",
+    "AdapterValueError",
+    "BaseModelInfo",
+    "BaseModelMismatchError",
+    "DuplicateNameError",
+    "Embedder",
+    "IndexKind",
+    "IntegrityError",
+    "Limits",
+    "LoraAdapter",
+    "LoraModule",
+    "Registry",
+    "UnsafePathError",
+    "VectorIndex",
+    "check_name",
+    "load_source",
+    "lora_scaling",
+    "write_peft_folder",
+]

@@ -1,0 +1,506 @@
+"""`Registry`: a folder holding an SQLite catalogue, content-addressed adapter blobs and a
+faiss index of adapter embeddings.
+
+    registry/
+      catalogue.sqlite   names, metadata, module shapes, embeddings (WAL mode)
+      blobs/ab/<sha256>.safetensors
+      index.<stamp>.faiss   cache of the embeddings, rebuilt when its stamp is stale
+      tmp/               temp files; anything left here is debris from a crash
+
+Writes are atomic: a blob is written to tmp/, fsynced and renamed into place, then the
+row is inserted in one transaction. Opening reads no adapter weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sqlite3
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from registry.adapter import AdapterMeta, BaseModelInfo, LoraAdapter
+from registry.embedding import Embedder, embed_meta
+from registry.errors import (
+    AdapterError,
+    AdapterNotFoundError,
+    DuplicateNameError,
+    IntegrityError,
+    UnsafePathError,
+)
+from registry.index import IndexKind, VectorIndex
+from registry.peft_format import (
+    adapter_from_tensors,
+    header_metadata,
+    parse_config,
+    peft_tensors,
+    read_safetensors,
+    write_safetensors_atomic,
+)
+from registry.sources import load_source
+from registry.validate import Limits, check_shapes_match, validate
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS adapters (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    sha256 TEXT NOT NULL,
+    base_model TEXT NOT NULL,
+    architecture TEXT,
+    rank INTEGER NOT NULL,
+    targets TEXT NOT NULL,
+    n_modules INTEGER NOT NULL,
+    n_params INTEGER NOT NULL,
+    nbytes INTEGER NOT NULL,
+    meta TEXT NOT NULL,
+    created REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS adapters_sha ON adapters(sha256);
+CREATE TABLE IF NOT EXISTS module_shapes (
+    base_model TEXT NOT NULL,
+    module TEXT NOT NULL,
+    d_in INTEGER NOT NULL,
+    d_out INTEGER NOT NULL,
+    PRIMARY KEY (base_model, module)
+);
+CREATE TABLE IF NOT EXISTS embeddings (
+    adapter_id INTEGER PRIMARY KEY REFERENCES adapters(id) ON DELETE CASCADE,
+    embedder TEXT NOT NULL,
+    dim INTEGER NOT NULL,
+    n_texts INTEGER NOT NULL,
+    vector BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT OR IGNORE INTO state VALUES ('generation', 0);
+"""
+
+
+def check_name(name: str) -> str:
+    """Adapter names are identifiers, never paths: letters, digits, `._+-`, no `..`."""
+    if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
+        raise UnsafePathError(
+            f"invalid adapter name {name!r}: use 1-128 letters, digits or ._+- "
+            "(no path separators, '..', spaces or control characters)"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class AdapterRecord:
+    """A catalogue row: everything about an adapter except its weights."""
+
+    id: int
+    name: str
+    sha256: str
+    base_model: BaseModelInfo
+    rank: int
+    targets: list[str]
+    n_modules: int
+    n_params: int
+    nbytes: int
+    meta: AdapterMeta
+    created: float
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name,
+            "sha256": self.sha256,
+            "base_model": self.base_model.name,
+            "architecture": self.base_model.architecture,
+            "rank": self.rank,
+            "targets": self.targets,
+            "n_modules": self.n_modules,
+            "n_params": self.n_params,
+            "nbytes": self.nbytes,
+            "created": self.created,
+            **{k: v for k, v in self.meta.to_json().items() if k != "extra"},
+        }
+
+
+def _record(row: sqlite3.Row) -> AdapterRecord:
+    return AdapterRecord(
+        id=row["id"],
+        name=row["name"],
+        sha256=row["sha256"],
+        base_model=BaseModelInfo(row["base_model"], row["architecture"]),
+        rank=row["rank"],
+        targets=json.loads(row["targets"]),
+        n_modules=row["n_modules"],
+        n_params=row["n_params"],
+        nbytes=row["nbytes"],
+        meta=AdapterMeta.from_json(json.loads(row["meta"])),
+        created=row["created"],
+    )
+
+
+class Registry:
+    """A persistent, searchable collection of LoRA adapters.
+
+    >>> reg = Registry("my-registry", embedder=SentenceEmbedder())   # doctest: +SKIP
+    >>> reg.register("path/to/peft-folder", name="math", examples=["2+2="])  # doctest: +SKIP
+    >>> reg.search("what is 3+4?", k=3)   # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        embedder: Embedder | None = None,
+        limits: Limits | None = None,
+        index_kind: IndexKind = IndexKind.auto,
+    ) -> None:
+        self.root = Path(root)
+        self.embedder = embedder
+        self.limits = limits or Limits()
+        self.index_kind = IndexKind(index_kind)
+        for sub in ("blobs", "tmp"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.root / "catalogue.sqlite", timeout=60, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} COMMIT;")
+        self._index: VectorIndex | None = None
+
+    # -- transactions ---------------------------------------------------------------
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction holding SQLite's write lock (other writers wait)."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> Registry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- reading --------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM adapters").fetchone()[0]
+
+    def __contains__(self, name: object) -> bool:
+        return self._row(str(name)) is not None
+
+    def _row(self, name: str) -> sqlite3.Row | None:
+        return self._db.execute("SELECT * FROM adapters WHERE name = ?", (name,)).fetchone()
+
+    def get(self, name: str) -> AdapterRecord:
+        row = self._row(name)
+        if row is None:
+            raise AdapterNotFoundError(f"no adapter named {name!r} in {self.root}")
+        return _record(row)
+
+    def list(self) -> list[AdapterRecord]:
+        return [_record(r) for r in self._db.execute("SELECT * FROM adapters ORDER BY name")]
+
+    def names(self) -> list[str]:
+        return [r[0] for r in self._db.execute("SELECT name FROM adapters ORDER BY name")]
+
+    def blob_path(self, sha256: str) -> Path:
+        if not re.fullmatch(r"[0-9a-f]{64}", sha256):
+            raise IntegrityError(f"malformed sha256 {sha256!r} in the catalogue")
+        return self.root / "blobs" / sha256[:2] / f"{sha256}.safetensors"
+
+    def load(self, name: str, verify: bool = True) -> LoraAdapter:
+        """The adapter's weights, read from its blob; `verify` re-hashes them."""
+        rec = self.get(name)
+        path = self.blob_path(rec.sha256)
+        if not path.exists():
+            raise IntegrityError(f"{name}: blob {path} is missing")
+        tensors, header = read_safetensors(path, self.limits)
+        config = parse_config(header.pop("config", None), str(path))
+        adapter = adapter_from_tensors(tensors, config, header, str(path))
+        adapter = LoraAdapter(adapter.modules, adapter.use_rslora, rec.base_model, rec.meta)
+        if verify and adapter.sha256() != rec.sha256:
+            raise IntegrityError(f"{name}: blob {path} does not match its sha256 (tampered?)")
+        return adapter
+
+    def shapes(self, base_model: str) -> dict[str, tuple[int, int]]:
+        """Module -> (d_in, d_out) established by the adapters of `base_model`."""
+        rows = self._db.execute(
+            "SELECT module, d_in, d_out FROM module_shapes WHERE base_model = ?", (base_model,)
+        )
+        return {r[0]: (r[1], r[2]) for r in rows}
+
+    # -- writing --------------------------------------------------------------------
+    def register(
+        self,
+        source: str | Path | LoraAdapter,
+        name: str | None = None,
+        *,
+        examples: Sequence[str] | None = None,
+        description: str | None = None,
+        tags: Sequence[str] | None = None,
+        task: str | None = None,
+        replace: bool = False,
+    ) -> AdapterRecord:
+        """Validate and store an adapter; embed it if it has examples or a description.
+
+        `source`: a `LoraAdapter`, a PEFT folder, a `.safetensors` file or `hf://owner/name`.
+        Arguments given here override the adapter's own metadata. Nothing is changed
+        if any check fails.
+        """
+        adapter = (
+            source if isinstance(source, LoraAdapter) else load_source(str(source), self.limits)
+        )
+        name = check_name(name or _default_name(source, adapter))
+        changes = {
+            k: v
+            for k, v in dict(
+                examples=tuple(examples) if examples is not None else None,
+                description=description,
+                tags=tuple(tags) if tags is not None else None,
+                task=task,
+            ).items()
+            if v is not None
+        }
+        adapter = adapter.with_meta(**changes)
+        validate(adapter, self.limits)
+        check_shapes_match(adapter, self.shapes(adapter.base_model.name), adapter.base_model.name)
+        embedding = embed_meta(adapter.meta, self.embedder) if self.embedder else None
+        sha = adapter.sha256()
+        self._write_blob(adapter, sha)
+        with self._write() as db:
+            # Checked again under the write lock: another process may have just written.
+            check_shapes_match(
+                adapter, self.shapes(adapter.base_model.name), adapter.base_model.name
+            )
+            old = db.execute("SELECT id, sha256 FROM adapters WHERE name = ?", (name,)).fetchone()
+            if old is not None and not replace:
+                raise DuplicateNameError(
+                    f"an adapter named {name!r} exists; pass replace=True (--replace)"
+                )
+            if old is not None:
+                db.execute("DELETE FROM adapters WHERE id = ?", (old["id"],))
+            if not self.blob_path(sha).exists():  # removed by a concurrent remove
+                self._write_blob(adapter, sha)
+            row_id = self._insert(db, name, sha, adapter, embedding)
+            generation = self._bump(db)
+        self._update_index(generation, add=(row_id, embedding), remove=old and old["id"])
+        if old is not None and old["sha256"] != sha:
+            self._collect_blob(old["sha256"])
+        return self.get(name)
+
+    def remove(self, name: str) -> None:
+        """Forget an adapter; its blob goes too unless another name shares it."""
+        with self._write() as db:
+            row = db.execute("SELECT id, sha256 FROM adapters WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                raise AdapterNotFoundError(f"no adapter named {name!r} in {self.root}")
+            db.execute("DELETE FROM adapters WHERE id = ?", (row["id"],))
+            generation = self._bump(db)
+        self._update_index(generation, add=None, remove=row["id"])
+        self._collect_blob(row["sha256"])
+
+    def _collect_blob(self, sha: str) -> None:
+        """Delete a blob no row refers to. Runs under the write lock, so a concurrent
+        register of the same content either sees the file gone (and rewrites it) or
+        commits its row first (and the blob stays)."""
+        with self._write() as db:
+            used = db.execute("SELECT 1 FROM adapters WHERE sha256 = ? LIMIT 1", (sha,)).fetchone()
+            if used is None:
+                self.blob_path(sha).unlink(missing_ok=True)
+
+    @staticmethod
+    def _bump(db: sqlite3.Connection) -> int:
+        db.execute("UPDATE state SET value = value + 1 WHERE key = 'generation'")
+        return db.execute("SELECT value FROM state WHERE key = 'generation'").fetchone()[0]
+
+    def _write_blob(self, adapter: LoraAdapter, sha: str) -> None:
+        path = self.blob_path(sha)
+        if path.exists():
+            return
+        path.parent.mkdir(exist_ok=True)
+        tmp = self.root / "tmp" / f"{sha}.{os.getpid()}.safetensors"
+        write_safetensors_atomic(
+            peft_tensors(adapter), header_metadata(adapter, with_config=True), tmp
+        )
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+
+    def _insert(
+        self,
+        db: sqlite3.Connection,
+        name: str,
+        sha: str,
+        adapter: LoraAdapter,
+        embedding: tuple[np.ndarray, int] | None,
+    ) -> int:
+        base = adapter.base_model
+        cur = db.execute(
+            "INSERT INTO adapters (name, sha256, base_model, architecture, rank, targets, "
+            "n_modules, n_params, nbytes, meta, created) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                name,
+                sha,
+                base.name,
+                base.architecture,
+                adapter.rank,
+                json.dumps(adapter.targets),
+                len(adapter.modules),
+                adapter.num_parameters,
+                adapter.nbytes,
+                json.dumps(adapter.meta.to_json()),
+                time.time(),
+            ),
+        )
+        db.executemany(
+            "INSERT OR IGNORE INTO module_shapes VALUES (?,?,?,?)",
+            [(base.name, m, d_in, d_out) for m, (d_in, d_out) in adapter.shapes().items()],
+        )
+        if embedding is not None:
+            vec, n = embedding
+            db.execute(
+                "INSERT INTO embeddings VALUES (?,?,?,?,?)",
+                (
+                    cur.lastrowid,
+                    self.embedder.id,
+                    vec.shape[0],
+                    n,
+                    vec.astype(np.float32).tobytes(),
+                ),
+            )
+        return cur.lastrowid
+
+    def set_embedding(self, name: str, vector: np.ndarray, n_texts: int) -> None:
+        """Store (or replace) an adapter's embedding made by the registry's embedder."""
+        rec = self.get(name)
+        vec = np.asarray(vector, np.float32).reshape(-1)
+        with self._write() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO embeddings VALUES (?,?,?,?,?)",
+                (rec.id, self._embedder().id, vec.shape[0], n_texts, vec.tobytes()),
+            )
+            generation = self._bump(db)
+        self._update_index(generation, add=None, remove=None)
+
+    # -- search ---------------------------------------------------------------------
+    def _embedder(self) -> Embedder:
+        if self.embedder is None:
+            raise AdapterError("this registry was opened without an embedder; pass embedder=")
+        return self.embedder
+
+    def _stamp(self, generation: int) -> str:
+        key = f"{self._embedder().id}|{self.index_kind.value}|{generation}"
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+    def _generation(self) -> int:
+        return self._db.execute("SELECT value FROM state WHERE key = 'generation'").fetchone()[0]
+
+    def _update_index(
+        self,
+        generation: int,
+        add: tuple[int, tuple[np.ndarray, int] | None] | None,
+        remove: int | None,
+    ) -> None:
+        """Keep a loaded index in step with our own write; anything else invalidates it."""
+        index = self._index
+        if index is None or self.embedder is None or index.stamp != self._stamp(generation - 1):
+            self._index = None
+            return
+        if remove is not None and not index.remove(remove):
+            self._index = None
+            return
+        if add is not None and add[1] is not None:
+            index.add(add[0], add[1][0])
+        index.stamp = self._stamp(generation)
+
+    def embeddings(self) -> tuple[np.ndarray, np.ndarray]:
+        """ids (n,) and vectors (n, dim) made by the current embedder."""
+        emb = self._embedder()
+        rows = self._db.execute(
+            "SELECT adapter_id, dim, vector FROM embeddings WHERE embedder = ? ORDER BY adapter_id",
+            (emb.id,),
+        ).fetchall()
+        for r in rows:
+            if r["dim"] != emb.dim:
+                raise AdapterError(
+                    f"stored embeddings have dimension {r['dim']} but embedder {emb.id!r} gives {emb.dim}"
+                )
+        ids = np.array([r[0] for r in rows], np.int64)
+        vecs = np.frombuffer(b"".join(r[2] for r in rows), np.float32).reshape(len(rows), emb.dim)
+        return ids, vecs
+
+    def index(self) -> VectorIndex:
+        """The faiss index for the current catalogue: in memory, else from disk, else rebuilt."""
+        stamp = self._stamp(self._generation())
+        if self._index is None or self._index.stamp != stamp:
+            self._index = VectorIndex.load(self.root, stamp)
+        if self._index is None:
+            ids, vecs = self.embeddings()
+            self._index = VectorIndex.build(ids, vecs, stamp, self.index_kind)
+            self._index.save(self.root)
+        return self._index
+
+    def save_index(self) -> None:
+        """Persist the in-memory index if the file for its stamp is not there yet."""
+        if (
+            self._index is not None
+            and not (self.root / f"index.{self._index.stamp}.faiss").exists()
+        ):
+            self._index.save(self.root)
+
+    def search(
+        self, query: str | np.ndarray, k: int = 5, exclude: Sequence[str] = ()
+    ) -> list[tuple[str, float]]:
+        """Top-k adapters by cosine similarity to `query` (text or a unit vector)."""
+        if k <= 0:
+            raise ValueError(f"k must be positive, got {k}")
+        vec = (
+            self._embedder().encode([query])
+            if isinstance(query, str)
+            else np.asarray(query, np.float32)
+        )
+        vec = vec.reshape(1, -1)
+        index = self.index()
+        if vec.shape[1] != index.dim and len(index):
+            raise AdapterError(f"query has dimension {vec.shape[1]}, the index {index.dim}")
+        if not len(index):
+            return []
+        excluded = set(exclude)
+        scores, ids = index.search(vec, min(k + len(excluded), len(index)))
+        names = self._names_by_id([int(i) for i in ids[0] if i >= 0])
+        hits = [(names[int(i)], float(s)) for s, i in zip(scores[0], ids[0]) if int(i) in names]
+        return [(n, s) for n, s in hits if n not in excluded][:k]
+
+    def _names_by_id(self, ids: list[int]) -> dict[int, str]:
+        if not ids:
+            return {}
+        marks = ",".join("?" * len(ids))
+        rows = self._db.execute(f"SELECT id, name FROM adapters WHERE id IN ({marks})", ids)
+        return {r[0]: r[1] for r in rows}
+
+
+def _default_name(source: object, adapter: LoraAdapter) -> str:
+    if isinstance(source, LoraAdapter):
+        raise AdapterError("a name is required when registering an in-memory adapter")
+    spec = (
+        str(source).rstrip("/").split("@", 1)[0] if str(source).startswith("hf://") else str(source)
+    )
+    return Path(spec.rstrip("/")).stem if not Path(spec).is_dir() else Path(spec).resolve().name
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

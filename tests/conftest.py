@@ -1,0 +1,113 @@
+"""Shared fixtures: tiny config-built models (no downloads) and PEFT-made adapters."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+
+# family -> (builder, LoRA target leaf names, PEFT task type)
+FAMILIES = {
+    "llama": (
+        lambda: LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=128,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=128,
+            )
+        ),
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "CAUSAL_LM",
+    ),
+    "gpt2": (
+        lambda: GPT2LMHeadModel(
+            GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=128)
+        ),
+        ["c_attn", "c_proj", "c_fc"],
+        "CAUSAL_LM",
+    ),
+    "t5": (
+        lambda: T5ForConditionalGeneration(
+            T5Config(
+                vocab_size=128,
+                d_model=32,
+                d_ff=64,
+                d_kv=8,
+                num_layers=2,
+                num_heads=4,
+                decoder_start_token_id=0,
+            )
+        ),
+        ["q", "k", "v", "o", "wi", "wo"],
+        "SEQ_2_SEQ_LM",
+    ),
+}
+
+
+def build_model(family: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return FAMILIES[family][0]().eval()
+
+
+def make_peft_model(family: str, seed: int = 1, r: int = 4, alpha: int = 8, **lora_kwargs):
+    """A PEFT model over a fresh tiny base, with non-zero B (init_lora_weights=False)."""
+    from peft import LoraConfig, get_peft_model
+
+    base = build_model(family)
+    torch.manual_seed(seed)
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        target_modules=FAMILIES[family][1],
+        init_lora_weights=False,
+        task_type=FAMILIES[family][2],
+        **lora_kwargs,
+    )
+    return get_peft_model(base, config).eval()
+
+
+def model_inputs(family: str) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 128, (2, 7), generator=g)
+    if family == "t5":
+        return {"input_ids": ids, "decoder_input_ids": torch.randint(1, 128, (2, 5), generator=g)}
+    return {"input_ids": ids}
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def family(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def peft_dir(tmp_path: Path, family: str) -> Path:
+    out = tmp_path / f"peft-{family}"
+    make_peft_model(family).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    """The real default embedder (all-MiniLM-L6-v2 from its PyPI package), loaded once."""
+    from router import SentenceEmbedder
+
+    emb = SentenceEmbedder()
+    emb.encode(["warm up"])
+    return emb
