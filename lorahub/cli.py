@@ -50,7 +50,7 @@ def print_table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> Non
     cells = [[str(c) for c in r] for r in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
     for r in [list(headers), ["-" * w for w in widths], *cells]:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 
 def open_registry(args: argparse.Namespace) -> Registry:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 
 import faiss
@@ -19,7 +19,7 @@ HNSW_M = 32  # graph degree; faiss' usual default for ~100k points
 HNSW_EF_SEARCH = 128  # recall@10 > 0.99 on 100k x 384 in bench_registry
 
 
-class IndexKind(str, Enum):
+class IndexKind(StrEnum):
     auto = "auto"
     flat = "flat"
     hnsw = "hnsw"

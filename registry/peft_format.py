@@ -149,15 +149,15 @@ def read_safetensors(path: Path, limits: Limits) -> tuple[dict[str, Tensor], dic
     try:
         with safe_open(path, framework="pt") as f:
             header_meta = f.metadata() or {}
-            declared = 0
-            for key in f.keys():
+            declared, keys = 0, list(f.keys())
+            for key in keys:
                 sl = f.get_slice(key)
                 n = 1
                 for d in sl.get_shape():
                     n *= d
                 declared += n * _DTYPES.get(sl.get_dtype(), 8)
             check_size(declared, limits)
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
+            tensors = {key: f.get_tensor(key) for key in keys}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise AdapterFormatError(f"{path}: not a readable safetensors file: {e}") from None
     try:

@@ -433,7 +433,8 @@ class Registry:
         for r in rows:
             if r["dim"] != emb.dim:
                 raise AdapterError(
-                    f"stored embeddings have dimension {r['dim']} but embedder {emb.id!r} gives {emb.dim}"
+                    f"stored embeddings have dimension {r['dim']} but embedder "
+                    f"{emb.id!r} gives {emb.dim}"
                 )
         ids = np.array([r[0] for r in rows], np.int64)
         vecs = np.frombuffer(b"".join(r[2] for r in rows), np.float32).reshape(len(rows), emb.dim)
@@ -478,8 +479,8 @@ class Registry:
         excluded = set(exclude)
         scores, ids = index.search(vec, min(k + len(excluded), len(index)))
         names = self._names_by_id([int(i) for i in ids[0] if i >= 0])
-        hits = [(names[int(i)], float(s)) for s, i in zip(scores[0], ids[0]) if int(i) in names]
-        return [(n, s) for n, s in hits if n not in excluded][:k]
+        hits = zip(ids[0].tolist(), scores[0].tolist(), strict=True)
+        return [(names[i], s) for i, s in hits if i in names and names[i] not in excluded][:k]
 
     def _names_by_id(self, ids: list[int]) -> dict[int, str]:
         if not ids:
