@@ -261,7 +261,7 @@ class Registry:
         adapter = (
             source if isinstance(source, LoraAdapter) else load_source(str(source), self.limits)
         )
-        name = check_name(name or _default_name(source, adapter))
+        name = check_name(_default_name(source) if name is None else name)
         changes = {
             k: v
             for k, v in dict(
@@ -490,7 +490,7 @@ class Registry:
         return {r[0]: r[1] for r in rows}
 
 
-def _default_name(source: object, adapter: LoraAdapter) -> str:
+def _default_name(source: object) -> str:
     if isinstance(source, LoraAdapter):
         raise AdapterError("a name is required when registering an in-memory adapter")
     spec = (

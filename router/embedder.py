@@ -9,13 +9,23 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 import numpy as np
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 # LoraRetriever (Zhao et al. 2024) prepends this instruction to every text it embeds.
 LORARETRIEVER_PREFIX = "Represent the sentence for similar task retrieval: "
+
+
+@lru_cache(maxsize=4)
+def _load(path: str, device: str):
+    """One loaded model per (path, device) per process."""
+    from sentence_transformers import SentenceTransformer
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()  # a bar for loading 100 tensors is noise
+    return SentenceTransformer(path, device=device)
 
 
 def resolve_model_path(model: str) -> str:
@@ -39,13 +49,9 @@ class SentenceEmbedder:
     batch_size: int = 64
     device: str = "cpu"
 
-    @cached_property
+    @property
     def _st(self):
-        from sentence_transformers import SentenceTransformer
-        from transformers.utils import logging
-
-        logging.disable_progress_bar()  # a bar for loading 100 tensors is noise
-        return SentenceTransformer(resolve_model_path(self.model), device=self.device)
+        return _load(resolve_model_path(self.model), self.device)
 
     @property
     def id(self) -> str:

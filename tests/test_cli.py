@@ -1,0 +1,101 @@
+"""The CLI contract: commands, --json shapes and exit codes (0 ok, 1 user error, 2 usage)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import make_peft_model
+
+from lorahub.cli import main
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("cli")
+    out = {}
+    for seed, name in enumerate(["math", "french"], start=1):
+        make_peft_model("llama", seed=seed).save_pretrained(tmp / name)
+        out[name] = tmp / name
+    (tmp / "math.txt").write_text("What is 3 plus 4?\nCompute 6 times 7.\n")
+    (tmp / "french.jsonl").write_text(
+        '{"input": "Translate to French: cat"}\n{"input": "hello in French?"}\n'
+    )
+    out["math_examples"], out["french_examples"] = tmp / "math.txt", tmp / "french.jsonl"
+    return out
+
+
+def run(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_register_list_show_search_remove(tmp_path: Path, adapters, capsys, embedder) -> None:
+    reg = ["--registry", str(tmp_path)]
+    for name in ("math", "french"):
+        code, out, _ = run(
+            capsys,
+            "register",
+            str(adapters[name]),
+            "--examples",
+            str(adapters[f"{name}_examples"]),
+            "--tags",
+            "demo,x",
+            *reg,
+        )
+        assert code == 0 and f"registered {name}" in out
+    code, out, _ = run(capsys, "list", "--json", *reg)
+    listed = json.loads(out)
+    assert code == 0 and [r["name"] for r in listed] == ["french", "math"]
+    assert {"name", "rank", "targets", "base_model", "sha256"} <= listed[0].keys()
+    code, out, _ = run(capsys, "show", "math", "--json", *reg)
+    assert code == 0 and json.loads(out)["tags"] == ["demo", "x"]
+    code, out, _ = run(capsys, "search", "What is 10 plus 5?", "-k", "2", "--json", *reg)
+    hits = json.loads(out)
+    assert code == 0 and hits[0]["name"] == "math" and set(hits[0]) == {"name", "score"}
+    code, out, _ = run(capsys, "list", *reg)
+    assert code == 0 and "math" in out and "sha256" in out.splitlines()[0]
+    code, out, _ = run(capsys, "remove", "math", *reg)
+    assert code == 0
+    code, out, _ = run(capsys, "list", "--json", *reg)
+    assert [r["name"] for r in json.loads(out)] == ["french"]
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["show", "nope"], "no adapter named 'nope'"),
+        (["remove", "nope"], "no adapter named 'nope'"),
+        (["register", "/does/not/exist"], "no such file"),
+        (["search", "   "], "empty"),
+    ],
+)
+def test_user_errors_exit_1_with_one_line(tmp_path: Path, capsys, args, needle) -> None:
+    code, out, err = run(capsys, *args, "--registry", str(tmp_path))
+    assert code == 1 and out == ""
+    assert needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_duplicate_register_exits_1_then_replace_succeeds(tmp_path: Path, adapters, capsys) -> None:
+    reg = ["--registry", str(tmp_path)]
+    assert run(capsys, "register", str(adapters["math"]), *reg)[0] == 0
+    code, _, err = run(capsys, "register", str(adapters["math"]), *reg)
+    assert code == 1 and "--replace" in err
+    assert run(capsys, "register", str(adapters["math"]), "--replace", *reg)[0] == 0
+
+
+@pytest.mark.parametrize("args", [[], ["bogus"], ["search"], ["search", "x", "-k", "zero"]])
+def test_bad_usage_exits_2(args: list[str], capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+
+
+def test_default_registry_follows_loraplex_home(
+    tmp_path: Path, monkeypatch, capsys, adapters
+) -> None:
+    monkeypatch.setenv("LORAPLEX_HOME", str(tmp_path))
+    assert run(capsys, "register", str(adapters["french"]))[0] == 0
+    assert (tmp_path / "registry" / "catalogue.sqlite").exists()

@@ -1,0 +1,171 @@
+"""Registry behaviour: storage, dedup, removal, search, persistence across processes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from registry import (
+    AdapterMeta,
+    AdapterNotFoundError,
+    BaseModelInfo,
+    IndexKind,
+    LoraAdapter,
+    LoraModule,
+    Registry,
+    VectorIndex,
+)
+
+
+def random_adapter(seed: int, rank: int = 4, base: str = "tiny", dim: int = 16) -> LoraAdapter:
+    g = torch.Generator().manual_seed(seed)
+    modules = {
+        f"model.layers.{i}.self_attn.q_proj": LoraModule(
+            torch.randn(rank, dim, generator=g), torch.randn(dim, rank, generator=g), 8.0
+        )
+        for i in range(2)
+    }
+    return LoraAdapter(modules, base_model=BaseModelInfo(base))
+
+
+def test_identical_adapters_are_stored_once(tmp_path: Path) -> None:
+    with Registry(tmp_path) as reg:
+        a = reg.register(random_adapter(0), name="a")
+        b = reg.register(random_adapter(0), name="b", description="same weights, other name")
+        c = reg.register(random_adapter(1), name="c")
+    assert a.sha256 == b.sha256 != c.sha256
+    assert len(list((tmp_path / "blobs").rglob("*.safetensors"))) == 2
+
+
+def test_remove_keeps_a_shared_blob_and_drops_an_unused_one(tmp_path: Path) -> None:
+    with Registry(tmp_path) as reg:
+        a = reg.register(random_adapter(0), name="a")
+        reg.register(random_adapter(0), name="b")
+        reg.remove("a")
+        assert reg.blob_path(a.sha256).exists() and reg.names() == ["b"]
+        reg.remove("b")
+        assert not reg.blob_path(a.sha256).exists() and len(reg) == 0
+        with pytest.raises(AdapterNotFoundError):
+            reg.remove("b")
+
+
+def test_replace_swaps_weights_and_collects_the_old_blob(tmp_path: Path) -> None:
+    with Registry(tmp_path) as reg:
+        old = reg.register(random_adapter(0), name="a")
+        new = reg.register(random_adapter(1), name="a", replace=True)
+        assert reg.load("a").sha256() == new.sha256 != old.sha256
+        assert not reg.blob_path(old.sha256).exists()
+
+
+def test_load_returns_the_registered_tensors(tmp_path: Path) -> None:
+    adapter = random_adapter(3)
+    with Registry(tmp_path) as reg:
+        reg.register(adapter, name="a", tags=["x"], task="t")
+        back = reg.load("a")
+    for name, m in adapter.modules.items():
+        assert torch.equal(m.lora_A, back.modules[name].lora_A)
+        assert torch.equal(m.lora_B, back.modules[name].lora_B)
+    assert back.meta.tags == ("x",) and back.meta.task == "t"
+
+
+def test_opening_reads_no_weights(tmp_path: Path) -> None:
+    """Listing and metadata come from the catalogue alone: blobs may even be absent."""
+    with Registry(tmp_path) as reg:
+        for i in range(5):
+            reg.register(random_adapter(i), name=f"a{i}", task=f"task{i}")
+    for blob in (tmp_path / "blobs").rglob("*.safetensors"):
+        blob.unlink()
+    with Registry(tmp_path) as reg:
+        assert [r.meta.task for r in reg.list()] == [f"task{i}" for i in range(5)]
+        assert reg.get("a2").rank == 4
+
+
+def test_a_second_process_sees_what_the_first_registered(tmp_path: Path) -> None:
+    with Registry(tmp_path) as reg:
+        reg.register(random_adapter(0), name="first")
+    code = (
+        "import sys; from registry import Registry; r = Registry(sys.argv[1]); "
+        "print(','.join(r.names())); print(r.load('first').sha256())"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert out == ["first", random_adapter(0).sha256()]
+
+
+def test_search_ranks_adapters_by_their_examples(tmp_path: Path, embedder) -> None:
+    tasks = {
+        "arithmetic": ["What is 17 plus 25?", "Compute 9 times 6.", "What is 100 minus 37?"],
+        "translation": ["Translate 'bonjour' to English.", "How do you say dog in Spanish?"],
+        "sentiment": ["I hated that movie.", "What a wonderful, happy day!"],
+        "geography": ["What is the capital of France?", "Which river flows through Cairo?"],
+    }
+    with Registry(tmp_path, embedder=embedder) as reg:
+        for i, (task, ex) in enumerate(tasks.items()):
+            reg.register(random_adapter(i), name=task, examples=ex)
+        assert reg.search("What is 8 plus 13?", k=1)[0][0] == "arithmetic"
+        assert reg.search("Translate 'cat' into French.", k=1)[0][0] == "translation"
+        assert reg.search("What is the capital of Japan?", k=1)[0][0] == "geography"
+        hits = reg.search("What is 8 plus 13?", k=4)
+        assert [s for _, s in hits] == sorted((s for _, s in hits), reverse=True)
+        assert "arithmetic" not in [n for n, _ in reg.search("8 + 13", k=3, exclude=["arithmetic"])]
+        assert len(reg.search("anything", k=10)) == 4
+
+
+def test_adapter_embedding_is_the_normalized_mean_of_its_examples(tmp_path: Path, embedder) -> None:
+    examples = ["What is 2 plus 2?", "Compute 3 times 5."]
+    with Registry(tmp_path, embedder=embedder) as reg:
+        reg.register(random_adapter(0), name="a", examples=examples)
+        _, vecs = reg.embeddings()
+    mean = embedder.encode(examples).astype(np.float64).mean(axis=0)
+    np.testing.assert_allclose(vecs[0], mean / np.linalg.norm(mean), atol=1e-6)
+
+
+def test_index_is_rebuilt_when_missing_or_stale(tmp_path: Path, embedder) -> None:
+    with Registry(tmp_path, embedder=embedder) as reg:
+        reg.register(random_adapter(0), name="math", examples=["What is 1 plus 1?"])
+        reg.search("2 + 2", k=1)
+    for f in tmp_path.glob("index.*.faiss"):
+        f.unlink()
+    with Registry(tmp_path, embedder=embedder) as other:
+        other.register(random_adapter(1), name="french", examples=["Translate to French: hi"])
+    with Registry(tmp_path, embedder=embedder) as reg:
+        assert reg.search("Translate to French: cat", k=1)[0][0] == "french"
+        assert len(reg.index()) == 2
+
+
+def test_description_is_embedded_when_there_are_no_examples(tmp_path: Path, embedder) -> None:
+    with Registry(tmp_path, embedder=embedder) as reg:
+        reg.register(random_adapter(0), name="poems", description="writes poetry about the sea")
+        reg.register(random_adapter(1), name="sql", description="writes SQL queries for databases")
+        reg.register(random_adapter(2), name="bare")  # nothing to embed: not searchable
+        assert [n for n, _ in reg.search("a short poem about waves", k=3)] == ["poems", "sql"]
+
+
+@pytest.mark.parametrize("kind", [IndexKind.flat, IndexKind.hnsw])
+def test_faiss_search_matches_brute_force(kind: IndexKind, tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    vecs = rng.standard_normal((2000, 32)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    queries = vecs[:50] + 0.1 * rng.standard_normal((50, 32)).astype(np.float32)
+    ids = np.arange(10, 2010)
+    index = VectorIndex.build(ids, vecs, "s", kind)
+    index.save(tmp_path)
+    index = VectorIndex.load(tmp_path, "s")
+    _, got = index.search(queries, 5)
+    truth = ids[np.argsort(-(queries @ vecs.T), axis=1)[:, :5]]
+    recall = np.mean([len(set(g) & set(t)) / 5 for g, t in zip(got, truth, strict=True)])
+    assert recall == 1.0 if kind == IndexKind.flat else recall >= 0.98
+
+
+def test_metadata_overrides_at_registration(tmp_path: Path) -> None:
+    adapter = random_adapter(0).with_meta(task="old", tags=("a",))
+    with Registry(tmp_path) as reg:
+        rec = reg.register(adapter, name="x", task="new", examples=["e1", "e2"])
+    assert rec.meta.task == "new" and rec.meta.tags == ("a",) and rec.meta.examples == ("e1", "e2")
+    assert rec.to_json()["base_model"] == "tiny" and isinstance(rec.meta, AdapterMeta)
