@@ -1,1 +1,20 @@
 """composition: how the chosen adapters act on a model."""
+
+from composition.bank import AdapterBank
+from composition.composer import Composer, GateError, Mode, MultiLoraLinear, Path, TokenGate
+from composition.merge import MERGES, MergeConfig, MergeMethod, MergeResult, merge
+
+__all__ = [
+    "MERGES",
+    "AdapterBank",
+    "Composer",
+    "GateError",
+    "MergeConfig",
+    "MergeMethod",
+    "MergeResult",
+    "Mode",
+    "MultiLoraLinear",
+    "Path",
+    "TokenGate",
+    "merge",
+]

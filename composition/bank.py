@@ -1,0 +1,149 @@
+"""`AdapterBank`: the adapters a batch needs, stacked once per module, and the pure
+functions that apply them.
+
+Per module, with the LoRA scaling folded into B:
+  A_cat (R, d_in), B_cat (d_out, R), slot (R,)   -- all ranks concatenated (R = sum r_i);
+  A_pad (n, r, d_in), B_pad (n, d_out, r)         -- ranks zero-padded to r = max r_i.
+An adapter that lacks a module contributes nothing there (its rows are absent / zero).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from registry import AdapterError, AdapterShapeError, BaseModelMismatchError, LoraAdapter
+
+
+@dataclass(frozen=True)
+class ModuleStack:
+    A_cat: Tensor  # (R, d_in)
+    B_cat: Tensor  # (d_out, R), scaling folded in
+    slot: Tensor  # (R,) long: which adapter each rank row belongs to
+    A_pad: Tensor  # (n, r, d_in)
+    B_pad: Tensor  # (n, d_out, r), scaling folded in
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(d_in, d_out) of the layer these adapters fit."""
+        return self.A_cat.shape[1], self.B_cat.shape[0]
+
+
+def stack_module(
+    adapters: Sequence[LoraAdapter], name: str, dtype: torch.dtype, device: torch.device | str
+) -> ModuleStack:
+    present = [(i, a) for i, a in enumerate(adapters) if name in a.modules]
+    d_in, d_out = present[0][1].modules[name].d_in, present[0][1].modules[name].d_out
+    r_max = max(a.modules[name].rank for _, a in present)
+    A_pad = torch.zeros(len(adapters), r_max, d_in, dtype=torch.float32)
+    B_pad = torch.zeros(len(adapters), d_out, r_max, dtype=torch.float32)
+    A_rows, B_cols, slot = [], [], []
+    for i, a in present:
+        m = a.modules[name]
+        if (m.d_in, m.d_out) != (d_in, d_out):
+            raise AdapterShapeError(
+                f"{name}: adapters disagree on (d_in, d_out): {(d_in, d_out)} vs {(m.d_in, m.d_out)}"
+            )
+        A = m.lora_A.float()
+        B = a.scaling(name) * m.lora_B.float()
+        A_pad[i, : m.rank], B_pad[i, :, : m.rank] = A, B
+        A_rows.append(A)
+        B_cols.append(B)
+        slot += [i] * m.rank
+    to = {"dtype": dtype, "device": device}
+    return ModuleStack(
+        torch.cat(A_rows).to(**to),
+        torch.cat(B_cols, dim=1).to(**to),
+        torch.tensor(slot, device=device),
+        A_pad.to(**to),
+        B_pad.to(**to),
+    )
+
+
+@dataclass(frozen=True)
+class AdapterBank:
+    """Adapters `names[i]` stacked per module; gates index adapters in this order."""
+
+    names: tuple[str, ...]
+    modules: dict[str, ModuleStack]
+
+    @classmethod
+    def build(
+        cls,
+        adapters: Sequence[LoraAdapter],
+        names: Sequence[str] | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> AdapterBank:
+        if not adapters:
+            raise AdapterError("an adapter bank needs at least one adapter")
+        bases = {a.base_model.name for a in adapters}
+        if len(bases) > 1:
+            raise BaseModelMismatchError(f"adapters are for different base models: {sorted(bases)}")
+        names = tuple(names or (f"adapter{i}" for i in range(len(adapters))))
+        if len(names) != len(adapters) or len(set(names)) != len(names):
+            raise AdapterError(f"need {len(adapters)} distinct adapter names, got {names}")
+        targets = sorted({m for a in adapters for m in a.modules})
+        return cls(names, {t: stack_module(adapters, t, dtype, device) for t in targets})
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def index(self, name: str) -> int:
+        try:
+            return self.names.index(name)
+        except ValueError:
+            raise AdapterError(
+                f"unknown adapter {name!r}; the bank holds {list(self.names)}"
+            ) from None
+
+
+# -- the math: pure functions over tensors ----------------------------------------------------
+
+
+def dense_delta(x: Tensor, s: ModuleStack, gates: Tensor) -> Tensor:
+    """All adapters in two matmuls, whatever their number.
+
+    x: (b, t, d_in); gates: (b, n) per sample or (b, t, n) per token -> (b, t, d_out).
+    """
+    g = gates[..., s.slot]  # (b, R) or (b, t, R): each rank row gets its adapter's gate
+    if g.dim() == 2:
+        g = g[:, None, :]
+    return ((x @ s.A_cat.T) * g) @ s.B_cat.T
+
+
+def gather_mixture(s: ModuleStack, idx: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-sample factors of the chosen adapters only (output-space mixture).
+
+    idx, w: (b, k) adapter indices and weights -> A (b, k*r, d_in), B (b, d_out, k*r)
+    with the weights folded into B.
+    """
+    b = idx.shape[0]
+    A = s.A_pad[idx].reshape(b, -1, s.A_pad.shape[-1])
+    B = (s.B_pad[idx] * w[:, :, None, None]).permute(0, 2, 1, 3).reshape(b, s.B_pad.shape[1], -1)
+    return A, B
+
+
+def gather_fusion(s: ModuleStack, gates: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-sample parameter averaging (LoraRetriever's fusion): A = sum w_i A_i,
+    B = sum w_i B_i. gates: (b, n) -> A (b, r, d_in), B (b, d_out, r)."""
+    return torch.einsum("bn,nrd->brd", gates, s.A_pad), torch.einsum("bn,nor->bor", gates, s.B_pad)
+
+
+def gathered_delta(x: Tensor, A: Tensor, B: Tensor) -> Tensor:
+    """x: (b, t, d_in), A: (b, K, d_in), B: (b, d_out, K) -> (b, t, d_out)."""
+    return torch.bmm(torch.bmm(x, A.transpose(1, 2)), B.transpose(1, 2))
+
+
+def merged_delta(s: ModuleStack, weights: Tensor) -> Tensor:
+    """One composition for the whole batch as a dense weight update: (d_out, d_in)."""
+    return (s.B_cat * weights[s.slot]) @ s.A_cat
+
+
+def fused_delta(s: ModuleStack, weights: Tensor) -> Tensor:
+    """Fusion of one composition as a dense update: (sum w B_i) @ (sum w A_i)."""
+    A, B = gather_fusion(s, weights[None])
+    return B[0] @ A[0]

@@ -1,0 +1,280 @@
+"""`Composer`: many LoRA adapters inside ONE forward pass of a `transformers` model.
+
+    composer = Composer.attach(model, adapters, names)     # wraps every target layer
+    with composer.compose(gates):                          # gates: (batch, n)
+        model.generate(**batch)                            # each row its own composition
+    composer.detach()                                      # the model is as it was
+
+Gates per sample (batch, n): one-hot = selection, k non-zeros = mixture (output space,
+exact) or, with mode="fusion", per-sample parameter averaging. Per token, a `TokenGate`
+computes (batch, tokens, n) from each layer's input inside the pass. When every row uses
+the same composition, it is merged into the weights for the duration (zero overhead) and
+restored bit-exactly afterwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
+
+from composition.bank import (
+    AdapterBank,
+    ModuleStack,
+    dense_delta,
+    fused_delta,
+    gather_fusion,
+    gather_mixture,
+    gathered_delta,
+    merged_delta,
+)
+from registry import AdapterError, AdapterShapeError, LoraAdapter
+
+
+class GateError(AdapterError):
+    """Gates of the wrong shape, with NaN/Inf, or naming unknown adapters."""
+
+
+class Mode(StrEnum):
+    mixture = "mixture"  # sum_i g_i * B_i A_i x  (output space, exact)
+    fusion = "fusion"  # (sum_i g_i B_i)(sum_i g_i A_i) x  (LoraRetriever's parameter averaging)
+
+
+class Path(StrEnum):
+    auto = "auto"
+    dense = "dense"  # concatenated A/B: two matmuls whatever n
+    gathered = "gathered"  # per-sample factors of the chosen adapters only
+    merged = "merged"  # one composition for all rows, folded into the weights
+
+
+class TokenGate(Protocol):
+    """Per-token gates from a layer's input: (module name, x (b, t, d_in)) -> (b, t, n)."""
+
+    def __call__(self, module: str, x: Tensor) -> Tensor: ...
+
+
+def _in_out(layer: nn.Module) -> tuple[int, int]:
+    if isinstance(layer, Conv1D):  # GPT-2: weight is (d_in, d_out)
+        return layer.weight.shape[0], layer.weight.shape[1]
+    return layer.in_features, layer.out_features
+
+
+class MultiLoraLinear(nn.Module):
+    """A target layer plus the composer's contribution; `base` is the original module."""
+
+    def __init__(self, base: nn.Module, name: str, composer: Composer) -> None:
+        super().__init__()
+        self.base = base
+        self.name = name
+        self._composer = [composer]  # a list: keep it out of the module tree
+
+    @property
+    def weight(self) -> Tensor:  # models read it (T5 casts to wo.weight.dtype)
+        return self.base.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base.bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.base(x)
+        delta = self._composer[0]._delta(self.name, x)
+        return out if delta is None else out + delta.to(out.dtype)
+
+
+@dataclass
+class _Active:
+    """The composition in force inside one `compose()` block."""
+
+    mode: Mode
+    path: Path
+    gates: Tensor | None  # (b, n)
+    token_gate: TokenGate | None
+    cache: dict[tuple[str, int], tuple[Tensor, Tensor]] = field(default_factory=dict)
+
+
+class Composer:
+    """Attach an `AdapterBank` to a model; see the module docstring."""
+
+    def __init__(self, model: nn.Module, bank: AdapterBank) -> None:
+        self.model = model
+        self.bank = bank
+        self._active: _Active | None = None
+        self._originals: dict[str, nn.Module] = {}
+        self._attach()
+
+    @classmethod
+    def attach(
+        cls, model: nn.Module, adapters: Sequence[LoraAdapter], names: Sequence[str] | None = None
+    ) -> Composer:
+        dtype = next(model.parameters()).dtype
+        device = next(model.parameters()).device
+        return cls(model, AdapterBank.build(adapters, names, dtype=dtype, device=device))
+
+    def _attach(self) -> None:
+        for name, stack in self.bank.modules.items():
+            layer = _get(self.model, name)
+            if not isinstance(layer, nn.Linear | Conv1D):
+                raise AdapterShapeError(
+                    f"{name}: a {type(layer).__name__}, not nn.Linear or Conv1D"
+                )
+            if _in_out(layer) != stack.shape:
+                raise AdapterShapeError(
+                    f"{name}: adapters have (d_in, d_out) = {stack.shape} but the model's layer "
+                    f"is {_in_out(layer)}"
+                )
+        for name in self.bank.modules:
+            layer = _get(self.model, name)
+            self._originals[name] = layer
+            _set(self.model, name, MultiLoraLinear(layer, name, self))
+
+    def detach(self) -> nn.Module:
+        """Put the original layers back; the model is bit-identical to before `attach`."""
+        if self._active is not None:
+            raise AdapterError("detach() inside a compose() block")
+        for name, layer in self._originals.items():
+            _set(self.model, name, layer)
+        self._originals.clear()
+        return self.model
+
+    # -- gates ------------------------------------------------------------------------------
+    def gates_for(self, routings: Sequence[Mapping[str, float]]) -> Tensor:
+        """Per-sample gates (b, n) from one {adapter name: weight} per row."""
+        g = torch.zeros(len(routings), len(self.bank))
+        for row, routing in enumerate(routings):
+            for name, weight in routing.items():
+                g[row, self.bank.index(name)] = float(weight)
+        return g
+
+    def _check(self, gates: Tensor) -> Tensor:
+        n = len(self.bank)
+        if gates.dim() != 2 or gates.shape[1] != n:
+            raise GateError(f"gates must have shape (batch, {n}), got {tuple(gates.shape)}")
+        if not torch.isfinite(gates).all():
+            raise GateError("gates contain NaN or Inf")
+        return gates.float()
+
+    @contextmanager
+    def compose(
+        self,
+        gates: Tensor | None = None,
+        mode: Mode | str = Mode.mixture,
+        token_gate: TokenGate | None = None,
+        path: Path | str = Path.auto,
+    ) -> Iterator[None]:
+        """Within the block, every forward pass applies the adapters with these gates."""
+        if self._active is not None:
+            raise AdapterError("compose() blocks do not nest")
+        if (gates is None) == (token_gate is None):
+            raise GateError("give exactly one of gates (per sample) or token_gate (per token)")
+        mode, path = Mode(mode), Path(path)
+        if token_gate is not None and (
+            mode != Mode.mixture or path in (Path.gathered, Path.merged)
+        ):
+            raise GateError("per-token gates use the dense mixture path")
+        gates = None if gates is None else self._check(gates)
+        if path == Path.auto and gates is not None and bool((gates == gates[:1]).all()):
+            path = Path.merged
+        if path == Path.merged:
+            if gates is None or not bool((gates == gates[:1]).all()):
+                raise GateError("the merged path needs the same gates on every row")
+            with self._merged(gates[0], mode):
+                yield
+            return
+        self._active = _Active(mode, path, gates, token_gate)
+        try:
+            yield
+        finally:
+            self._active = None
+
+    @contextmanager
+    def _merged(self, weights: Tensor, mode: Mode) -> Iterator[None]:
+        delta_fn = fused_delta if mode == Mode.fusion else merged_delta
+        saved = {}
+        try:
+            with torch.no_grad():
+                for name, stack in self.bank.modules.items():
+                    w = self._originals[name].weight
+                    saved[name] = w.detach().clone()
+                    delta = delta_fn(stack, weights.to(stack.A_cat.device, stack.A_cat.dtype))
+                    w.add_(
+                        (delta.T if isinstance(self._originals[name], Conv1D) else delta).to(
+                            w.dtype
+                        )
+                    )
+            yield
+        finally:
+            with torch.no_grad():
+                for name, original in saved.items():
+                    self._originals[name].weight.copy_(original)
+
+    # -- the forward contribution -------------------------------------------------------------
+    def _delta(self, name: str, x: Tensor) -> Tensor | None:
+        active = self._active
+        if active is None:
+            return None
+        stack = self.bank.modules[name]
+        x3 = x if x.dim() == 3 else x.unsqueeze(1)
+        if active.token_gate is not None:
+            delta = dense_delta(x3, stack, active.token_gate(name, x3).to(x3.dtype))
+            return delta.view(*x.shape[:-1], -1)
+        gates = _expand(active.gates, x3.shape[0]).to(x3.device, x3.dtype)
+        if active.mode == Mode.mixture and _use_dense(active, gates, stack):
+            delta = dense_delta(x3, stack, gates)
+        else:
+            A, B = self._factors(active, name, stack, gates)
+            delta = gathered_delta(x3, A, B)
+        return delta.view(*x.shape[:-1], -1)
+
+    def _factors(
+        self, active: _Active, name: str, stack: ModuleStack, gates: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Per-sample factors, made once per block and batch size (decode steps reuse them)."""
+        key = (name, gates.shape[0])
+        if key not in active.cache:
+            if active.mode == Mode.fusion:
+                active.cache[key] = gather_fusion(stack, gates)
+            else:
+                _, idx = gates.abs().topk(_max_nonzero(gates), dim=1)
+                active.cache[key] = gather_mixture(stack, idx, gates.gather(1, idx))
+        return active.cache[key]
+
+
+def _max_nonzero(gates: Tensor) -> int:
+    return max(int((gates != 0).sum(1).max()), 1)
+
+
+def _use_dense(active: _Active, gates: Tensor, stack: ModuleStack) -> bool:
+    """Dense costs R = sum of ranks per token; gathered costs k * r_max per token plus a
+    one-off gather. Gather when it at least halves the per-token work."""
+    if active.path != Path.auto:
+        return active.path == Path.dense
+    k_rank = _max_nonzero(gates) * stack.A_pad.shape[1]
+    return 2 * k_rank > stack.A_cat.shape[0]
+
+
+def _expand(gates: Tensor, batch: int) -> Tensor:
+    """generate() repeats each row for beams / num_return_sequences (repeat_interleave)."""
+    if gates.shape[0] == batch:
+        return gates
+    if batch % gates.shape[0]:
+        raise GateError(f"gates are for {gates.shape[0]} rows but the batch has {batch}")
+    return gates.repeat_interleave(batch // gates.shape[0], dim=0)
+
+
+def _get(model: nn.Module, name: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise AdapterShapeError(f"{name}: no such module in {type(model).__name__}") from None
+
+
+def _set(model: nn.Module, name: str, layer: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, layer)

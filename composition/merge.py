@@ -1,0 +1,303 @@
+"""Weight-space merges: several LoRA adapters -> one `LoraAdapter`.
+
+Each method is a small pure function over one module's factors, registered once in
+`MERGES`. Factors arrive with the LoRA scaling folded into B (`B_i <- s_i B_i`), so mixed
+ranks, alphas and rsLoRA need no special care; the merged adapter has scaling 1 (alpha = r).
+A module missing from an adapter contributes nothing to it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+import torch
+from torch import Tensor
+
+from registry import (
+    AdapterError,
+    AdapterMeta,
+    AdapterShapeError,
+    BaseModelInfo,
+    BaseModelMismatchError,
+    LoraAdapter,
+    LoraModule,
+)
+
+Pair = tuple[Tensor, Tensor]  # (A: (r, d_in), B: (d_out, r)) with the scaling folded into B
+
+
+class MergeMethod(StrEnum):
+    linear = "linear"
+    svd = "svd"
+    ties = "ties"
+    dare_linear = "dare_linear"
+    dare_ties = "dare_ties"
+    magnitude_prune = "magnitude_prune"
+    lorahub = "lorahub"
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    """rank: target rank for `svd` and the sparsifying methods (default: the largest
+    input rank, as PEFT's `*_svd`). density: fraction of entries kept by TIES / DARE /
+    magnitude pruning. majority_sign: TIES sign election, "total" or "frequency"
+    (Yadav et al. 2023). seed: DARE's random drop mask. niter: power iterations of the
+    randomized SVD that brings full deltas back to low rank."""
+
+    rank: int | None = None
+    density: float = 0.5
+    majority_sign: str = "total"
+    seed: int = 0
+    niter: int = 4
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.density <= 1.0:
+            raise ValueError(f"density must be in (0, 1], got {self.density}")
+        if self.rank is not None and self.rank <= 0:
+            raise ValueError(f"rank must be positive, got {self.rank}")
+        if self.majority_sign not in ("total", "frequency"):
+            raise ValueError(
+                f"majority_sign must be 'total' or 'frequency', got {self.majority_sign!r}"
+            )
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """The merged adapter and, per module, the relative Frobenius error the method's
+    low-rank step introduced: ||B'A' - D||_F / ||D||_F against its own full delta D."""
+
+    adapter: LoraAdapter
+    rel_error: dict[str, float]
+
+
+# -- math on full deltas (shared with PEFT's definitions) ---------------------------------
+
+
+def magnitude_mask(delta: Tensor, density: float) -> Tensor:
+    """Keep the top `density` fraction of entries by |value|."""
+    k = int(density * delta.numel())
+    mask = torch.zeros(delta.numel(), dtype=delta.dtype, device=delta.device)
+    mask[delta.abs().reshape(-1).topk(k).indices] = 1
+    return mask.view_as(delta)
+
+
+def random_mask(delta: Tensor, density: float, gen: torch.Generator) -> Tensor:
+    """DARE (Yu et al. 2024): drop entries with prob 1 - density, rescale the rest."""
+    return torch.bernoulli(torch.full_like(delta, density), generator=gen) / density
+
+
+def sign_consensus(deltas: Tensor, method: str) -> Tensor:
+    """deltas: (n, d_out, d_in) -> mask of entries agreeing with the elected sign."""
+    votes = deltas.sum(0) if method == "total" else deltas.sign().sum(0)
+    return deltas.sign() == torch.where(votes >= 0, 1.0, -1.0).to(deltas.dtype)
+
+
+def disjoint_mean(weighted: Tensor, agree: Tensor) -> Tensor:
+    """TIES merge: mean over the adapters that agree with the elected sign."""
+    return (weighted * agree).sum(0) / agree.sum(0).clamp(min=1)
+
+
+def _weighted(deltas: Tensor, w: Tensor) -> Tensor:
+    return deltas * w.view(-1, 1, 1)
+
+
+def ties_delta(deltas: Tensor, w: Tensor, cfg: MergeConfig, gen: torch.Generator) -> Tensor:
+    trimmed = torch.stack([d * magnitude_mask(d, cfg.density) for d in deltas])
+    return disjoint_mean(_weighted(trimmed, w), sign_consensus(trimmed, cfg.majority_sign))
+
+
+def dare_linear_delta(deltas: Tensor, w: Tensor, cfg: MergeConfig, gen: torch.Generator) -> Tensor:
+    dropped = torch.stack([d * random_mask(d, cfg.density, gen) for d in deltas])
+    return _weighted(dropped, w).sum(0)
+
+
+def dare_ties_delta(deltas: Tensor, w: Tensor, cfg: MergeConfig, gen: torch.Generator) -> Tensor:
+    dropped = torch.stack([d * random_mask(d, cfg.density, gen) for d in deltas])
+    return disjoint_mean(_weighted(dropped, w), sign_consensus(dropped, cfg.majority_sign))
+
+
+def magnitude_prune_delta(
+    deltas: Tensor, w: Tensor, cfg: MergeConfig, gen: torch.Generator
+) -> Tensor:
+    trimmed = torch.stack([d * magnitude_mask(d, cfg.density) for d in deltas])
+    return _weighted(trimmed, w).sum(0)
+
+
+# -- back to low rank -----------------------------------------------------------------------
+
+
+def _split(U: Tensor, S: Tensor, Vh: Tensor, r: int) -> Pair:
+    """Balanced factors: A = sqrt(S) Vh, B = U sqrt(S)."""
+    root = S[:r].sqrt()
+    return root[:, None] * Vh[:r], U[:, :r] * root
+
+
+def _tail_error(S: Tensor, r: int) -> float:
+    total = S.square().sum()
+    return float((S[r:].square().sum() / total).sqrt()) if total > 0 else 0.0
+
+
+def compress_factors(A: Tensor, B: Tensor, r: int) -> tuple[Tensor, Tensor, float]:
+    """Best rank-r approximation of B @ A without forming it: thin QR of both factors and
+    an SVD of the small (R, R) core. A: (R, d_in), B: (d_out, R)."""
+    Qa, Ra = torch.linalg.qr(A.T)  # (d_in, R), (R, R)
+    Qb, Rb = torch.linalg.qr(B)  # (d_out, R), (R, R)
+    U, S, Vh = torch.linalg.svd(Rb @ Ra.T)
+    a, b = _split(Qb @ U, S, Vh @ Qa.T, r)
+    return a, b, _tail_error(S, r)
+
+
+def lowrank(
+    delta: Tensor, r: int, niter: int, gen: torch.Generator
+) -> tuple[Tensor, Tensor, float]:
+    """Rank-r factors of a full (d_out, d_in) delta by randomized SVD (Halko et al. 2011);
+    exact SVD when the matrix is small. Error is measured against `delta` itself."""
+    if min(delta.shape) <= 2 * r + 10:
+        U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+    else:
+        U, S, V = _svd_lowrank(delta, r + 10, niter, gen)
+        Vh = V.T
+    a, b = _split(U, S, Vh, r)
+    err = torch.linalg.norm(b @ a - delta) / torch.linalg.norm(delta).clamp(min=1e-30)
+    return a, b, float(err)
+
+
+def _svd_lowrank(
+    M: Tensor, q: int, niter: int, gen: torch.Generator
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Randomized range finder with power iterations, seeded by `gen`."""
+    omega = torch.randn(M.shape[1], q, generator=gen, dtype=M.dtype)
+    Q = torch.linalg.qr(M @ omega).Q
+    for _ in range(niter):
+        Q = torch.linalg.qr(M @ torch.linalg.qr(M.T @ Q).Q).Q
+    U, S, Vh = torch.linalg.svd(Q.T @ M, full_matrices=False)
+    return Q @ U, S, Vh.T
+
+
+# -- the methods, one module at a time ------------------------------------------------------
+
+MergeFn = Callable[
+    [list[Pair], Tensor, int, MergeConfig, torch.Generator], tuple[Tensor, Tensor, float]
+]
+
+
+def linear(pairs: list[Pair], w: Tensor, r: int, cfg: MergeConfig, gen: torch.Generator):
+    """Task arithmetic, exact: sum_i w_i B_i A_i = [w_1 B_1 ... w_n B_n] @ [A_1; ...; A_n]
+    (rank = sum of ranks). Not PEFT's `linear`, which averages A and B separately."""
+    A = torch.cat([a for a, _ in pairs])
+    B = torch.cat([wi * b for wi, (_, b) in zip(w, pairs, strict=True)], dim=1)
+    return A, B, 0.0
+
+
+def svd(pairs: list[Pair], w: Tensor, r: int, cfg: MergeConfig, gen: torch.Generator):
+    """The exact linear sum compressed to rank r (thin QR + a small SVD)."""
+    A, B, _ = linear(pairs, w, r, cfg, gen)
+    return compress_factors(A, B, min(r, A.shape[0]))
+
+
+def lorahub(pairs: list[Pair], w: Tensor, r: int, cfg: MergeConfig, gen: torch.Generator):
+    """LoraHub (Huang et al. 2023): A = sum w_i A_i, B = sum w_i B_i (needs equal ranks)."""
+    ranks = {a.shape[0] for a, _ in pairs}
+    if len(ranks) > 1:
+        raise AdapterShapeError(f"lorahub merging needs equal ranks, got {sorted(ranks)}")
+    A = sum(wi * a for wi, (a, _) in zip(w, pairs, strict=True))
+    B = sum(wi * b for wi, (_, b) in zip(w, pairs, strict=True))
+    return A, B, 0.0
+
+
+def _via_full_delta(combine: Callable[..., Tensor]) -> MergeFn:
+    def method(pairs: list[Pair], w: Tensor, r: int, cfg: MergeConfig, gen: torch.Generator):
+        deltas = torch.stack([b @ a for a, b in pairs])
+        return lowrank(combine(deltas, w, cfg, gen), r, cfg.niter, gen)
+
+    method.__doc__ = f"{combine.__name__} on the full deltas, then a rank-r randomized SVD."
+    return method
+
+
+# name -> (function, paper)
+MERGES: dict[MergeMethod, tuple[MergeFn, str]] = {
+    MergeMethod.linear: (linear, "https://arxiv.org/abs/2212.04089"),
+    MergeMethod.svd: (svd, "https://arxiv.org/abs/2212.04089"),
+    MergeMethod.ties: (_via_full_delta(ties_delta), "https://arxiv.org/abs/2306.01708"),
+    MergeMethod.dare_linear: (
+        _via_full_delta(dare_linear_delta),
+        "https://arxiv.org/abs/2311.03099",
+    ),
+    MergeMethod.dare_ties: (_via_full_delta(dare_ties_delta), "https://arxiv.org/abs/2311.03099"),
+    MergeMethod.magnitude_prune: (
+        _via_full_delta(magnitude_prune_delta),
+        "https://arxiv.org/abs/2306.01708",
+    ),
+    MergeMethod.lorahub: (lorahub, "https://arxiv.org/abs/2307.13269"),
+}
+
+
+def _check_compatible(adapters: Sequence[LoraAdapter]) -> BaseModelInfo:
+    if not adapters:
+        raise AdapterError("nothing to merge: the adapter list is empty")
+    bases = {a.base_model.name for a in adapters}
+    if len(bases) > 1:
+        raise BaseModelMismatchError(f"adapters are for different base models: {sorted(bases)}")
+    shapes: dict[str, tuple[int, int]] = {}
+    for a in adapters:
+        for name, shape in a.shapes().items():
+            if shapes.setdefault(name, shape) != shape:
+                raise AdapterShapeError(
+                    f"{name}: adapters disagree on (d_in, d_out): {shapes[name]} vs {shape}"
+                )
+    return adapters[0].base_model
+
+
+def merge(
+    adapters: Sequence[LoraAdapter],
+    weights: Sequence[float] | None = None,
+    method: MergeMethod | str = MergeMethod.linear,
+    config: MergeConfig | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> MergeResult:
+    """Merge `adapters` with `weights` (default: 1/n each) by `method` (see `MERGES`)."""
+    try:
+        method = MergeMethod(method)
+    except ValueError:
+        raise ValueError(f"unknown merge method {method!r}; choose from {sorted(MERGES)}") from None
+    cfg = config or MergeConfig()
+    base = _check_compatible(adapters)
+    weights = [1.0 / len(adapters)] * len(adapters) if weights is None else list(weights)
+    if len(weights) != len(adapters) or not all(math.isfinite(x) for x in weights):
+        raise ValueError(f"need {len(adapters)} finite weights, got {weights}")
+    fn = MERGES[method][0]
+    gen = torch.Generator().manual_seed(cfg.seed)
+    modules, errors = {}, {}
+    for name in sorted({m for a in adapters for m in a.modules}):
+        present = [(i, a) for i, a in enumerate(adapters) if name in a.modules]
+        pairs = [_scaled_pair(a, name, dtype, method) for _, a in present]
+        w = torch.tensor([weights[i] for i, _ in present], dtype=dtype)
+        r = cfg.rank or max(a.modules[name].rank for _, a in present)
+        A, B, err = fn(pairs, w, r, cfg, gen)
+        alpha = _output_alpha(present[0][1], name, A.shape[0], method)
+        modules[name] = LoraModule(A.contiguous(), B.contiguous(), alpha)
+        errors[name] = err
+    meta = AdapterMeta(
+        description=f"{method.value} merge of {len(adapters)} adapters",
+        extra={"merge": {"method": method.value, "weights": weights}},
+    )
+    return MergeResult(LoraAdapter(modules, False, base, meta), errors)
+
+
+def _scaled_pair(a: LoraAdapter, name: str, dtype: torch.dtype, method: MergeMethod) -> Pair:
+    m = a.modules[name]
+    scale = a.scaling(name)
+    if method == MergeMethod.lorahub:  # keep the reference's raw B (see _output_alpha)
+        scale = 1.0
+    return m.lora_A.to(dtype), scale * m.lora_B.to(dtype)
+
+
+def _output_alpha(first: LoraAdapter, name: str, rank: int, method: MergeMethod) -> float:
+    """Scaling 1 (alpha = r), except `lorahub`, which like the reference sums raw A and B
+    and keeps the first adapter's scaling."""
+    if method == MergeMethod.lorahub:
+        return first.modules[name].alpha if not first.use_rslora else first.scaling(name) * rank
+    return float(rank)

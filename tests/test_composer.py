@@ -1,0 +1,285 @@
+"""Single-pass multi-adapter forward against PEFT and float64 recomputation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FAMILIES, build_model, make_peft_model, model_inputs
+from torch import nn
+
+from composition import Composer, GateError
+from registry import AdapterShapeError, LoraAdapter, LoraModule, load_source
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Path]]:
+    """Three PEFT adapters per family, different seeds and ranks."""
+    out = {}
+    for family in FAMILIES:
+        dirs = []
+        for seed, r in ((1, 4), (2, 2), (3, 6)):
+            d = tmp_path_factory.mktemp(f"{family}{seed}")
+            make_peft_model(family, seed=seed, r=r, alpha=2 * r).save_pretrained(d)
+            dirs.append(d)
+        out[family] = dirs
+    return out
+
+
+def peft_with(family: str, dirs: list[Path]):
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(build_model(family), dirs[0], adapter_name="a0")
+    for i, d in enumerate(dirs[1:], start=1):
+        model.load_adapter(d, adapter_name=f"a{i}")
+    return model.eval()
+
+
+def batch(family: str, rows: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    inputs = {"input_ids": torch.randint(1, 128, (rows, 6), generator=g)}
+    if family == "t5":
+        inputs["decoder_input_ids"] = torch.randint(1, 128, (rows, 4), generator=g)
+    return inputs
+
+
+@pytest.mark.parametrize("path", ["auto", "dense", "gathered"])
+def test_single_adapter_forward_equals_peft(family: str, saved, path: str) -> None:
+    peft = peft_with(family, saved[family][:1])
+    inputs = model_inputs(family)
+    with torch.no_grad():
+        expected = peft(**inputs).logits
+    model = build_model(family)
+    composer = Composer.attach(model, [load_source(str(saved[family][0]))])
+    with torch.no_grad(), composer.compose(torch.ones(2, 1), path=path):
+        got = model(**inputs).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("path", ["dense", "gathered"])
+def test_per_sample_selection_equals_peft_adapter_names(family: str, saved, path: str) -> None:
+    peft = peft_with(family, saved[family])
+    inputs = batch(family, 5)
+    choice = ["a2", "a0", "a1", "a0", "a2"]
+    with torch.no_grad():
+        expected = peft(**inputs, adapter_names=choice).logits
+    model = build_model(family)
+    adapters = [load_source(str(d)) for d in saved[family]]
+    composer = Composer.attach(model, adapters, names=["a0", "a1", "a2"])
+    gates = composer.gates_for([{c: 1.0} for c in choice])
+    with torch.no_grad(), composer.compose(gates, path=path):
+        got = model(**inputs).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+# -- layer-level oracles in float64 -----------------------------------------------------------
+
+
+class OneLayer(nn.Module):
+    def __init__(self, d_in: int = 12, d_out: int = 10) -> None:
+        super().__init__()
+        self.proj = nn.Linear(d_in, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+def layer_adapters(n: int = 4, d_in: int = 12, d_out: int = 10) -> list[LoraAdapter]:
+    g = torch.Generator().manual_seed(0)
+    return [
+        LoraAdapter(
+            {
+                "proj": LoraModule(
+                    torch.randn(r, d_in, generator=g), torch.randn(d_out, r, generator=g), alpha
+                )
+            },
+            use_rslora=i == 2,
+        )
+        for i, (r, alpha) in enumerate([(2, 4.0), (3, 3.0), (4, 8.0), (1, 1.0)][:n])
+    ]
+
+
+def exact_delta(a: LoraAdapter) -> torch.Tensor:
+    return a.delta("proj", torch.float64)
+
+
+@pytest.mark.parametrize("path", ["dense", "gathered"])
+def test_mixture_equals_float64_weighted_sum(path: str) -> None:
+    torch.manual_seed(0)
+    model, adapters = OneLayer(), layer_adapters()
+    x = torch.randn(3, 5, 12)
+    gates = torch.tensor([[0.5, 0.0, 0.3, 0.2], [0.0, 1.0, 0.0, 0.0], [-0.7, 0.4, 0.0, 0.0]])
+    w64, b64 = model.proj.weight.double(), model.proj.bias.double()
+    expected = torch.stack(
+        [
+            x[i].double()
+            @ (w64 + sum(gates[i, j].double() * exact_delta(a) for j, a in enumerate(adapters))).T
+            + b64
+            for i in range(3)
+        ]
+    )
+    composer = Composer.attach(model, adapters)
+    with torch.no_grad(), composer.compose(gates, path=path):
+        got = model(x)
+    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_fusion_averages_parameters_per_sample() -> None:
+    torch.manual_seed(0)
+    model, adapters = OneLayer(), [a for a in layer_adapters() if a.modules["proj"].rank == 2] * 1
+    adapters = layer_adapters()[:2]
+    x = torch.randn(2, 4, 12)
+    gates = torch.tensor([[0.25, 0.75], [1.0, 0.0]])
+    composer = Composer.attach(model, adapters)
+    with torch.no_grad(), composer.compose(gates, mode="fusion"):
+        got = model(x)
+    for i in range(2):
+        r = 3  # ranks padded to the largest
+        A = sum(
+            gates[i, j].double()
+            * nn.functional.pad(
+                a.modules["proj"].lora_A.double(), (0, 0, 0, r - a.modules["proj"].rank)
+            )
+            for j, a in enumerate(adapters)
+        )
+        B = sum(
+            gates[i, j].double()
+            * a.scaling("proj")
+            * nn.functional.pad(a.modules["proj"].lora_B.double(), (0, r - a.modules["proj"].rank))
+            for j, a in enumerate(adapters)
+        )
+        expected = model.proj(x[i]).double() + x[i].double() @ (B @ A).T
+        torch.testing.assert_close(got[i].double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_per_token_gates_from_a_gate_module() -> None:
+    torch.manual_seed(0)
+    model, adapters = OneLayer(), layer_adapters()
+    x = torch.randn(2, 3, 12)
+    token_gates = torch.softmax(torch.randn(2, 3, 4), dim=-1)
+    seen = []
+
+    def gate(module: str, h: torch.Tensor) -> torch.Tensor:
+        seen.append((module, tuple(h.shape)))
+        return token_gates
+
+    composer = Composer.attach(model, adapters)
+    with torch.no_grad(), composer.compose(token_gate=gate):
+        got = model(x)
+    deltas = torch.stack([exact_delta(a) for a in adapters])  # (n, d_out, d_in)
+    expected = model.proj(x).double() + torch.einsum(
+        "btn,nod,btd->bto", token_gates.double(), deltas, x.double()
+    )
+    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
+    assert seen == [("proj", (2, 3, 12))]
+
+
+def test_same_composition_on_every_row_is_merged_and_restored_exactly() -> None:
+    torch.manual_seed(0)
+    model, adapters = OneLayer(), layer_adapters()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(4, 2, 12)
+    gates = torch.tensor([[0.2, 0.3, 0.0, 0.5]]).expand(4, 4)
+    composer = Composer.attach(model, adapters)
+    with torch.no_grad():
+        with composer.compose(gates, path="dense"):
+            dense = model(x)
+        with composer.compose(gates):  # auto -> merged into the weights
+            merged = model(x)
+            assert not torch.equal(model.proj.base.weight, before["proj.weight"])
+    torch.testing.assert_close(merged, dense, atol=1e-5, rtol=1e-5)
+    assert torch.equal(composer.detach().proj.weight, before["proj.weight"])
+
+
+def test_attach_and_detach_leave_the_model_bit_identical(family: str, saved) -> None:
+    model = build_model(family)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    layers = dict(model.named_modules())
+    inputs = model_inputs(family)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    composer = Composer.attach(model, [load_source(str(d)) for d in saved[family]])
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, logits)  # attached, no gates: base model
+        with composer.compose(torch.tensor([[0.5, 0.5, 0.0]]).expand(2, 3)):
+            model(**inputs)
+    composer.detach()
+    assert dict(model.named_modules()).keys() == layers.keys()
+    assert all(model.get_submodule(n) is m for n, m in layers.items() if n)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_bfloat16_forward_is_close_to_float32(saved) -> None:
+    adapters = [load_source(str(d)) for d in saved["llama"]]
+    inputs = batch("llama", 3)
+    gates = torch.tensor([[1.0, 0, 0], [0, 0.5, 0.5], [0, 0, 1.0]])
+    outs = []
+    for dtype in (torch.float32, torch.bfloat16):
+        model = build_model("llama").to(dtype)
+        composer = Composer.attach(model, adapters)
+        with torch.no_grad(), composer.compose(gates):
+            outs.append(model(**inputs).logits.float())
+    assert outs[1].dtype == torch.float32
+    assert (outs[0] - outs[1]).abs().max() < 0.05 * outs[0].abs().max()
+
+
+# -- generation ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "t5"])
+def test_batched_generation_equals_each_prompt_alone(family: str, saved) -> None:
+    model = build_model(family)
+    model.generation_config.pad_token_id = 0
+    adapters = [load_source(str(d)) for d in saved[family]]
+    composer = Composer.attach(model, adapters, names=["a0", "a1", "a2"])
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(1, 128, (n,), generator=g) for n in (5, 3, 7, 4)]
+    choice = [{"a0": 1.0}, {"a2": 1.0}, {"a1": 0.5, "a2": 0.5}, {"a0": 1.0}]
+    width = max(len(p) for p in prompts)
+    pad_left = family != "t5"
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        sl = slice(width - len(p), width) if pad_left else slice(0, len(p))
+        ids[i, sl], mask[i, sl] = p, 1
+    kw = {"max_new_tokens": 6, "do_sample": False}
+    with torch.no_grad(), composer.compose(composer.gates_for(choice)):
+        together = model.generate(input_ids=ids, attention_mask=mask, **kw)
+    for i, p in enumerate(prompts):
+        with torch.no_grad(), composer.compose(composer.gates_for([choice[i]])):
+            alone = model.generate(
+                input_ids=p[None], attention_mask=torch.ones(1, len(p), dtype=torch.long), **kw
+            )
+        new_alone = alone[0, -6:] if family != "t5" else alone[0]
+        new_together = together[i, -6:] if family != "t5" else together[i]
+        assert torch.equal(new_alone, new_together), (i, new_alone, new_together)
+
+
+# -- bad input ----------------------------------------------------------------------------------
+
+
+def test_adapters_that_do_not_fit_the_model_name_module_and_shapes(saved) -> None:
+    adapter = load_source(str(saved["llama"][0]))
+    model = build_model("gpt2")
+    with pytest.raises(AdapterShapeError, match=r"model\.layers\.0"):
+        Composer.attach(model, [adapter])
+    small = LoraAdapter({"proj": LoraModule(torch.randn(2, 5), torch.randn(10, 2), 2.0)})
+    with pytest.raises(AdapterShapeError, match=r"proj: adapters have \(d_in, d_out\) = \(5, 10\)"):
+        Composer.attach(OneLayer(), [small])
+
+
+def test_bad_gates_are_refused() -> None:
+    composer = Composer.attach(OneLayer(), layer_adapters())
+    for bad, needle in [
+        (torch.ones(2, 3), r"shape \(batch, 4\)"),
+        (torch.ones(4), "shape"),
+        (torch.tensor([[float("nan"), 0, 0, 0]]), "NaN"),
+    ]:
+        with pytest.raises(GateError, match=needle), composer.compose(bad):
+            pass
+    with pytest.raises(Exception, match="unknown adapter 'nope'"):
+        composer.gates_for([{"nope": 1.0}])
+    with pytest.raises(GateError, match="exactly one"), composer.compose():
+        pass
