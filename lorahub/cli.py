@@ -126,6 +126,41 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from composition import MergeConfig, merge
+    from registry import write_peft_folder
+
+    weights = [float(w) for w in args.weights.split(",")] if args.weights else None
+    with Registry(args.registry) as reg:
+        adapters = [reg.load(name) for name in args.names]
+    result = merge(
+        adapters,
+        weights,
+        args.method,
+        MergeConfig(rank=args.rank, density=args.density, seed=args.seed),
+    )
+    write_peft_folder(result.adapter, args.out)
+    worst = max(result.rel_error.values())
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "out": str(args.out),
+                    "method": args.method,
+                    "rank": result.adapter.rank,
+                    "max_rel_error": worst,
+                    "rel_error": result.rel_error,
+                }
+            )
+        )
+    else:
+        print(
+            f"wrote {args.out} ({args.method}, rank {result.adapter.rank}, "
+            f"max relative error {worst:.2e} over {len(result.rel_error)} modules)"
+        )
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from lorahub.demo import run_demo
 
@@ -164,6 +199,19 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("text")
     s.add_argument("-k", type=int, default=5, help="how many (default 5)")
     s.set_defaults(func=cmd_search)
+    s = sub.add_parser("merge", parents=[common], help="merge adapters into one (PEFT format)")
+    s.add_argument("names", nargs="+", metavar="NAME")
+    s.add_argument(
+        "--method",
+        required=True,
+        help="linear, svd, ties, dare_linear, dare_ties, magnitude_prune or lorahub",
+    )
+    s.add_argument("--weights", help="comma-separated, one per adapter (default 1/n each)")
+    s.add_argument("--rank", type=int, help="target rank (svd and sparsifying methods)")
+    s.add_argument("--density", type=float, default=0.5, help="kept fraction (ties/dare/prune)")
+    s.add_argument("--seed", type=int, default=0, help="DARE's random seed")
+    s.add_argument("--out", type=Path, required=True, help="output folder")
+    s.set_defaults(func=cmd_merge)
     sub.add_parser("demo", parents=[common], help="run the demo").set_defaults(func=cmd_demo)
     return p
 

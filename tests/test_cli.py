@@ -63,6 +63,34 @@ def test_register_list_show_search_remove(tmp_path: Path, adapters, capsys, embe
     assert [r["name"] for r in json.loads(out)] == ["french"]
 
 
+def test_merge_writes_a_peft_folder(tmp_path: Path, adapters, capsys) -> None:
+    reg = ["--registry", str(tmp_path / "reg")]
+    for name in ("math", "french"):
+        assert run(capsys, "register", str(adapters[name]), *reg)[0] == 0
+    out = tmp_path / "merged"
+    code, stdout, _ = run(
+        capsys,
+        "merge",
+        "math",
+        "french",
+        "--method",
+        "svd",
+        "--rank",
+        "2",
+        "--weights",
+        "0.5,0.5",
+        "--out",
+        str(out),
+        "--json",
+        *reg,
+    )
+    info = json.loads(stdout)
+    assert code == 0 and info["rank"] == 2 and 0 < info["max_rel_error"] < 1
+    assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
+    code, _, err = run(capsys, "merge", "math", "--method", "mean", "--out", str(out), *reg)
+    assert code == 1 and "choose from" in err
+
+
 @pytest.mark.parametrize(
     "args, needle",
     [
