@@ -104,38 +104,43 @@ class AdapterBank:
 # -- the math: pure functions over tensors ----------------------------------------------------
 
 
-def dense_delta(x: Tensor, s: ModuleStack, gates: Tensor) -> Tensor:
-    """All adapters in two matmuls, whatever their number.
+def add_dense(out: Tensor, x: Tensor, s: ModuleStack, gates: Tensor) -> Tensor:
+    """out + sum_i g_i B_i A_i x for all adapters in two matmuls, whatever their number.
 
-    x: (b, t, d_in); gates: (b, n) per sample or (b, t, n) per token -> (b, t, d_out).
+    x: (b, t, d_in); out: (b, t, d_out); gates: (b, n) per sample or (b, t, n) per token.
     """
     g = gates[..., s.slot]  # (b, R) or (b, t, R): each rank row gets its adapter's gate
     if g.dim() == 2:
         g = g[:, None, :]
-    return ((x @ s.A_cat.T) * g) @ s.B_cat.T
+    h = (x @ s.A_cat.T) * g  # (b, t, R)
+    flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), s.B_cat.T)
+    return flat.view(out.shape)
 
 
 def gather_mixture(s: ModuleStack, idx: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
     """Per-sample factors of the chosen adapters only (output-space mixture).
 
-    idx, w: (b, k) adapter indices and weights -> A (b, k*r, d_in), B (b, d_out, k*r)
-    with the weights folded into B.
+    idx, w: (b, k) adapter indices and weights -> At (b, d_in, k*r), Bt (b, k*r, d_out),
+    transposed for `add_gathered`, with the weights folded into Bt.
     """
     b = idx.shape[0]
-    A = s.A_pad[idx].reshape(b, -1, s.A_pad.shape[-1])
-    B = (s.B_pad[idx] * w[:, :, None, None]).permute(0, 2, 1, 3).reshape(b, s.B_pad.shape[1], -1)
-    return A, B
+    At = s.A_pad[idx].reshape(b, -1, s.A_pad.shape[-1]).transpose(1, 2)
+    Bt = (s.B_pad[idx] * w[:, :, None, None]).permute(0, 1, 3, 2).reshape(b, -1, s.B_pad.shape[1])
+    return At.contiguous(), Bt.contiguous()
 
 
 def gather_fusion(s: ModuleStack, gates: Tensor) -> tuple[Tensor, Tensor]:
     """Per-sample parameter averaging (LoraRetriever's fusion): A = sum w_i A_i,
-    B = sum w_i B_i. gates: (b, n) -> A (b, r, d_in), B (b, d_out, r)."""
-    return torch.einsum("bn,nrd->brd", gates, s.A_pad), torch.einsum("bn,nor->bor", gates, s.B_pad)
+    B = sum w_i B_i. gates: (b, n) -> At (b, d_in, r), Bt (b, r, d_out)."""
+    At = torch.einsum("bn,nrd->bdr", gates, s.A_pad)
+    Bt = torch.einsum("bn,nor->bro", gates, s.B_pad)
+    return At.contiguous(), Bt.contiguous()
 
 
-def gathered_delta(x: Tensor, A: Tensor, B: Tensor) -> Tensor:
-    """x: (b, t, d_in), A: (b, K, d_in), B: (b, d_out, K) -> (b, t, d_out)."""
-    return torch.bmm(torch.bmm(x, A.transpose(1, 2)), B.transpose(1, 2))
+def add_gathered(out: Tensor, x: Tensor, At: Tensor, Bt: Tensor) -> Tensor:
+    """out + (x @ At) @ Bt per sample; the add is fused into the second matmul.
+    x: (b, t, d_in), At: (b, d_in, K), Bt: (b, K, d_out), out: (b, t, d_out)."""
+    return torch.baddbmm(out, torch.bmm(x, At), Bt)
 
 
 def merged_delta(s: ModuleStack, weights: Tensor) -> Tensor:
@@ -145,5 +150,5 @@ def merged_delta(s: ModuleStack, weights: Tensor) -> Tensor:
 
 def fused_delta(s: ModuleStack, weights: Tensor) -> Tensor:
     """Fusion of one composition as a dense update: (sum w B_i) @ (sum w A_i)."""
-    A, B = gather_fusion(s, weights[None])
-    return B[0] @ A[0]
+    At, Bt = gather_fusion(s, weights[None])
+    return (At[0] @ Bt[0]).T

@@ -27,11 +27,11 @@ from transformers.pytorch_utils import Conv1D
 from composition.bank import (
     AdapterBank,
     ModuleStack,
-    dense_delta,
+    add_dense,
+    add_gathered,
     fused_delta,
     gather_fusion,
     gather_mixture,
-    gathered_delta,
     merged_delta,
 )
 from registry import AdapterError, AdapterShapeError, LoraAdapter
@@ -83,9 +83,7 @@ class MultiLoraLinear(nn.Module):
         return self.base.bias
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.base(x)
-        delta = self._composer[0]._delta(self.name, x)
-        return out if delta is None else out + delta.to(out.dtype)
+        return self._composer[0]._apply(self.name, x, self.base(x))
 
 
 @dataclass
@@ -96,7 +94,14 @@ class _Active:
     path: Path
     gates: Tensor | None  # (b, n)
     token_gate: TokenGate | None
-    cache: dict[tuple[str, int], tuple[Tensor, Tensor]] = field(default_factory=dict)
+    k: int = 1  # most adapters any row uses
+    cache: dict[tuple, object] = field(default_factory=dict)  # per batch size, per module
+
+    def gates_for(self, batch: int, like: Tensor) -> Tensor:
+        key = ("gates", batch, like.dtype)
+        if key not in self.cache:
+            self.cache[key] = _expand(self.gates, batch).to(like.device, like.dtype)
+        return self.cache[key]
 
 
 class Composer:
@@ -187,7 +192,8 @@ class Composer:
             with self._merged(gates[0], mode):
                 yield
             return
-        self._active = _Active(mode, path, gates, token_gate)
+        k = _max_nonzero(gates) if gates is not None else len(self.bank)
+        self._active = _Active(mode, path, gates, token_gate, k)
         try:
             yield
         finally:
@@ -215,22 +221,21 @@ class Composer:
                     self._originals[name].weight.copy_(original)
 
     # -- the forward contribution -------------------------------------------------------------
-    def _delta(self, name: str, x: Tensor) -> Tensor | None:
+    def _apply(self, name: str, x: Tensor, out: Tensor) -> Tensor:
+        """The base layer's output `out` plus the active composition's contribution."""
         active = self._active
         if active is None:
-            return None
+            return out
         stack = self.bank.modules[name]
-        x3 = x if x.dim() == 3 else x.unsqueeze(1)
+        x3, out3 = (x, out) if x.dim() == 3 else (x.unsqueeze(1), out.unsqueeze(1))
         if active.token_gate is not None:
-            delta = dense_delta(x3, stack, active.token_gate(name, x3).to(x3.dtype))
-            return delta.view(*x.shape[:-1], -1)
-        gates = _expand(active.gates, x3.shape[0]).to(x3.device, x3.dtype)
-        if active.mode == Mode.mixture and _use_dense(active, gates, stack):
-            delta = dense_delta(x3, stack, gates)
-        else:
-            A, B = self._factors(active, name, stack, gates)
-            delta = gathered_delta(x3, A, B)
-        return delta.view(*x.shape[:-1], -1)
+            gates = active.token_gate(name, x3).to(x3.dtype)
+            return add_dense(out3, x3, stack, gates).view(out.shape)
+        gates = active.gates_for(x3.shape[0], x3)
+        if active.mode == Mode.mixture and _use_dense(active, stack):
+            return add_dense(out3, x3, stack, gates).view(out.shape)
+        At, Bt = self._factors(active, name, stack, gates)
+        return add_gathered(out3, x3, At, Bt).view(out.shape)
 
     def _factors(
         self, active: _Active, name: str, stack: ModuleStack, gates: Tensor
@@ -241,7 +246,7 @@ class Composer:
             if active.mode == Mode.fusion:
                 active.cache[key] = gather_fusion(stack, gates)
             else:
-                _, idx = gates.abs().topk(_max_nonzero(gates), dim=1)
+                _, idx = gates.abs().topk(active.k, dim=1)
                 active.cache[key] = gather_mixture(stack, idx, gates.gather(1, idx))
         return active.cache[key]
 
@@ -250,12 +255,12 @@ def _max_nonzero(gates: Tensor) -> int:
     return max(int((gates != 0).sum(1).max()), 1)
 
 
-def _use_dense(active: _Active, gates: Tensor, stack: ModuleStack) -> bool:
+def _use_dense(active: _Active, stack: ModuleStack) -> bool:
     """Dense costs R = sum of ranks per token; gathered costs k * r_max per token plus a
     one-off gather. Gather when it at least halves the per-token work."""
     if active.path != Path.auto:
         return active.path == Path.dense
-    k_rank = _max_nonzero(gates) * stack.A_pad.shape[1]
+    k_rank = active.k * stack.A_pad.shape[1]
     return 2 * k_rank > stack.A_cat.shape[0]
 
 

