@@ -1,7 +1,16 @@
 """composition: how the chosen adapters act on a model."""
 
 from composition.bank import AdapterBank
-from composition.composer import Composer, GateError, Mode, MultiLoraLinear, Path, TokenGate
+from composition.composer import (
+    Composer,
+    GateError,
+    Mode,
+    MultiLoraLinear,
+    Path,
+    TokenGate,
+    get_layer,
+    set_layer,
+)
 from composition.merge import MERGES, MergeConfig, MergeMethod, MergeResult, merge
 
 __all__ = [
@@ -16,5 +25,7 @@ __all__ = [
     "MultiLoraLinear",
     "Path",
     "TokenGate",
+    "get_layer",
     "merge",
+    "set_layer",
 ]

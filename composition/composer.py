@@ -124,7 +124,7 @@ class Composer:
 
     def _attach(self) -> None:
         for name, stack in self.bank.modules.items():
-            layer = _get(self.model, name)
+            layer = get_layer(self.model, name)
             if not isinstance(layer, nn.Linear | Conv1D):
                 raise AdapterShapeError(
                     f"{name}: a {type(layer).__name__}, not nn.Linear or Conv1D"
@@ -135,16 +135,16 @@ class Composer:
                     f"is {_in_out(layer)}"
                 )
         for name in self.bank.modules:
-            layer = _get(self.model, name)
+            layer = get_layer(self.model, name)
             self._originals[name] = layer
-            _set(self.model, name, MultiLoraLinear(layer, name, self))
+            set_layer(self.model, name, MultiLoraLinear(layer, name, self))
 
     def detach(self) -> nn.Module:
         """Put the original layers back; the model is bit-identical to before `attach`."""
         if self._active is not None:
             raise AdapterError("detach() inside a compose() block")
         for name, layer in self._originals.items():
-            _set(self.model, name, layer)
+            set_layer(self.model, name, layer)
         self._originals.clear()
         return self.model
 
@@ -273,13 +273,13 @@ def _expand(gates: Tensor, batch: int) -> Tensor:
     return gates.repeat_interleave(batch // gates.shape[0], dim=0)
 
 
-def _get(model: nn.Module, name: str) -> nn.Module:
+def get_layer(model: nn.Module, name: str) -> nn.Module:
     try:
         return model.get_submodule(name)
     except AttributeError:
         raise AdapterShapeError(f"{name}: no such module in {type(model).__name__}") from None
 
 
-def _set(model: nn.Module, name: str, layer: nn.Module) -> None:
+def set_layer(model: nn.Module, name: str, layer: nn.Module) -> None:
     parent, _, leaf = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, leaf, layer)

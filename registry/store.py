@@ -19,12 +19,15 @@ import os
 import re
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import Tensor
 
 from registry.adapter import AdapterMeta, BaseModelInfo, LoraAdapter
 from registry.embedding import Embedder, embed_meta
@@ -379,6 +382,42 @@ class Registry:
                 ),
             )
         return cur.lastrowid
+
+    def cached_tensors(self, key: str, make: Callable[[], dict[str, Tensor]]) -> dict[str, Tensor]:
+        """Derived tensors (e.g. Arrow prototypes) kept under cache/<key>.safetensors; `key`
+        must name the content it derives from (a sha256), so entries never go stale."""
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,200}", key):
+            raise UnsafePathError(f"invalid cache key {key!r}")
+        path = self.root / "cache" / f"{key}.safetensors"
+        if path.exists():
+            try:
+                return load_file(path)
+            except (OSError, SafetensorError):
+                path.unlink(missing_ok=True)  # a damaged cache entry is just recomputed
+        tensors = make()
+        path.parent.mkdir(exist_ok=True)
+        write_safetensors_atomic({k: v.contiguous() for k, v in tensors.items()}, {}, path)
+        return tensors
+
+    def unembedded(self) -> list[str]:
+        """Adapters with no embedding from the current embedder (not searchable)."""
+        rows = self._db.execute(
+            "SELECT name FROM adapters WHERE id NOT IN "
+            "(SELECT adapter_id FROM embeddings WHERE embedder = ?) ORDER BY name",
+            (self._embedder().id,),
+        )
+        return [r[0] for r in rows]
+
+    def embed_missing(self) -> list[str]:
+        """Embed, with the current embedder, every adapter that lacks its embedding and has
+        examples or a description (after switching embedders). Returns the names done."""
+        done = []
+        for name in self.unembedded():
+            made = embed_meta(self.get(name).meta, self._embedder())
+            if made is not None:
+                self.set_embedding(name, *made)
+                done.append(name)
+        return done
 
     def set_embedding(self, name: str, vector: np.ndarray, n_texts: int) -> None:
         """Store (or replace) an adapter's embedding made by the registry's embedder."""

@@ -1,0 +1,168 @@
+"""The bundled adapter zoo: LoRA adapters for SmolLM2-135M-Instruct trained on BIG-bench
+dev-list tasks, in families (arithmetic, unit conversion, colors, linguistic mappings,
+sentiment, logical deduction, permutations, word games ...).
+
+    python -m lorahub.zoo [--tasks a,b] [--steps N]     # resumable: done tasks are skipped
+
+Each adapter folder (PEFT format, bfloat16) carries its task, description and routing
+examples in its metadata, so `loraplex register lorahub/zoo/<name>` needs no flags.
+`manifest.json` records, per adapter, base vs adapter accuracy on held-out examples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from composition import Composer
+from lorahub.inference import accuracy
+from lorahub.models import DEFAULT_MODEL, load_base_model, loraplex_home
+from lorahub.tasks import TaskKind, fetch_bigbench, load_task, require_dev_task
+from lorahub.train import TrainConfig, save_adapter, train_lora
+
+ZOO_DIR = Path(__file__).parent / "zoo"
+
+ZOO_TASKS = [
+    "arithmetic/1_digit_addition",
+    "arithmetic/2_digit_multiplication",
+    "arithmetic/3_digit_subtraction",
+    "arithmetic/4_digit_addition",
+    "modified_arithmetic/three_digit_addition_control",
+    "modified_arithmetic/two_digit_multiplication_plus_one",
+    "unit_conversion/unit_identification",
+    "unit_conversion/different_systems",
+    "color/hex",
+    "color/rgb",
+    "linguistic_mappings/de_past_tense_json",
+    "linguistic_mappings/pronoun_replacement_json",
+    "linguistic_mappings/sentence_negation_json",
+    "linguistic_mappings/question_formation_json",
+    "multiemo/hotels_sentence_en",
+    "multiemo/medicine_sentence_en",
+    "multiemo/products_sentence_en",
+    "logical_deduction/three_objects",
+    "logical_deduction/seven_objects",
+    "undo_permutation/reorder_chars",
+    "undo_permutation/reorder_byswap",
+    "language_games/pig_latin_encode",
+    "object_counting",
+    "navigate",
+    "word_unscrambling",
+    "emojis_emotion_prediction",
+]
+
+
+@dataclass(frozen=True)
+class ZooConfig:
+    n_test: int = 50  # held-out examples per task, never trained on
+    max_train: int = 400
+    n_routing_examples: int = 24  # example inputs stored for retrieval
+    train: TrainConfig = TrainConfig(steps=80, batch_size=8, lr=2e-4, loraplus_ratio=16.0)
+
+
+def adapter_name(task: str) -> str:
+    return task.replace("/", "-")
+
+
+def _read_manifest(zoo: Path) -> list[dict]:
+    path = zoo / "manifest.json"
+    return json.loads(path.read_text()) if path.exists() else []
+
+
+def _write_manifest(zoo: Path, entries: list[dict]) -> None:
+    tmp = zoo / ".manifest.json.tmp"
+    tmp.write_text(json.dumps(sorted(entries, key=lambda e: e["name"]), indent=2) + "\n")
+    os.replace(tmp, zoo / "manifest.json")
+
+
+def build_one(base, task_name: str, cfg: ZooConfig, zoo: Path, work: Path) -> dict:
+    require_dev_task(task_name)
+    task = load_task(task_name)
+    train, test = task.split(cfg.n_test, seed=cfg.train.seed)
+    train = train[: cfg.max_train]
+    base_acc, _ = accuracy(base, test)
+    result = train_lora(base, train, cfg.train, checkpoint_dir=work / adapter_name(task_name))
+    family = task_name.split("/", 1)[0]
+    adapter = result.adapter.to(torch.bfloat16).with_meta(
+        task=task_name,
+        description=task.description or task_name,
+        examples=tuple(ex.input for ex in train[: cfg.n_routing_examples]),
+        tags=(family, task.kind.value),
+        license="Apache-2.0 (BIG-bench data)",
+        source="loraplex zoo",
+    )
+    composer = Composer.attach(base.model, [adapter])
+    try:
+        adapter_acc, _ = accuracy(base, test, composer, torch.ones(len(test), 1))
+    finally:
+        composer.detach()
+    folder = save_adapter(adapter, zoo / adapter_name(task_name))
+    return {
+        "name": adapter_name(task_name),
+        "task": task_name,
+        "metric": "mc_acc" if task.kind == TaskKind.multiple_choice else "em",
+        "base_metric": base_acc,
+        "adapter_metric": adapter_acc,
+        "n_train": len(train),
+        "n_test": len(test),
+        "steps": cfg.train.steps,
+        "lr": cfg.train.lr,
+        "loraplus_ratio": cfg.train.loraplus_ratio,
+        "rank": cfg.train.rank,
+        "targets": list(cfg.train.targets),
+        "seed": cfg.train.seed,
+        "train_seconds": round(result.seconds, 1),
+        "final_loss": result.losses[-1],
+        "sha256": adapter.sha256(),
+        "bytes": (folder / "adapter_model.safetensors").stat().st_size,
+    }
+
+
+def build_zoo(tasks: list[str], cfg: ZooConfig, zoo: Path = ZOO_DIR) -> list[dict]:
+    zoo.mkdir(parents=True, exist_ok=True)
+    work = loraplex_home() / "zoo-work"
+    entries = _read_manifest(zoo)
+    done = {e["task"] for e in entries}
+    fetch_bigbench([t for t in tasks if t not in done])
+    base = load_base_model(DEFAULT_MODEL)
+    for task_name in tasks:
+        if task_name in done:
+            continue
+        start = time.perf_counter()
+        entry = build_one(base, task_name, cfg, zoo, work)
+        entries.append(entry)
+        _write_manifest(zoo, entries)
+        shutil.rmtree(work / adapter_name(task_name), ignore_errors=True)
+        print(
+            f"{task_name}: base {entry['base_metric']:.3f} -> adapter {entry['adapter_metric']:.3f} "
+            f"({time.perf_counter() - start:.0f}s)",
+            flush=True,
+        )
+    return entries
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--tasks", help="comma-separated (default: the full zoo list)")
+    ap.add_argument("--steps", type=int, help="training steps per adapter")
+    ap.add_argument("--out", type=Path, default=ZOO_DIR)
+    args = ap.parse_args()
+    cfg = ZooConfig()
+    if args.steps:
+        cfg = replace(cfg, train=replace(cfg.train, steps=args.steps))
+    tasks = args.tasks.split(",") if args.tasks else ZOO_TASKS
+    build_zoo(tasks, cfg, args.out)
+    print(json.dumps(asdict(cfg)))
+
+
+if __name__ == "__main__":
+    main()

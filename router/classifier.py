@@ -1,0 +1,120 @@
+"""ClassifierRouter: a scikit-learn classifier (logistic regression by default) over input
+embeddings, trained on labelled examples (adapter name per input). Its probabilities are
+the routing weights.
+
+Saved as safetensors (coefficients, intercepts) + JSON (classes, embedder): loading never
+unpickles anything, unlike joblib.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from registry import AdapterError, Embedder
+from router.routing import Routing
+
+
+@dataclass
+class ClassifierRouter:
+    """A linear softmax classifier over embeddings: p = softmax(W x + b)."""
+
+    classes: list[str]
+    coef: np.ndarray  # (C, dim)
+    intercept: np.ndarray  # (C,)
+    embedder: Embedder
+
+    @classmethod
+    def fit(
+        cls,
+        inputs: Sequence[str],
+        labels: Sequence[str],
+        embedder: Embedder,
+        C: float = 10.0,
+        max_iter: int = 1000,
+    ) -> ClassifierRouter:
+        """Fit a multinomial logistic regression (sklearn) on embeddings of `inputs`."""
+        from sklearn.linear_model import LogisticRegression
+
+        if len(set(labels)) < 2:
+            raise ValueError("a classifier router needs examples of at least two adapters")
+        X = embedder.encode(list(inputs))
+        model = LogisticRegression(C=C, max_iter=max_iter).fit(X, list(labels))
+        coef, intercept = model.coef_, model.intercept_
+        if coef.shape[0] == 1:  # sklearn's binary case: one logit for classes_[1]
+            coef = np.vstack([-coef / 2, coef / 2])
+            intercept = np.array([-intercept[0] / 2, intercept[0] / 2])
+        return cls(
+            [str(c) for c in model.classes_],
+            np.ascontiguousarray(coef, np.float32),
+            intercept.astype(np.float32),
+            embedder,
+        )
+
+    def probabilities(self, prompts: Sequence[str]) -> np.ndarray:
+        """(len(prompts), C) class probabilities."""
+        logits = self.embedder.encode(list(prompts)) @ self.coef.T + self.intercept
+        logits -= logits.max(axis=1, keepdims=True)
+        p = np.exp(logits)
+        return p / p.sum(axis=1, keepdims=True)
+
+    def route(self, prompts: Sequence[str], k: int = 1) -> list[Routing]:
+        """Top-k classes per prompt, probabilities renormalized over them."""
+        if k <= 0:
+            raise ValueError(f"k must be positive, got {k}")
+        out = []
+        for p in self.probabilities(prompts):
+            top = np.argsort(-p, kind="stable")[:k]
+            total = float(p[top].sum())
+            out.append(
+                Routing(
+                    tuple(self.classes[i] for i in top),
+                    tuple(float(p[i]) / total for i in top),
+                    tuple(float(p[i]) for i in top),
+                )
+            )
+        return out
+
+    def save(self, folder: Path | str) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(
+            {"coef": torch.from_numpy(self.coef), "intercept": torch.from_numpy(self.intercept)},
+            folder / "classifier.safetensors",
+        )
+        (folder / "classifier.json").write_text(
+            json.dumps(
+                {
+                    "classes": self.classes,
+                    "embedder": self.embedder.id,
+                    "dim": int(self.coef.shape[1]),
+                }
+            )
+        )
+        return folder
+
+    @classmethod
+    def load(cls, folder: Path | str, embedder: Embedder) -> ClassifierRouter:
+        folder = Path(folder)
+        try:
+            info = json.loads((folder / "classifier.json").read_text())
+            tensors = load_file(folder / "classifier.safetensors")
+        except (OSError, ValueError) as e:
+            raise AdapterError(f"{folder}: not a saved classifier router: {e}") from None
+        if info.get("embedder") != embedder.id or info.get("dim") != embedder.dim:
+            raise AdapterError(
+                f"{folder}: trained with embedder {info.get('embedder')!r} "
+                f"(dim {info.get('dim')}), not {embedder.id!r} (dim {embedder.dim})"
+            )
+        coef, intercept = tensors["coef"].numpy(), tensors["intercept"].numpy()
+        if coef.shape != (len(info["classes"]), info["dim"]) or intercept.shape != (
+            len(info["classes"]),
+        ):
+            raise AdapterError(f"{folder}: classifier tensors do not match its classes")
+        return cls(list(info["classes"]), coef, intercept, embedder)

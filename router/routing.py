@@ -1,0 +1,77 @@
+"""`Routing`: the plain-data decision a router hands over — which adapters, how much each.
+
+One `Routing` per input. An empty one means "no adapter" (the base model answers).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Routing:
+    """adapters[i] gets weights[i]; `scores` are the router's raw similarities or
+    probabilities (for logs), in the same order."""
+
+    adapters: tuple[str, ...] = ()
+    weights: tuple[float, ...] = ()
+    scores: tuple[float, ...] = field(default=(), compare=False)
+
+    def __post_init__(self) -> None:
+        if len(self.adapters) != len(self.weights):
+            raise ValueError(f"{len(self.adapters)} adapters but {len(self.weights)} weights")
+        if not all(math.isfinite(w) for w in self.weights):
+            raise ValueError(f"weights must be finite, got {self.weights}")
+
+    def as_dict(self) -> dict[str, float]:
+        return dict(zip(self.adapters, self.weights, strict=True))
+
+    def top(self, k: int) -> Routing:
+        """The k heaviest adapters, weights renormalized to sum to 1 (selection: k=1)."""
+        order = sorted(range(len(self.adapters)), key=lambda i: -self.weights[i])[:k]
+        total = sum(self.weights[i] for i in order) or 1.0
+        return Routing(
+            tuple(self.adapters[i] for i in order),
+            tuple(self.weights[i] / total for i in order),
+            tuple(self.scores[i] for i in order) if self.scores else (),
+        )
+
+    def to_json(self) -> dict:
+        return {
+            "adapters": [
+                {"name": n, "weight": w, **({"score": s} if self.scores else {})}
+                for n, w, s in zip(
+                    self.adapters,
+                    self.weights,
+                    self.scores or [None] * len(self.adapters),
+                    strict=True,
+                )
+            ]
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> Routing:
+        items = data.get("adapters", [])
+        scores = tuple(float(a["score"]) for a in items if "score" in a)
+        return cls(
+            tuple(a["name"] for a in items),
+            tuple(float(a["weight"]) for a in items),
+            scores if len(scores) == len(items) else (),
+        )
+
+
+def uniform(names: Sequence[str], scores: Sequence[float]) -> Routing:
+    """LoraRetriever's weighting: 1/k each."""
+    k = len(names)
+    return Routing(tuple(names), tuple([1.0 / k] * k), tuple(scores)) if k else Routing()
+
+
+def softmax(names: Sequence[str], scores: Sequence[float], temperature: float) -> Routing:
+    if not names:
+        return Routing()
+    top = max(scores)
+    e = [math.exp((s - top) / temperature) for s in scores]
+    total = sum(e)
+    return Routing(tuple(names), tuple(x / total for x in e), tuple(scores))

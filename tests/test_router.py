@@ -1,0 +1,223 @@
+"""Routers: retrieval on a constructed set, exclusion and filters, Arrow prototypes and
+gates against float64 SVD, classifier save/load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from composition import Composer
+from registry import AdapterError, BaseModelInfo, LoraAdapter, LoraModule, Registry
+from router import (
+    ArrowConfig,
+    ClassifierRouter,
+    Retriever,
+    RetrieverConfig,
+    Routing,
+    arrow_gate,
+    top_right_singular_vector,
+)
+from router.routing import softmax
+
+TASKS = {
+    "arithmetic": [
+        "What is 17 plus 25?",
+        "Compute 9 times 6.",
+        "What is 100 minus 37?",
+        "Add 45 and 12.",
+        "Multiply 8 by 7.",
+    ],
+    "translation": [
+        "Translate 'bonjour' to English.",
+        "How do you say dog in Spanish?",
+        "Translate 'thank you' into German.",
+        "What is 'cat' in French?",
+    ],
+    "sentiment": [
+        "I hated that movie, it was awful.",
+        "What a wonderful, happy day!",
+        "The service was terrible and slow.",
+        "I love this phone so much.",
+    ],
+    "geography": [
+        "What is the capital of France?",
+        "Which river flows through Cairo?",
+        "Which country is Nairobi in?",
+        "What is the largest ocean?",
+    ],
+}
+QUERIES = {
+    "arithmetic": "What is 8 plus 13?",
+    "translation": "Translate 'cat' into Italian.",
+    "sentiment": "This restaurant was dreadful.",
+    "geography": "What is the capital of Peru?",
+}
+
+
+def tiny_adapter(seed: int, base: str = "tiny") -> LoraAdapter:
+    g = torch.Generator().manual_seed(seed)
+    return LoraAdapter(
+        {"proj": LoraModule(torch.randn(2, 8, generator=g), torch.randn(6, 2, generator=g), 2.0)},
+        base_model=BaseModelInfo(base),
+    )
+
+
+@pytest.fixture
+def registry(tmp_path: Path, embedder) -> Registry:
+    reg = Registry(tmp_path, embedder=embedder)
+    for i, (task, ex) in enumerate(TASKS.items()):
+        reg.register(
+            tiny_adapter(i, base="other" if task == "geography" else "tiny"),
+            name=task,
+            examples=ex[:3],
+            tags=["nlp" if task != "arithmetic" else "math"],
+        )
+    yield reg
+    reg.close()
+
+
+def test_retrieval_returns_the_right_adapter(registry: Registry) -> None:
+    routes = Retriever(registry).route(list(QUERIES.values()), k=1)
+    assert [r.adapters[0] for r in routes] == list(QUERIES)
+
+
+def test_weights_sum_to_one_uniform_and_softmax(registry: Registry) -> None:
+    for cfg in (RetrieverConfig(k=3), RetrieverConfig(k=3, weighting="softmax", temperature=0.1)):
+        for r in Retriever(registry, cfg).route(list(QUERIES.values())):
+            assert len(r.adapters) == 3 and sum(r.weights) == pytest.approx(1.0)
+    uni = Retriever(registry).route(["What is 3 plus 4?"], k=2)[0]
+    assert uni.weights == (0.5, 0.5) and uni.scores[0] >= uni.scores[1]
+
+
+def test_exclusion_and_filters(registry: Registry) -> None:
+    retriever = Retriever(registry)
+    prompts = list(QUERIES.values())
+    routes = retriever.route(prompts, k=2, exclude_each=[[t] for t in QUERIES])
+    for task, r in zip(QUERIES, routes, strict=True):
+        assert task not in r.adapters and len(r.adapters) == 2
+    assert "arithmetic" not in retriever.route(prompts, k=3, exclude=["arithmetic"])[0].adapters
+    assert {a for r in retriever.route(prompts, k=4, tags=["math"]) for a in r.adapters} == {
+        "arithmetic"
+    }
+    assert (
+        "geography"
+        not in retriever.route([QUERIES["geography"]], k=4, base_model="tiny")[0].adapters
+    )
+
+
+def test_k_larger_than_the_registry_returns_all(registry: Registry) -> None:
+    r = Retriever(registry).route(["anything"], k=50)[0]
+    assert sorted(r.adapters) == sorted(TASKS)
+
+
+def test_empty_prompts_route_to_no_adapter_with_a_warning(registry: Registry) -> None:
+    with pytest.warns(UserWarning, match="empty prompt"):
+        routes = Retriever(registry).route(["   ", QUERIES["arithmetic"], ""], k=1)
+    assert (
+        routes[0] == Routing() and routes[2] == Routing() and routes[1].adapters == ("arithmetic",)
+    )
+
+
+def test_adapters_without_embeddings_are_skipped_with_a_warning(registry: Registry) -> None:
+    registry.register(tiny_adapter(9), name="mystery")
+    with pytest.warns(UserWarning, match="no embedding"):
+        r = Retriever(registry).route(["What is 2 plus 2?"], k=10)[0]
+    assert "mystery" not in r.adapters and len(r.adapters) == 4
+
+
+def test_an_embedder_of_another_dimension_is_refused(registry: Registry) -> None:
+    class Other:
+        id, dim = registry.embedder.id, 16  # same id, different size: a corrupt setup
+
+        def encode(self, texts):
+            return np.ones((len(texts), 16), np.float32) / 4
+
+    registry.embedder = Other()
+    registry._index = None
+    with pytest.raises(AdapterError, match="dimension"):
+        Retriever(registry).route(["x"], k=1)
+
+
+def test_routing_json_round_trip() -> None:
+    r = softmax(["a", "b"], [0.9, 0.5], temperature=0.2)
+    assert Routing.from_json(r.to_json()) == r and r.top(1).adapters == ("a",)
+
+
+# -- Arrow ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_arrow_prototype_is_the_top_right_singular_vector(seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    A, B = torch.randn(4, 20, generator=g), torch.randn(12, 4, generator=g)
+    v = top_right_singular_vector(A, B)
+    _, _, Vh = torch.linalg.svd(B.double() @ A.double())
+    assert abs(float(v.double() @ Vh[0])) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_arrow_gates_select_the_adapter_aligned_with_the_token() -> None:
+    d = 8
+    protos = torch.eye(d)[:3]  # adapter i's update acts along e_i
+    adapters = [
+        LoraAdapter({"proj": LoraModule(5 * p[None, :], torch.ones(6, 1), 1.0)}) for p in protos
+    ]
+    gate = arrow_gate(adapters, ArrowConfig(k=1, temperature=1.0))
+    x = torch.zeros(1, 3, d)
+    x[0, 0, 2], x[0, 1, 0], x[0, 2, 1] = 1.0, -3.0, 0.5
+    gates = gate("proj", x)
+    assert gates.argmax(-1).tolist() == [[2, 0, 1]] and torch.allclose(
+        gates.sum(-1), torch.ones(1, 3)
+    )
+
+
+def test_arrow_runs_inside_the_composer_and_caches_prototypes(tmp_path: Path) -> None:
+    class OneLayer(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 6)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    adapters = [tiny_adapter(i) for i in range(3)]
+    with Registry(tmp_path) as reg:
+        gate = arrow_gate(adapters, ArrowConfig(k=2), registry=reg)
+        assert len(list((tmp_path / "cache").glob("arrow-*.safetensors"))) == 3
+        again = arrow_gate(adapters, ArrowConfig(k=2), registry=reg)
+    torch.testing.assert_close(gate.protos["proj"], again.protos["proj"])
+    model = OneLayer()
+    x = torch.randn(2, 4, 8)
+    composer = Composer.attach(model, adapters)
+    with torch.no_grad(), composer.compose(token_gate=gate):
+        got = model(x)
+    g = gate("proj", x).double()
+    deltas = torch.stack([a.delta("proj", torch.float64) for a in adapters])
+    expected = model.proj(x).double() + torch.einsum("btn,nod,btd->bto", g, deltas, x.double())
+    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
+    assert int((g > 0).sum(-1).max()) == 2
+
+
+# -- classifier ------------------------------------------------------------------------------------
+
+
+def test_classifier_routes_and_round_trips_without_pickle(tmp_path: Path, embedder) -> None:
+    inputs = [x for ex in TASKS.values() for x in ex]
+    labels = [t for t, ex in TASKS.items() for _ in ex]
+    router = ClassifierRouter.fit(inputs, labels, embedder)
+    routes = router.route(list(QUERIES.values()), k=2)
+    assert [r.adapters[0] for r in routes] == list(QUERIES)
+    assert all(sum(r.weights) == pytest.approx(1.0) for r in routes)
+    router.save(tmp_path / "clf")
+    assert {p.name for p in (tmp_path / "clf").iterdir()} == {
+        "classifier.safetensors",
+        "classifier.json",
+    }
+    loaded = ClassifierRouter.load(tmp_path / "clf", embedder)
+    np.testing.assert_allclose(
+        loaded.probabilities(list(QUERIES.values())),
+        router.probabilities(list(QUERIES.values())),
+        atol=1e-6,
+    )
