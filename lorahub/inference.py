@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import string
+import warnings
 from collections.abc import Sequence
 from contextlib import nullcontext
 
@@ -40,6 +41,12 @@ def generate(
     """Greedy answers to `prompts` (chat template applied), `batch_size` rows a pass."""
     tok = base.tokenizer
     texts = [base.format_prompt(p) for p in prompts]
+    longest = max(len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"])
+    if longest > max_prompt_tokens:
+        warnings.warn(
+            f"prompts longer than {max_prompt_tokens} tokens (up to {longest}) are truncated",
+            stacklevel=2,
+        )
     out: list[str] = []
     for start in tqdm(range(0, len(texts), batch_size), disable=not progress, desc="generate"):
         rows = slice(start, start + batch_size)

@@ -261,7 +261,7 @@ def train_lora(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
             if checkpoint_dir and (step + 1) % cfg.checkpoint_every == 0:
                 _save_checkpoint(checkpoint_dir, layers, opt, step + 1, losses, cfg)

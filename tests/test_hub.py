@@ -1,0 +1,100 @@
+"""The hub on a tiny config-built Llama with a real (character-level) tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import build_model, char_tokenizer
+
+from lorahub.hub import Hub
+from lorahub.models import BaseModel
+from registry import BaseModelInfo, BaseModelMismatchError, LoraAdapter, LoraModule, Registry
+from router import Retriever
+
+EXAMPLES = {
+    "arithmetic": ["What is 17 plus 25?", "Compute 9 times 6.", "What is 100 minus 37?"],
+    "translation": ["Translate 'bonjour' to English.", "How do you say dog in Spanish?"],
+    "sentiment": ["I hated that movie, it was awful.", "What a wonderful, happy day!"],
+}
+PROMPTS = [
+    "What is 8 plus 13?",
+    "Translate 'cat' into Italian.",
+    "This film was dreadful.",
+    "Compute 4 times 5.",
+]
+
+
+def adapter_for(model: torch.nn.Module, seed: int, base: str = "tiny-llama") -> LoraAdapter:
+    g = torch.Generator().manual_seed(seed)
+    mods = {
+        name: LoraModule(
+            torch.randn(4, m.in_features, generator=g) * 0.5,
+            torch.randn(m.out_features, 4, generator=g) * 0.5,
+            8.0,
+        )
+        for name, m in model.named_modules()
+        if name.endswith(("q_proj", "v_proj", "down_proj"))
+    }
+    return LoraAdapter(mods, base_model=BaseModelInfo(base))
+
+
+@pytest.fixture
+def hub(tmp_path: Path, embedder):
+    model = build_model("llama")
+    base = BaseModel("tiny-llama", model, char_tokenizer())
+    reg = Registry(tmp_path, embedder=embedder)
+    for i, (task, ex) in enumerate(EXAMPLES.items()):
+        reg.register(adapter_for(model, i), name=task, examples=ex)
+    yield Hub(reg, base, Retriever(reg))
+    reg.close()
+
+
+@pytest.mark.parametrize("compose", ["mixture", "fusion", "selection"])
+def test_mixed_batch_equals_each_prompt_alone(hub: Hub, compose: str) -> None:
+    answers = hub.generate(PROMPTS, k=2, compose=compose, max_new_tokens=6)
+    assert answers[0].routing.adapters[0] == "arithmetic"
+    assert answers[1].routing.adapters[0] == "translation"
+    assert all(len(a.routing.adapters) == (1 if compose == "selection" else 2) for a in answers)
+    for a in answers:
+        alone = hub.generate([a.prompt], routings=[a.routing], compose=compose, max_new_tokens=6)[0]
+        assert alone.text == a.text, a.prompt
+    before = {k: v.clone() for k, v in hub.base.model.state_dict().items()}
+    assert all(torch.equal(v, before[k]) for k, v in hub.base.model.state_dict().items())
+
+
+def test_routing_changes_answers_and_none_is_the_base_model(hub: Hub) -> None:
+    routed = [a.text for a in hub.generate(PROMPTS, k=1, compose="selection", max_new_tokens=6)]
+    plain = hub.generate(PROMPTS, compose="none", max_new_tokens=6)
+    assert all(a.routing.adapters == () for a in plain)
+    assert routed != [a.text for a in plain]
+
+
+def test_scores_follow_the_routing(hub: Hub) -> None:
+    options = [["21", "22"], ["gatto", "cane"], ["bad", "good"], ["20", "9"]]
+    routed = hub.score(PROMPTS, options, k=1, compose="selection")
+    for i, p in enumerate(PROMPTS):
+        alone = hub.score([p], [options[i]], k=1, compose="selection")[0]
+        assert alone == pytest.approx(routed[i], abs=1e-4)
+    assert hub.score(PROMPTS, options, compose="none") != routed
+
+
+def test_adapters_for_another_model_fail_before_generation(tmp_path: Path, embedder) -> None:
+    gpt2 = build_model("gpt2")
+    reg = Registry(tmp_path, embedder=embedder)
+    mods = {"transformer.h.0.attn.c_attn": LoraModule(torch.randn(2, 32), torch.randn(96, 2), 2.0)}
+    reg.register(LoraAdapter(mods, base_model=BaseModelInfo("gpt2-tiny")), name="g", examples=["x"])
+    with pytest.raises(BaseModelMismatchError, match="gpt2-tiny"):
+        Hub(reg, BaseModel("tiny-llama", build_model("llama"), char_tokenizer()), Retriever(reg))
+    assert gpt2 is not None
+    reg.close()
+
+
+def test_empty_prompt_list_and_long_prompts(hub: Hub) -> None:
+    with pytest.raises(ValueError, match="no prompts"):
+        hub.generate([])
+    from lorahub import inference
+
+    with pytest.warns(UserWarning, match="truncated"):
+        inference.generate(hub.base, ["x" * 200], max_new_tokens=2, max_prompt_tokens=64)
