@@ -161,6 +161,127 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _routings_table(prompts: list[str], routings: list, texts: list[str] | None = None) -> None:
+    rows = []
+    for i, (p, r) in enumerate(zip(prompts, routings, strict=True)):
+        chosen = ", ".join(f"{n} {w:.2f}" for n, w in zip(r.adapters, r.weights, strict=True))
+        rows.append([_clip(p, 48), chosen or "(none)"] + ([_clip(texts[i], 40)] if texts else []))
+    print_table(rows, ["prompt", "adapters"] + (["answer"] if texts else []))
+
+
+def _clip(text: str, n: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    from router import ClassifierRouter, Retriever
+
+    if not args.prompt.strip():
+        raise AdapterError("the prompt is empty")
+    with open_registry(args) as reg:
+        if args.router == "classifier":
+            if not args.classifier:
+                raise AdapterError(
+                    "--router classifier needs --classifier DIR (a saved ClassifierRouter)"
+                )
+            routing = ClassifierRouter.load(args.classifier, reg.embedder).route(
+                [args.prompt], k=args.k
+            )[0]
+        else:
+            routing = Retriever(reg).route([args.prompt], k=args.k)[0]
+    if args.json:
+        print(json.dumps(routing.to_json()))
+    else:
+        _routings_table([args.prompt], [routing])
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from lorahub.hub import Hub
+
+    prompts = list(args.prompt) + (read_examples(Path(args.prompts)) if args.prompts else [])
+    if not prompts:
+        raise AdapterError("no prompts: give PROMPT arguments or --prompts FILE")
+    hub = Hub.open(registry=args.registry, base_model=args.base_model)
+    try:
+        answers = hub.generate(
+            prompts, k=args.k, compose=args.compose, max_new_tokens=args.max_new_tokens
+        )
+    finally:
+        hub.close()
+    if args.json:
+        print(
+            json.dumps(
+                [{"prompt": a.prompt, "text": a.text, **a.routing.to_json()} for a in answers]
+            )
+        )
+    else:
+        _routings_table(prompts, [a.routing for a in answers], [a.text for a in answers])
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from lorahub.models import load_base_model
+    from lorahub.tasks import bigbench_cache, load_task, require_dev_task
+    from lorahub.train import TrainConfig, save_adapter, train_lora
+
+    task = load_task(args.task, Path(args.tasks_dir) if args.tasks_dir else None)
+    source = Path(args.task)
+    if not source.exists():  # a BIG-bench task by name: only dev-list tasks may be trained on
+        require_dev_task(str(args.task))
+    elif source.resolve().is_relative_to(bigbench_cache().resolve()):
+        require_dev_task(source.resolve().parent.relative_to(bigbench_cache().resolve()).as_posix())
+    cfg = TrainConfig(
+        rank=args.rank,
+        alpha=args.alpha or 2.0 * args.rank,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        loraplus_ratio=args.loraplus_ratio,
+        targets=tuple(args.targets.split(",")),
+        seed=args.seed,
+    )
+    base = load_base_model(args.base_model)
+    result = train_lora(
+        base, list(task.examples), cfg, checkpoint_dir=Path(args.out) / "checkpoint"
+    )
+    adapter = result.adapter.with_meta(
+        task=task.name,
+        description=task.description or task.name,
+        examples=tuple(ex.input for ex in task.examples[:24]),
+    )
+    save_adapter(adapter, Path(args.out))
+    msg = {
+        "out": str(args.out),
+        "steps": cfg.steps,
+        "final_loss": result.losses[-1],
+        "seconds": round(result.seconds, 1),
+    }
+    print(
+        json.dumps(msg)
+        if args.json
+        else f"wrote {args.out}: {cfg.steps} steps, loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f} "
+        f"in {result.seconds:.0f}s"
+    )
+    return 0
+
+
+def cmd_train_retriever(args: argparse.Namespace) -> int:
+    from router.training import RetrieverTrainConfig, train_retriever
+
+    with Registry(args.registry) as reg:
+        examples = {r.name: list(r.meta.examples) for r in reg.list() if len(r.meta.examples) >= 2}
+    embedder = train_retriever(examples, args.out, config=RetrieverTrainConfig(epochs=args.epochs))
+    print(
+        f"wrote {args.out} (trained on {len(examples)} adapters); use it with "
+        f"SentenceEmbedder(model={str(args.out)!r})"
+        if not args.json
+        else json.dumps({"out": str(args.out), "adapters": len(examples), "embedder": embedder.id})
+    )
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from lorahub.demo import run_demo
 
@@ -212,6 +333,50 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="DARE's random seed")
     s.add_argument("--out", type=Path, required=True, help="output folder")
     s.set_defaults(func=cmd_merge)
+    s = sub.add_parser("route", parents=[common], help="which adapters a prompt gets")
+    s.add_argument("prompt")
+    s.add_argument("-k", type=int, default=3, help="adapters per prompt (default 3)")
+    s.add_argument("--router", choices=["retriever", "classifier"], default="retriever")
+    s.add_argument("--classifier", help="folder of a saved ClassifierRouter")
+    s.set_defaults(func=cmd_route)
+
+    s = sub.add_parser("generate", parents=[common], help="answer prompts with routed adapters")
+    s.add_argument("prompt", nargs="*")
+    s.add_argument("--prompts", help="a .txt (one prompt a line) or .jsonl with 'input'")
+    s.add_argument("-k", type=int, default=3, help="adapters per prompt (default 3)")
+    s.add_argument(
+        "--compose", choices=["mixture", "fusion", "selection", "none"], default="mixture"
+    )
+    s.add_argument("--base-model", default="smollm2-135m-instruct", help="name, path or Hub id")
+    s.add_argument("--max-new-tokens", type=int, default=32)
+    s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("train", parents=[common], help="train a LoRA adapter on a task")
+    s.add_argument("task", help="a BIG-bench task name or task.json, or a .jsonl file")
+    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--tasks-dir", help="folder of BIG-bench tasks (default: the fetched cache)")
+    s.add_argument("--base-model", default="smollm2-135m-instruct")
+    s.add_argument("--steps", type=int, default=100)
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--lr", type=float, default=2e-4)
+    s.add_argument(
+        "--loraplus-ratio", type=float, default=16.0, help="lr_B / lr_A (1 = plain LoRA)"
+    )
+    s.add_argument("--rank", type=int, default=8)
+    s.add_argument("--alpha", type=float, help="default 2 x rank")
+    s.add_argument("--targets", default="q_proj,v_proj")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser(
+        "train-retriever",
+        parents=[common],
+        help="fine-tune the embedder on the registered adapters' examples",
+    )
+    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--epochs", type=int, default=1)
+    s.set_defaults(func=cmd_train_retriever)
+
     sub.add_parser("demo", parents=[common], help="run the demo").set_defaults(func=cmd_demo)
     return p
 

@@ -1,66 +1,101 @@
-"""`loraplex demo`: what the registry does, end to end, offline.
-
-Until the bundled adapter zoo lands, the demo writes three small PEFT-format adapters for a
-tiny Llama shape, registers them with example inputs, and routes a few prompts by search.
+"""`loraplex demo`: register the bundled zoo, answer a mixed batch of held-back prompts
+from its tasks with automatic adapter selection, and compare with the base model and with
+each prompt's own adapter. Offline; a few minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
 
+import json
+import random
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-
-from registry import (
-    AdapterMeta,
-    BaseModelInfo,
-    LoraAdapter,
-    LoraModule,
-    Registry,
-    write_peft_folder,
-)
-from router import SentenceEmbedder
-
-_TASKS = {
-    "arithmetic": ["What is 12 plus 30?", "Compute 7 times 8.", "Subtract 19 from 42."],
-    "translation": ["Translate 'good morning' to French.", "How do you say cat in German?"],
-    "sentiment": ["I loved this movie, it was wonderful.", "The food was cold and awful."],
-}
-_PROMPTS = [
-    "What is 5 plus 9?",
-    "Translate 'thank you' into Spanish.",
-    "What a dull and disappointing film.",
-]
+from lorahub.hub import Hub
+from lorahub.inference import exact_match
+from lorahub.models import DEFAULT_MODEL
+from lorahub.zoo import ZOO_DIR
+from registry import AdapterError, Registry
+from router import Routing, SentenceEmbedder
 
 
-def _adapter(seed: int, task: str) -> LoraAdapter:
-    g = torch.Generator().manual_seed(seed)
-    modules = {
-        f"model.layers.{i}.self_attn.{p}": LoraModule(
-            torch.randn(8, 64, generator=g) * 0.02, torch.randn(64, 8, generator=g) * 0.02, 16.0
-        )
-        for i in range(2)
-        for p in ("q_proj", "v_proj")
-    }
-    return LoraAdapter(modules, base_model=BaseModelInfo("tiny-llama"), meta=AdapterMeta(task=task))
+def demo_prompts(
+    manifest: list[dict], per_task: int, seed: int
+) -> list[tuple[str, str, list[str]]]:
+    """(adapter, prompt, targets) for `per_task` held-back prompts of every zoo task, shuffled."""
+    rows = [
+        (e["name"], d["input"], d["targets"])
+        for e in manifest
+        for d in e.get("demo", [])[:per_task]
+    ]
+    random.Random(seed).shuffle(rows)
+    return rows
 
 
-def run_demo(registry: Path | None = None) -> int:
+def _clip(text: str, n: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def run_demo(
+    registry: Path | None = None,
+    per_task: int = 2,
+    compose: str = "mixture",
+    k: int = 2,
+    seed: int = 0,
+    max_new_tokens: int = 16,
+) -> int:
     start = time.perf_counter()
+    manifest_path = ZOO_DIR / "manifest.json"
+    if not manifest_path.exists():
+        raise AdapterError(
+            f"{manifest_path}: the adapter zoo is missing (python -m lorahub.zoo builds it)"
+        )
+    manifest = json.loads(manifest_path.read_text())
     with tempfile.TemporaryDirectory() as tmp:
-        root = registry or Path(tmp) / "registry"
-        with Registry(root, embedder=SentenceEmbedder()) as reg:
-            for seed, (task, examples) in enumerate(_TASKS.items()):
-                folder = write_peft_folder(_adapter(seed, task), Path(tmp) / task)
-                rec = reg.register(folder, examples=examples, replace=True)
-                print(
-                    f"registered {rec.name:12} rank {rec.rank}  {rec.n_modules} modules  "
-                    f"sha256 {rec.sha256[:12]}"
-                )
-            print()
-            for prompt in _PROMPTS:
-                (name, score), *_ = reg.search(prompt, k=1)
-                print(f"{prompt!r:45} -> {name} (cosine {score:.3f})")
-    print(f"\ndone in {time.perf_counter() - start:.1f}s")
+        reg = Registry(registry or Path(tmp) / "registry", embedder=SentenceEmbedder())
+        for entry in manifest:
+            if entry["name"] not in reg:
+                reg.register(ZOO_DIR / entry["name"], name=entry["name"])
+        print(f"registered {len(reg)} zoo adapters ({time.perf_counter() - start:.0f}s)")
+        hub = Hub.open(registry=reg, base_model=DEFAULT_MODEL)
+        rows = demo_prompts(manifest, per_task, seed)
+        prompts = [p for _, p, _ in rows]
+        t0 = time.perf_counter()
+        routed = hub.generate(prompts, k=k, compose=compose, max_new_tokens=max_new_tokens)
+        routed_s = time.perf_counter() - t0
+        base = hub.generate(prompts, compose="none", max_new_tokens=max_new_tokens)
+        own = hub.generate(
+            prompts,
+            routings=[Routing((a,), (1.0,)) for a, _, _ in rows],
+            max_new_tokens=max_new_tokens,
+        )
+        hub.close()
+    right = {
+        name: [exact_match(a.text, t) for a, (_, _, t) in zip(answers, rows, strict=True)]
+        for name, answers in (("base", base), ("routed", routed), ("own adapter", own))
+    }
+    print(
+        f"\n{len(prompts)} held-back prompts from {len(manifest)} tasks, answered in one batched "
+        f"generate ({compose}, k={k}) in {routed_s:.1f}s\n"
+    )
+    header = f"{'prompt':42}  {'chosen adapters':44}  {'answer':18}  {'expected':14}  ok"
+    print(header + "\n" + "-" * len(header))
+    for (_, prompt, targets), a, ok in zip(rows, routed, right["routed"], strict=True):
+        chosen = ", ".join(
+            f"{n} {w:.2f}" for n, w in zip(a.routing.adapters, a.routing.weights, strict=True)
+        )
+        print(
+            f"{_clip(prompt, 42):42}  {_clip(chosen, 44):44}  {_clip(a.text, 18):18}  "
+            f"{_clip(targets[0], 14):14}  {'✓' if ok else '✗'}"
+        )
+    top1 = sum(
+        a.routing.adapters[:1] == (own_name,)
+        for a, (own_name, _, _) in zip(routed, rows, strict=True)
+    )
+    print()
+    for name, hits in right.items():
+        print(f"accuracy {name:12} {sum(hits) / len(hits):6.1%}  ({sum(hits)}/{len(hits)})")
+    print(f"routing: own adapter ranked first for {top1}/{len(rows)} prompts")
+    print(f"wall time {time.perf_counter() - start:.0f}s")
     return 0

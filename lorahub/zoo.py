@@ -64,6 +64,7 @@ class ZooConfig:
     n_test: int = 50  # held-out examples per task, never trained on
     max_train: int = 400
     n_routing_examples: int = 24  # example inputs stored for retrieval
+    n_demo: int = 4  # held-out prompts kept in the manifest for the demo
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(steps=80, batch_size=8, lr=2e-4, loraplus_ratio=16.0)
     )
@@ -124,6 +125,11 @@ def build_one(base, task_name: str, cfg: ZooConfig, zoo: Path, work: Path) -> di
         "final_loss": result.losses[-1],
         "sha256": adapter.sha256(),
         "bytes": (folder / "adapter_model.safetensors").stat().st_size,
+        # held-out prompts for `loraplex demo` (it must run offline, without the BIG-bench sdist)
+        "demo": [
+            {"input": ex.input, "targets": list(ex.targets) or [ex.target]}
+            for ex in test[: cfg.n_demo]
+        ],
     }
 
 
