@@ -127,3 +127,33 @@ def test_default_registry_follows_loraplex_home(
     monkeypatch.setenv("LORAPLEX_HOME", str(tmp_path))
     assert run(capsys, "register", str(adapters["french"]))[0] == 0
     assert (tmp_path / "registry" / "catalogue.sqlite").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama + character tokenizer saved as a normal model folder."""
+    from conftest import build_model, char_tokenizer
+
+    out = tmp_path_factory.mktemp("tiny-model")
+    build_model("llama").save_pretrained(out)
+    char_tokenizer().save_pretrained(out)
+    return out
+
+
+def test_route_and_generate_commands(tmp_path: Path, adapters, tiny_model_dir, capsys) -> None:
+    reg = ["--registry", str(tmp_path)]
+    for name in ("math", "french"):
+        run(capsys, "register", str(adapters[name]), "--examples", str(adapters[f"{name}_examples"]), *reg)
+    code, out, _ = run(capsys, "route", "What is 10 plus 5?", "-k", "2", "--json", *reg)
+    routing = json.loads(out)
+    assert code == 0 and [a["name"] for a in routing["adapters"]] == ["math", "french"]
+    assert sum(a["weight"] for a in routing["adapters"]) == pytest.approx(1.0)
+    code, out, err = run(capsys, "generate", "What is 2 plus 2?", "Translate to French: dog",
+                         "--base-model", str(tiny_model_dir), "-k", "1", "--max-new-tokens", "4",
+                         "--json", *reg)
+    answers = json.loads(out)
+    assert code == 0, err
+    assert [a["adapters"][0]["name"] for a in answers] == ["math", "french"]
+    assert all(isinstance(a["text"], str) for a in answers)
+    code, _, err = run(capsys, "route", "x", "--router", "classifier", *reg)
+    assert code == 1 and "--classifier" in err
