@@ -102,19 +102,29 @@ def weighted_sum(deltas: Tensor, w: Tensor) -> Tensor:
     return (w.to(deltas.dtype) @ deltas.reshape(deltas.shape[0], -1)).view(deltas.shape[1:])
 
 
-def disjoint_merge(deltas: Tensor, w: Tensor, method: str) -> Tensor:
+def disjoint_merge(deltas: Tensor, w: Tensor, method: str, block: int = 1 << 15) -> Tensor:
     """TIES (Yadav et al. 2023): elect a sign per entry from the unweighted deltas
     ("total": sign of their sum, "frequency": of their signs' sum), then average the
     weighted deltas that agree with it. deltas: (n, d_out, d_in) -> (d_out, d_in).
 
-    A delta agrees exactly where delta * elected > 0 (zeros never agree), so one product
-    gives both the mask and, clamped at 0, the agreeing magnitudes."""
+    Entries are independent, so the work runs in column blocks that stay in cache (the
+    whole-tensor version is memory-bound and 2x slower at 8 x 1536 x 576)."""
+    flat = deltas.reshape(deltas.shape[0], -1)
+    out = torch.empty(flat.shape[1], dtype=deltas.dtype)
+    for start in range(0, flat.shape[1], block):
+        out[start : start + block] = _disjoint_block(flat[:, start : start + block], w, method)
+    return out.view(deltas.shape[1:])
+
+
+def _disjoint_block(deltas: Tensor, w: Tensor, method: str) -> Tensor:
+    """deltas: (n, m). A delta agrees exactly where delta * elected > 0 (zeros never do),
+    so one product gives both the mask and, clamped at 0, the agreeing magnitudes."""
     ones = torch.ones(deltas.shape[0], dtype=deltas.dtype)
-    votes = weighted_sum(deltas if method == "total" else deltas.sign(), ones)
+    votes = ones @ (deltas if method == "total" else deltas.sign())
     elected = torch.where(votes >= 0, 1.0, -1.0).to(deltas.dtype)
     aligned = deltas * elected
-    count = weighted_sum((aligned > 0).to(deltas.dtype), ones)
-    return elected * weighted_sum(aligned.clamp_(min=0), w) / count.clamp(min=1)
+    count = ones @ (aligned > 0).to(deltas.dtype)
+    return elected * (w.to(deltas.dtype) @ aligned.clamp_(min=0)) / count.clamp(min=1)
 
 
 def ties_delta(deltas: Tensor, w: Tensor, cfg: MergeConfig, gen: torch.Generator) -> Tensor:

@@ -143,14 +143,32 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_route_and_generate_commands(tmp_path: Path, adapters, tiny_model_dir, capsys) -> None:
     reg = ["--registry", str(tmp_path)]
     for name in ("math", "french"):
-        run(capsys, "register", str(adapters[name]), "--examples", str(adapters[f"{name}_examples"]), *reg)
+        run(
+            capsys,
+            "register",
+            str(adapters[name]),
+            "--examples",
+            str(adapters[f"{name}_examples"]),
+            *reg,
+        )
     code, out, _ = run(capsys, "route", "What is 10 plus 5?", "-k", "2", "--json", *reg)
     routing = json.loads(out)
     assert code == 0 and [a["name"] for a in routing["adapters"]] == ["math", "french"]
     assert sum(a["weight"] for a in routing["adapters"]) == pytest.approx(1.0)
-    code, out, err = run(capsys, "generate", "What is 2 plus 2?", "Translate to French: dog",
-                         "--base-model", str(tiny_model_dir), "-k", "1", "--max-new-tokens", "4",
-                         "--json", *reg)
+    code, out, err = run(
+        capsys,
+        "generate",
+        "What is 2 plus 2?",
+        "Translate to French: dog",
+        "--base-model",
+        str(tiny_model_dir),
+        "-k",
+        "1",
+        "--max-new-tokens",
+        "4",
+        "--json",
+        *reg,
+    )
     answers = json.loads(out)
     assert code == 0, err
     assert [a["adapters"][0]["name"] for a in answers] == ["math", "french"]
