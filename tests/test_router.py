@@ -221,3 +221,37 @@ def test_classifier_routes_and_round_trips_without_pickle(tmp_path: Path, embedd
         router.probabilities(list(QUERIES.values())),
         atol=1e-6,
     )
+
+
+# -- retriever training -----------------------------------------------------------------------------
+
+
+def test_batches_never_hold_two_pairs_of_one_adapter() -> None:
+    from datasets import Dataset
+
+    from router.training import DistinctLabelBatchSampler
+
+    labels = [i % 5 for i in range(37)]
+    data = Dataset.from_dict({"anchor": [str(i) for i in range(37)], "label": labels})
+    sampler = DistinctLabelBatchSampler(data, batch_size=4, drop_last=False)
+    batches = list(sampler)
+    assert len(batches) == len(sampler)
+    assert sorted(i for b in batches for i in b) == list(range(37))
+    assert all(len({labels[i] for i in b}) == len(b) for b in batches)
+
+
+def test_trained_static_retriever_routes_and_loads_by_path(tmp_path: Path) -> None:
+    from router import SentenceEmbedder
+    from router.training import RetrieverTrainConfig, train_retriever
+
+    cfg = RetrieverTrainConfig(epochs=5, batch_size=4, lr=5e-2, pairs_per_adapter=16)
+    emb = train_retriever(TASKS, tmp_path / "static", base="static:all-MiniLM-L6-v2", config=cfg)
+    assert (tmp_path / "static" / "modules.json").exists()
+    again = SentenceEmbedder(model=str(tmp_path / "static"))
+    np.testing.assert_allclose(again.encode(["What is 1 plus 1?"]), emb.encode(["What is 1 plus 1?"]),
+                               atol=1e-6)
+    with Registry(tmp_path / "reg", embedder=emb) as reg:
+        for i, (task, ex) in enumerate(TASKS.items()):
+            reg.register(tiny_adapter(i), name=task, examples=ex)
+        routes = Retriever(reg).route(list(QUERIES.values()), k=1)
+    assert sum(r.adapters[0] == t for r, t in zip(routes, QUERIES, strict=True)) >= 3
