@@ -14,6 +14,20 @@ import torch
 RESULTS = Path(__file__).parent / "results"
 
 
+def smollm_config(layers: int = 30):
+    """A Llama config with SmolLM2-135M's shapes (random weights are fine for speed)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=layers,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+    )
+
+
 def machine() -> dict:
     return {
         "cpu_count": os.cpu_count(),

@@ -18,7 +18,7 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
-from _common import print_table, target, write_result
+from _common import print_table, smollm_config, target, write_result
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from composition import Composer
@@ -69,14 +69,7 @@ def main() -> None:
     args = ap.parse_args()
     layers, batch, n, tokens, steps = (4, 8, 8, 32, 8) if args.quick else (30, 32, 32, 128, 32)
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=layers,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-    )
+    cfg = smollm_config(layers)
     model = LlamaForCausalLM(cfg).eval()
     adapters = make_adapters(model, n, rank=8)
     names = [f"a{i}" for i in range(n)]

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import print_table, target, write_result
+from _common import print_table, smollm_config, target, write_result
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from composition import MergeConfig, merge
@@ -36,17 +36,6 @@ PEFT_NAME = {
     "dare_ties": "dare_ties_svd",
     "magnitude_prune": "magnitude_prune_svd",
 }
-
-
-def smollm_config(layers: int) -> LlamaConfig:
-    return LlamaConfig(
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=layers,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-    )
 
 
 def random_adapters(model: torch.nn.Module, n: int) -> list[LoraAdapter]:

@@ -67,8 +67,11 @@ def embedding_like(n: int, rng: np.random.Generator, intrinsic: int = 24) -> np.
     return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
 
 
-def fill_catalogue(root: Path, n: int, rng: np.random.Generator) -> None:
-    with Registry(root, embedder=FixedEmbedder()) as reg:
+def fill_catalogue(root: Path, n: int, rng: np.random.Generator, embedder: object = None) -> None:
+    """n catalogue rows (copies of one real registration) with embedding-like vectors
+    stored under `embedder`'s id (default: FixedEmbedder)."""
+    embedder = embedder or FixedEmbedder()
+    with Registry(root, embedder=embedder) as reg:
         reg.register(small_adapter(0), name="seed")
     db = sqlite3.connect(root / "catalogue.sqlite")
     row = db.execute("SELECT * FROM adapters WHERE name = 'seed'").fetchone()
@@ -80,7 +83,7 @@ def fill_catalogue(root: Path, n: int, rng: np.random.Generator) -> None:
         )
         db.executemany(
             "INSERT INTO embeddings VALUES (?,?,?,?,?)",
-            ((i + 2, FixedEmbedder.id, FixedEmbedder.dim, 1, vecs[i].tobytes()) for i in range(n)),
+            ((i + 2, embedder.id, embedder.dim, 1, vecs[i].tobytes()) for i in range(n)),
         )
         db.execute("UPDATE state SET value = value + 1 WHERE key = 'generation'")
     db.close()

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from _common import print_table, target, write_result
-from bench_registry import embedding_like, small_adapter
+from bench_registry import fill_catalogue, small_adapter
 
 from lorahub.tasks import fetch_bigbench, load_task, require_dev_task
 from lorahub.zoo import ZOO_TASKS
@@ -82,35 +82,13 @@ def bench_accuracy(splits: dict, tmp: Path, epochs: int) -> list[dict]:
     return rows
 
 
-def fill(root: Path, n: int, embedder: SentenceEmbedder) -> None:
-    """A catalogue of n adapters with embedding-like vectors under the real embedder's id."""
-    import sqlite3
-
-    with Registry(root, embedder=embedder) as reg:
-        reg.register(small_adapter(0), name="seed")
-    db = sqlite3.connect(root / "catalogue.sqlite")
-    row = db.execute("SELECT * FROM adapters WHERE name = 'seed'").fetchone()
-    vecs = embedding_like(n, np.random.default_rng(n))
-    with db:
-        db.executemany(
-            "INSERT INTO adapters VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-            ((i + 2, f"a{i}", *row[2:]) for i in range(n)),
-        )
-        db.executemany(
-            "INSERT INTO embeddings VALUES (?,?,?,?,?)",
-            ((i + 2, embedder.id, embedder.dim, 1, vecs[i].tobytes()) for i in range(n)),
-        )
-        db.execute("UPDATE state SET value = value + 1 WHERE key = 'generation'")
-    db.close()
-
-
 def bench_speed(sizes: list[int], prompts: list[str], tmp: Path) -> list[dict]:
     emb = SentenceEmbedder()
     emb.encode(prompts[:8])
     rows = []
     for n in sizes:
         root = tmp / f"speed-{n}"
-        fill(root, n, emb)
+        fill_catalogue(root, n, np.random.default_rng(n), emb)
         with Registry(root, embedder=emb, index_kind=IndexKind.auto) as reg:
             retriever = Retriever(reg)
             retriever.route(prompts[:4], k=3)  # builds the index

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import warnings
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from composition import Composer, get_layer
 from lorahub import inference
@@ -140,12 +141,21 @@ class Hub:
         )
         return routes
 
-    def _composer(self, routings: Sequence[Routing]) -> tuple[Composer | None, torch.Tensor | None]:
+    @contextmanager
+    def _composed(
+        self, routings: Sequence[Routing]
+    ) -> Iterator[tuple[Composer | None, Tensor | None]]:
+        """The routed adapters attached to the model (stacked once for the whole batch)
+        and the per-row gates; detached again afterwards."""
         names = list(dict.fromkeys(n for r in routings for n in r.adapters))
         if not names:
-            return None, None
+            yield None, None
+            return
         composer = Composer.attach(self.base.model, [self.adapters.get(n) for n in names], names)
-        return composer, composer.gates_for([r.as_dict() for r in routings])
+        try:
+            yield composer, composer.gates_for([r.as_dict() for r in routings])
+        finally:
+            composer.detach()
 
     # -- answering ----------------------------------------------------------------------------
     def generate(
@@ -163,26 +173,17 @@ class Hub:
         batched generate (`batch_size` rows at a time; default all)."""
         if not prompts:
             raise ValueError("no prompts to answer")
-        routings = (
-            list(routings)
-            if routings is not None
-            else self.route(prompts, k, compose, exclude, exclude_each)
-        )
-        composer, gates = self._composer(routings)
-        mode = "fusion" if Compose(compose) == Compose.fusion else "mixture"
-        try:
+        routings = self._routings(prompts, routings, k, compose, exclude, exclude_each)
+        with self._composed(routings) as (composer, gates):
             texts = inference.generate(
                 self.base,
                 prompts,
                 composer,
                 gates,
-                mode,
+                _mode(compose),
                 max_new_tokens=max_new_tokens,
                 batch_size=batch_size or len(prompts),
             )
-        finally:
-            if composer is not None:
-                composer.detach()
         return [Answer(p, t, r) for p, t, r in zip(prompts, texts, routings, strict=True)]
 
     def score(
@@ -198,18 +199,32 @@ class Hub:
         """Log-likelihood of each option after its prompt (multiple choice)."""
         if len(prompts) != len(options):
             raise ValueError(f"{len(prompts)} prompts but {len(options)} option lists")
-        routings = (
-            list(routings)
-            if routings is not None
-            else self.route(prompts, k, compose, exclude, exclude_each)
-        )
-        composer, gates = self._composer(routings)
-        mode = "fusion" if Compose(compose) == Compose.fusion else "mixture"
-        try:
-            return inference.option_logprobs(self.base, prompts, options, composer, gates, mode)
-        finally:
-            if composer is not None:
-                composer.detach()
+        routings = self._routings(prompts, routings, k, compose, exclude, exclude_each)
+        with self._composed(routings) as (composer, gates):
+            return inference.option_logprobs(
+                self.base, prompts, options, composer, gates, _mode(compose)
+            )
+
+    def _routings(
+        self,
+        prompts: Sequence[str],
+        routings: Sequence[Routing] | None,
+        k: int,
+        compose: Compose | str,
+        exclude: Sequence[str],
+        exclude_each: Sequence[Sequence[str]] | None,
+    ) -> list[Routing]:
+        """The given routings, or the router's."""
+        if routings is not None:
+            if len(routings) != len(prompts):
+                raise ValueError(f"{len(prompts)} prompts but {len(routings)} routings")
+            return list(routings)
+        return self.route(prompts, k, compose, exclude, exclude_each)
 
     def close(self) -> None:
         self.registry.close()
+
+
+def _mode(compose: Compose | str) -> str:
+    """The composer's mode for a compose choice (fusion averages parameters per row)."""
+    return "fusion" if Compose(compose) == Compose.fusion else "mixture"

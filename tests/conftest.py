@@ -19,20 +19,25 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
+
+def tiny_llama(**overrides: object) -> LlamaForCausalLM:
+    """A 2-layer, 32-wide Llama; `overrides` change its config."""
+    config = {
+        "vocab_size": 128,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 128,
+    }
+    return LlamaForCausalLM(LlamaConfig(**(config | overrides)))
+
+
 # family -> (builder, LoRA target leaf names, PEFT task type)
 FAMILIES = {
     "llama": (
-        lambda: LlamaForCausalLM(
-            LlamaConfig(
-                vocab_size=128,
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                max_position_embeddings=128,
-            )
-        ),
+        tiny_llama,
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         "CAUSAL_LM",
     ),

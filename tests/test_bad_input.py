@@ -180,20 +180,10 @@ def test_shapes_contradicting_the_same_base_model_are_refused(
     tmp_path: Path, registry: Path
 ) -> None:
     """Same base-model name, different hidden size: the check is on shapes."""
-    from conftest import FAMILIES
+    from conftest import FAMILIES, tiny_llama
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    wide = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=128,
-            hidden_size=48,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-    )
+    wide = tiny_llama(hidden_size=48)
     cfg = LoraConfig(r=4, target_modules=FAMILIES["llama"][1], init_lora_weights=False)
     get_peft_model(wide, cfg).save_pretrained(tmp_path / "wide")
     before = snapshot(registry)

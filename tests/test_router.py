@@ -248,8 +248,9 @@ def test_trained_static_retriever_routes_and_loads_by_path(tmp_path: Path) -> No
     emb = train_retriever(TASKS, tmp_path / "static", base="static:all-MiniLM-L6-v2", config=cfg)
     assert (tmp_path / "static" / "modules.json").exists()
     again = SentenceEmbedder(model=str(tmp_path / "static"))
-    np.testing.assert_allclose(again.encode(["What is 1 plus 1?"]), emb.encode(["What is 1 plus 1?"]),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        again.encode(["What is 1 plus 1?"]), emb.encode(["What is 1 plus 1?"]), atol=1e-6
+    )
     with Registry(tmp_path / "reg", embedder=emb) as reg:
         for i, (task, ex) in enumerate(TASKS.items()):
             reg.register(tiny_adapter(i), name=task, examples=ex)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import char_tokenizer
+from conftest import char_tokenizer, tiny_llama
 
 from composition import Composer
 from lorahub.models import BaseModel
@@ -92,19 +92,10 @@ def test_resumed_runs_see_the_same_batches() -> None:
 def tiny_base() -> BaseModel:
     """A tiny Llama whose output layer can express peaked distributions (the default
     init scale of 0.02 caps every logit near 0 at this width, so no adapter could)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        initializer_range=0.3,
+    return BaseModel(
+        "tiny-llama", tiny_llama(initializer_range=0.3).eval(), char_tokenizer("right")
     )
-    return BaseModel("tiny-llama", LlamaForCausalLM(config).eval(), char_tokenizer("right"))
 
 
 REVERSE = [
