@@ -282,6 +282,21 @@ def cmd_train_retriever(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    with open_registry(args) as reg:
+        problems = reg.doctor(repair=args.repair)
+    if args.json:
+        print(json.dumps({"problems": problems, "repaired": args.repair}))
+    else:
+        for p in problems:
+            print(p)
+        print(
+            f"{len(problems)} problem(s){' repaired where possible' if args.repair and problems else ''}"
+        )
+    unrepairable = [p for p in problems if not p.startswith(("orphan", "temp", "stale"))]
+    return 1 if unrepairable or (problems and not args.repair) else 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from lorahub.demo import run_demo
 
@@ -376,6 +391,14 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("--epochs", type=int, default=1)
     s.set_defaults(func=cmd_train_retriever)
+
+    s = sub.add_parser(
+        "doctor", parents=[common], help="check the registry; --repair removes debris"
+    )
+    s.add_argument(
+        "--repair", action="store_true", help="remove orphan blobs, temp files, stale indexes"
+    )
+    s.set_defaults(func=cmd_doctor)
 
     sub.add_parser("demo", parents=[common], help="run the demo").set_defaults(func=cmd_demo)
     return p

@@ -313,6 +313,40 @@ class Registry:
         self._update_index(generation, add=None, remove=row["id"])
         self._collect_blob(row["sha256"])
 
+    def doctor(self, repair: bool = False, verify: bool = True) -> list[str]:
+        """Problems found, one line each. Debris a crash can leave (orphan blobs, temp
+        files, stale index files) is removed with `repair`; entries whose blob is missing
+        or fails its sha256 are reported, never deleted. Runs under the write lock, so no
+        registration is in flight while it looks."""
+        problems = []
+        with self._write() as db:
+            shas = {r[0] for r in db.execute("SELECT DISTINCT sha256 FROM adapters")}
+            for path in sorted((self.root / "blobs").rglob("*")):
+                if path.is_file() and path.name.removesuffix(".safetensors") not in shas:
+                    problems.append(f"orphan blob {path.relative_to(self.root)}")
+                    if repair:
+                        path.unlink()
+            for path in sorted((self.root / "tmp").iterdir()):
+                problems.append(f"temp file {path.relative_to(self.root)}")
+                if repair:
+                    path.unlink()
+            if self.embedder is not None:
+                current = f"index.{self._stamp(self._generation())}.faiss"
+                for path in sorted(self.root.glob("index.*.faiss")):
+                    if path.name != current:
+                        problems.append(f"stale index {path.name}")
+                        if repair:
+                            path.unlink()
+        for rec in self.list():
+            try:
+                if not self.blob_path(rec.sha256).exists():
+                    problems.append(f"{rec.name}: blob {rec.sha256[:12]} is missing")
+                elif verify:
+                    self.load(rec.name)
+            except AdapterError as e:
+                problems.append(f"{rec.name}: {e}")
+        return problems
+
     def _collect_blob(self, sha: str) -> None:
         """Delete a blob no row refers to. Runs under the write lock, so a concurrent
         register of the same content either sees the file gone (and rewrites it) or

@@ -169,3 +169,26 @@ def test_metadata_overrides_at_registration(tmp_path: Path) -> None:
         rec = reg.register(adapter, name="x", task="new", examples=["e1", "e2"])
     assert rec.meta.task == "new" and rec.meta.tags == ("a",) and rec.meta.examples == ("e1", "e2")
     assert rec.to_json()["base_model"] == "tiny" and isinstance(rec.meta, AdapterMeta)
+
+
+def test_doctor_finds_and_repairs_crash_debris_without_touching_entries(
+    tmp_path: Path, embedder
+) -> None:
+    with Registry(tmp_path, embedder=embedder) as reg:
+        kept = reg.register(random_adapter(0), name="kept", examples=["x"])
+        reg.search("x", k=1)
+        assert reg.doctor() == []
+        (tmp_path / "tmp" / "half-written.safetensors").write_bytes(b"partial")
+        orphan = reg.blob_path("ab" * 32)
+        orphan.parent.mkdir(exist_ok=True)
+        orphan.write_bytes(b"orphan")
+        (tmp_path / "index.0000000000000000.faiss").write_bytes(b"old")
+        problems = reg.doctor(repair=True)
+        assert len(problems) == 3 and reg.doctor() == []
+        assert reg.load("kept").sha256() == kept.sha256
+        tampered = reg.blob_path(kept.sha256)
+        data = bytearray(tampered.read_bytes())
+        data[-1] ^= 0xFF
+        tampered.write_bytes(bytes(data))
+        assert any("does not match its sha256" in p for p in reg.doctor(repair=True))
+        assert reg.names() == ["kept"]
