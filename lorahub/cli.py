@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from registry import AdapterError, Registry
+from registry import AdapterError, Registry, write_peft_folder
 from router import SentenceEmbedder
 
 
@@ -128,7 +128,6 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from composition import MergeConfig, merge
-    from registry import write_peft_folder
 
     weights = [float(w) for w in args.weights.split(",")] if args.weights else None
     with Registry(args.registry) as reg:
@@ -297,6 +296,49 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 1 if unrepairable or (problems and not args.repair) else 0
 
 
+def cmd_learn(args: argparse.Namespace) -> int:
+    from lorahub.learn import LoraHubConfig, learn_weights
+    from lorahub.models import load_base_model
+    from lorahub.tasks import load_jsonl
+
+    examples = list(load_jsonl(Path(args.examples)).examples)
+    names = [n.strip() for n in args.adapters.split(",") if n.strip()]
+    with Registry(args.registry) as reg:
+        adapters = [reg.load(n) for n in names]
+    cfg = LoraHubConfig(steps=args.steps, composition=args.composition, seed=args.seed)
+    result = learn_weights(load_base_model(args.base_model), adapters, examples, cfg)
+    write_peft_folder(
+        result.adapter.with_meta(
+            description=f"LoraHub composition of {', '.join(names)}",
+            extra={
+                "lorahub": {
+                    "adapters": names,
+                    "weights": result.weights,
+                    "objective": result.objective,
+                }
+            },
+        ),
+        args.out,
+    )
+    info = {
+        "out": str(args.out),
+        "weights": dict(zip(names, result.weights, strict=True)),
+        "objective": result.objective,
+        "loss": result.loss,
+        "evaluations": len(result.history),
+        "seconds": round(result.seconds, 1),
+    }
+    if args.json:
+        print(json.dumps(info))
+    else:
+        print_table([(n, f"{w:+.3f}") for n, w in info["weights"].items()], ["adapter", "weight"])
+        print(
+            f"objective {result.objective:.4f} after {len(result.history)} evaluations "
+            f"({result.seconds:.0f}s); wrote {args.out}"
+        )
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from lorahub.demo import run_demo
 
@@ -399,6 +441,22 @@ def _parser() -> argparse.ArgumentParser:
         "--repair", action="store_true", help="remove orphan blobs, temp files, stale indexes"
     )
     s.set_defaults(func=cmd_doctor)
+
+    s = sub.add_parser(
+        "learn",
+        parents=[common],
+        help="LoraHub: composition weights for a new task from a few examples",
+    )
+    s.add_argument("--examples", required=True, help="JSONL with input and target")
+    s.add_argument("--adapters", required=True, help="comma-separated registry names")
+    s.add_argument("--out", type=Path, required=True, help="folder for the composed adapter")
+    s.add_argument(
+        "--steps", type=int, default=40, help="evaluations (default 40, as the reference)"
+    )
+    s.add_argument("--composition", choices=["elementwise", "delta"], default="elementwise")
+    s.add_argument("--base-model", default="smollm2-135m-instruct")
+    s.add_argument("--seed", type=int, default=42)
+    s.set_defaults(func=cmd_learn)
 
     sub.add_parser("demo", parents=[common], help="run the demo").set_defaults(func=cmd_demo)
     return p

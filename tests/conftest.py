@@ -133,3 +133,41 @@ def char_tokenizer(padding_side: str = "left"):
     )
     fast.padding_side = padding_side
     return fast
+
+
+@pytest.fixture(scope="session")
+def reference_lorahub(tmp_path_factory: pytest.TempPathFactory):
+    """The reference `lorahub==0.1.0` package's algorithm module, loaded from its wheel
+    under another name (its top-level package is called `lorahub`, like ours)."""
+    import importlib.util
+    import subprocess
+    import sys
+    import zipfile
+
+    cache = Path(os.environ.get("LORAPLEX_HOME", Path.home() / ".cache" / "loraplex")) / "reference"
+    wheels = sorted(cache.glob("lorahub-0.1.0-*.whl"))
+    if not wheels:
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "-q",
+                "--no-deps",
+                "lorahub==0.1.0",
+                "-d",
+                str(cache),
+            ],
+            check=True,
+        )
+        wheels = sorted(cache.glob("lorahub-0.1.0-*.whl"))
+    out = tmp_path_factory.mktemp("reference")
+    with zipfile.ZipFile(wheels[0]) as z:
+        (out / "algorithm.py").write_bytes(z.read("lorahub/algorithm.py"))
+    spec = importlib.util.spec_from_file_location(
+        "reference_lorahub_algorithm", out / "algorithm.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -175,3 +175,34 @@ def test_route_and_generate_commands(tmp_path: Path, adapters, tiny_model_dir, c
     assert all(isinstance(a["text"], str) for a in answers)
     code, _, err = run(capsys, "route", "x", "--router", "classifier", *reg)
     assert code == 1 and "--classifier" in err
+
+
+def test_learn_command_composes_registered_adapters(
+    tmp_path: Path, adapters, tiny_model_dir, capsys
+) -> None:
+    reg = ["--registry", str(tmp_path / "reg")]
+    for name in ("math", "french"):
+        run(capsys, "register", str(adapters[name]), *reg)
+    (tmp_path / "ex.jsonl").write_text(
+        '{"input": "2+2=", "target": "4"}\n{"input": "3+3=", "target": "6"}\n'
+    )
+    code, out, err = run(
+        capsys,
+        "learn",
+        "--examples",
+        str(tmp_path / "ex.jsonl"),
+        "--adapters",
+        "math,french",
+        "--out",
+        str(tmp_path / "hub"),
+        "--steps",
+        "8",
+        "--base-model",
+        str(tiny_model_dir),
+        "--json",
+        *reg,
+    )
+    info = json.loads(out)
+    assert code == 0, err
+    assert set(info["weights"]) == {"math", "french"} and info["evaluations"] <= 8
+    assert (tmp_path / "hub" / "adapter_model.safetensors").exists()

@@ -1,0 +1,112 @@
+"""LoraHub learning: population scoring against one-candidate-at-a-time scoring and HF's own
+loss, element-wise composition against the reference package, and a search that improves."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FAMILIES, build_model, char_tokenizer, make_peft_model
+
+from composition import Composer, merge
+from lorahub.learn import Composition, LoraHubConfig, PopulationScorer, learn_weights
+from lorahub.models import BaseModel
+from lorahub.tasks import Example
+from lorahub.train import TrainConfig, make_batch, train_lora
+from registry import load_source
+
+EXAMPLES = [
+    Example("abc", targets=("cba",)),
+    Example("hello", targets=("olleh",)),
+    Example("moon", targets=("noom",)),
+    Example("xy", targets=("yx",)),
+]
+
+
+@pytest.fixture(scope="module", params=["llama", "t5"])
+def setup(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    family = request.param
+    tmp = tmp_path_factory.mktemp(f"learn-{family}")
+    adapters = []
+    for seed in (1, 2, 3):
+        make_peft_model(family, seed=seed, r=4, alpha=8).save_pretrained(tmp / f"a{seed}")
+        adapters.append(load_source(str(tmp / f"a{seed}")))
+    padding = "left" if family != "t5" else "right"
+    return BaseModel(f"tiny-{family}", build_model(family), char_tokenizer(padding)), adapters
+
+
+@pytest.mark.parametrize("composition", list(Composition))
+def test_population_scoring_equals_each_candidate_alone_and_hf_loss(setup, composition) -> None:
+    base, adapters = setup
+    W = torch.tensor([[0.5, -0.3, 1.2], [0.0, 0.0, 0.0], [-1.5, 1.5, 0.7], [0.2, 0.2, 0.2]])
+    scorer = PopulationScorer(base, adapters, EXAMPLES, composition, max_rows=5)
+    try:
+        together = scorer.losses(W)
+        alone = torch.stack([scorer.losses(W[i : i + 1])[0] for i in range(len(W))])
+    finally:
+        scorer.close()
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+    method = "lorahub" if composition == Composition.elementwise else "linear"
+    batch = make_batch(base, EXAMPLES, 512)
+    for i, w in enumerate(W.tolist()):  # the oracle: merge, attach alone, HF's mean token loss
+        merged = merge(adapters, w, method).adapter
+        model = copy.deepcopy(base.model)
+        composer = Composer.attach(model, [merged])
+        with torch.no_grad(), composer.compose(torch.ones(len(EXAMPLES), 1), path="dense"):
+            expected = model(**batch).loss
+        assert together[i].item() == pytest.approx(expected.item(), abs=1e-5)
+
+
+def test_elementwise_composition_equals_the_reference_package(
+    reference_lorahub, tmp_path: Path
+) -> None:
+    from peft import get_peft_model_state_dict
+
+    weights = [0.7, -0.4, 1.1]
+    cache = {}
+    for seed in (1, 2, 3):
+        cache[f"a{seed}"] = get_peft_model_state_dict(
+            make_peft_model("llama", seed=seed, r=4, alpha=8)
+        )
+    reference = reference_lorahub.get_final_weights(weights, list(cache), cache)
+    ours_adapters = []
+    for seed in (1, 2, 3):
+        make_peft_model("llama", seed=seed, r=4, alpha=8).save_pretrained(tmp_path / f"a{seed}")
+        ours_adapters.append(load_source(str(tmp_path / f"a{seed}")))
+    merged = merge(ours_adapters, weights, "lorahub").adapter
+    for key, tensor in reference.items():
+        module, ab = key.removeprefix("base_model.model.").rsplit(".lora_", 1)
+        ours = (
+            merged.modules[module].lora_A if ab.startswith("A") else merged.modules[module].lora_B
+        )
+        torch.testing.assert_close(ours, tensor, atol=1e-6, rtol=1e-6)
+    assert len(reference) == 2 * len(merged.modules)
+    assert FAMILIES  # the llama targets above are the conftest ones
+
+
+def test_learning_finds_weights_better_than_none() -> None:
+    from conftest import tiny_llama
+
+    torch.manual_seed(0)
+    base = BaseModel("tiny", tiny_llama(initializer_range=0.3).eval(), char_tokenizer("right"))
+    task = train_lora(
+        base, EXAMPLES * 4, TrainConfig(rank=4, steps=30, batch_size=4, lr=5e-3), progress=False
+    ).adapter
+    noise = [copy.deepcopy(task) for _ in range(2)]
+    g = torch.Generator().manual_seed(0)
+    for a in noise:
+        for m in a.modules.values():
+            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * m.lora_B.std())
+    adapters = [noise[0], task, noise[1]]
+    scorer = PopulationScorer(base, adapters, EXAMPLES)
+    zero = scorer.losses(torch.zeros(1, 3)).item()
+    scorer.close()
+    for composition in Composition:
+        cfg = LoraHubConfig(steps=40, population=8, composition=composition)
+        result = learn_weights(base, adapters, EXAMPLES, cfg, progress=False)
+        assert result.objective < 0.8 * zero, composition
+        assert result.objective == min(result.history) and len(result.history) <= 40
+    # delta composition is linear in w, so the task's own adapter must get a positive weight
+    assert result.weights[1] > 0
