@@ -11,6 +11,7 @@ from composition.composer import (
     get_layer,
     set_layer,
 )
+from composition.gating import LearnedGate
 from composition.merge import MERGES, MergeConfig, MergeMethod, MergeResult, merge
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "AdapterBank",
     "Composer",
     "GateError",
+    "LearnedGate",
     "MergeConfig",
     "MergeMethod",
     "MergeResult",

@@ -113,7 +113,7 @@ def add_dense(out: Tensor, x: Tensor, s: ModuleStack, gates: Tensor) -> Tensor:
     if g.dim() == 2:
         g = g[:, None, :]
     h = (x @ s.A_cat.T) * g  # (b, t, R)
-    if out.requires_grad:
+    if torch.is_grad_enabled():  # autograd may need `out` untouched: add out of place
         return out + h @ s.B_cat.T
     return out.view(-1, out.shape[-1]).addmm_(h.view(-1, h.shape[-1]), s.B_cat.T).view(out.shape)
 
@@ -140,10 +140,10 @@ def gather_fusion(s: ModuleStack, gates: Tensor) -> tuple[Tensor, Tensor]:
 
 def add_gathered(out: Tensor, x: Tensor, At: Tensor, Bt: Tensor) -> Tensor:
     """out + (x @ At) @ Bt per sample, added in place into the base layer's fresh output
-    when autograd does not need it (3x cheaper than a separate add at prefill sizes).
+    when gradients are off (3x cheaper than a separate add at prefill sizes).
     x: (b, t, d_in), At: (b, d_in, K), Bt: (b, K, d_out), out: (b, t, d_out)."""
     h = torch.bmm(x, At)
-    return torch.baddbmm(out, h, Bt) if out.requires_grad else out.baddbmm_(h, Bt)
+    return torch.baddbmm(out, h, Bt) if torch.is_grad_enabled() else out.baddbmm_(h, Bt)
 
 
 def merged_delta(s: ModuleStack, weights: Tensor) -> Tensor:

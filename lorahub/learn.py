@@ -22,10 +22,10 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from composition import Composer, merge
+from composition import Composer, LearnedGate, merge
 from lorahub.models import BaseModel
 from lorahub.tasks import Example
-from lorahub.train import make_batch
+from lorahub.train import batch_for_step, make_batch
 from registry import LoraAdapter
 
 
@@ -177,3 +177,65 @@ def learn_weights(
     weights = [float(w) for w in best[1]]
     merged = merge(adapters, weights, _MODES[Composition(config.composition)][1]).adapter
     return LoraHubResult(weights, best[0], best[2], merged, history, time.perf_counter() - start)
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """Learned per-token gates over frozen adapters. balance: weight of the MoLE balance
+    loss (0 turns it off); lr: Adam's learning rate for the routers."""
+
+    steps: int = 60
+    lr: float = 1e-2
+    batch_size: int = 8
+    balance: float = 0.0
+    temperature: float = 1.0
+    max_length: int = 512
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class GateResult:
+    gate: LearnedGate
+    losses: list[float]
+    seconds: float
+
+
+def train_gate(
+    base: BaseModel,
+    adapters: Sequence[LoraAdapter],
+    examples: Sequence[Example],
+    config: GateConfig = GateConfig(),
+    progress: bool = True,
+) -> GateResult:
+    """Train a LearnedGate on `examples`; base model and adapters stay frozen."""
+    if not examples:
+        raise ValueError("gate training needs at least one example")
+    torch.manual_seed(config.seed)
+    start = time.perf_counter()
+    composer = Composer.attach(base.model, adapters)
+    layers = {name: stack.shape[0] for name, stack in composer.bank.modules.items()}
+    gate = LearnedGate(layers, len(adapters), config.temperature)
+    frozen = [p for p in base.model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    optimizer = torch.optim.AdamW(gate.parameters(), lr=config.lr, weight_decay=0.0)
+    losses = []
+    gate.train()
+    try:
+        for step in tqdm(range(config.steps), disable=not progress, desc="gates", leave=False):
+            idx = batch_for_step(len(examples), step, config.batch_size, config.seed)
+            batch = make_batch(base, [examples[i] for i in idx], config.max_length)
+            with composer.compose(token_gate=gate):
+                loss = base.model(**batch).loss
+            total = loss + config.balance * gate.balance_loss() if config.balance else loss
+            gate.forget()
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            optimizer.step()
+            losses.append(loss.item())
+    finally:
+        gate.eval()
+        composer.detach()
+        for p in frozen:
+            p.requires_grad_(True)
+    return GateResult(gate, losses, time.perf_counter() - start)

@@ -110,3 +110,42 @@ def test_learning_finds_weights_better_than_none() -> None:
         assert result.objective == min(result.history) and len(result.history) <= 40
     # delta composition is linear in w, so the task's own adapter must get a positive weight
     assert result.weights[1] > 0
+
+
+# -- learned gating ---------------------------------------------------------------------------------
+
+
+def test_gates_train_save_load_and_generate_with_the_kv_cache(tmp_path: Path) -> None:
+    from conftest import tiny_llama
+
+    from composition import LearnedGate
+    from lorahub.learn import GateConfig, train_gate
+
+    torch.manual_seed(0)
+    base = BaseModel("tiny", tiny_llama(initializer_range=0.3).eval(), char_tokenizer("right"))
+    task = train_lora(
+        base, EXAMPLES * 4, TrainConfig(rank=4, steps=30, batch_size=4, lr=5e-3), progress=False
+    ).adapter
+    other = copy.deepcopy(task)
+    for m in other.modules.values():
+        m.lora_B.mul_(-1.0)  # the opposite update: the gate must learn to prefer `task`
+    before = {k: v.clone() for k, v in base.model.state_dict().items()}
+    result = train_gate(
+        base, [other, task], EXAMPLES, GateConfig(steps=25, lr=5e-2, balance=0.01), progress=False
+    )
+    first, last = sum(result.losses[:3]) / 3, sum(result.losses[-3:]) / 3
+    assert last < 0.7 * first
+    assert all(torch.equal(v, before[k]) for k, v in base.model.state_dict().items())
+    path = result.gate.save(tmp_path / "gate.safetensors")
+    loaded = LearnedGate.load(path)
+    x = torch.randn(2, 3, 32)
+    name = next(iter(loaded.names))
+    torch.testing.assert_close(loaded(name, x), result.gate(name, x))
+    # in the pass, with the KV cache: batched generation equals a forward without cache
+    composer = Composer.attach(base.model, [other, task])
+    ids = torch.randint(3, 99, (2, 5))
+    with torch.no_grad(), composer.compose(token_gate=loaded):
+        out = base.model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        full = base.model(out).logits[:, 4:-1].argmax(-1)
+    composer.detach()
+    assert torch.equal(full, out[:, 5:])
