@@ -12,7 +12,6 @@ whole mixed batch is answered in one batched `generate` (each row with its compo
 from __future__ import annotations
 
 import warnings
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from torch import Tensor, nn
 from composition import Composer, get_layer
 from lorahub import inference
 from lorahub.models import DEFAULT_MODEL, BaseModel, load_base_model, loraplex_home
-from registry import AdapterError, BaseModelMismatchError, Embedder, LoraAdapter, Registry
+from registry import AdapterCache, AdapterError, BaseModelMismatchError, Embedder, Registry
 from router import Retriever, RetrieverConfig, Routing, SentenceEmbedder
 
 
@@ -41,25 +40,6 @@ class Answer:
     prompt: str
     text: str
     routing: Routing
-
-
-class AdapterCache:
-    """Loaded adapters, least recently used dropped first beyond `max_bytes`."""
-
-    def __init__(self, registry: Registry, max_bytes: int = 1 << 30) -> None:
-        self.registry = registry
-        self.max_bytes = max_bytes
-        self._items: OrderedDict[str, LoraAdapter] = OrderedDict()
-
-    def get(self, name: str) -> LoraAdapter:
-        if name in self._items:
-            self._items.move_to_end(name)
-            return self._items[name]
-        adapter = self.registry.load(name)
-        self._items[name] = adapter
-        while sum(a.nbytes for a in self._items.values()) > self.max_bytes and len(self._items) > 1:
-            self._items.popitem(last=False)
-        return adapter
 
 
 def _fits(model: nn.Module, shapes: dict[str, tuple[int, int]]) -> bool:

@@ -1,6 +1,7 @@
 """registry: adapters as data — what exists, where it came from, what it looks like."""
 
 from registry.adapter import AdapterMeta, BaseModelInfo, LoraAdapter, LoraModule, lora_scaling
+from registry.cache import AdapterCache
 from registry.embedding import Embedder
 from registry.errors import (
     AdapterError,
@@ -21,6 +22,7 @@ from registry.store import AdapterRecord, Registry, check_name
 from registry.validate import Limits
 
 __all__ = [
+    "AdapterCache",
     "AdapterError",
     "AdapterFormatError",
     "AdapterLimitError",

@@ -192,3 +192,19 @@ def test_doctor_finds_and_repairs_crash_debris_without_touching_entries(
         tampered.write_bytes(bytes(data))
         assert any("does not match its sha256" in p for p in reg.doctor(repair=True))
         assert reg.names() == ["kept"]
+
+
+def test_adapter_cache_is_bounded_in_bytes_lru_first(tmp_path: Path) -> None:
+    from registry import AdapterCache
+
+    with Registry(tmp_path) as reg:
+        for i in range(4):
+            reg.register(random_adapter(i), name=f"a{i}")
+        one = reg.load("a0").nbytes
+        cache = AdapterCache(reg, max_bytes=2 * one)
+        first = cache.get("a0")
+        cache.get("a1")
+        assert cache.get("a0") is first  # a hit, and now the most recent
+        cache.get("a2")  # over budget: a1, the least recently used, goes
+        assert len(cache) == 2 and cache.nbytes <= 2 * one
+        assert cache.get("a0") is first
