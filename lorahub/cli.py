@@ -339,6 +339,37 @@ def cmd_learn(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from lorahub.evaluate import METHODS, EvalConfig, evaluate, write_report
+    from lorahub.hub import Hub
+    from lorahub.tasks import fetch_bigbench, load_task
+
+    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    tasks_dir = Path(args.tasks_dir) if args.tasks_dir else None
+    if tasks_dir is None:
+        fetch_bigbench([n for n in names if not n.endswith(".jsonl")])
+    tasks = [load_task(n, tasks_dir) for n in names]
+    methods = tuple(m.strip() for m in args.methods.split(",")) if args.methods else METHODS
+    cfg = EvalConfig(
+        protocol=args.protocol, methods=methods, k=args.k, limit=args.limit, seed=args.seed
+    )
+    hub = Hub.open(registry=args.registry, base_model=args.base_model)
+    try:
+        out = write_report(evaluate(hub, tasks, cfg), args.out)
+    finally:
+        hub.close()
+    summary = json.loads((out / "results.json").read_text())["summary"]
+    if args.json:
+        print(json.dumps({"out": str(out), "summary": summary}))
+    else:
+        print_table(
+            [(m, f"{s.get('accuracy', float('nan')):.3f}") for m, s in summary.items()],
+            ["method", "accuracy"],
+        )
+        print(f"report in {out}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from lorahub.demo import run_demo
 
@@ -457,6 +488,24 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--base-model", default="smollm2-135m-instruct")
     s.add_argument("--seed", type=int, default=42)
     s.set_defaults(func=cmd_learn)
+
+    s = sub.add_parser(
+        "eval", parents=[common], help="cross-task evaluation -> results.json, report.md, plots"
+    )
+    s.add_argument(
+        "--tasks", required=True, help="comma-separated BIG-bench task names or .jsonl files"
+    )
+    s.add_argument(
+        "--tasks-dir", help="folder of BIG-bench tasks (default: fetched from the sdist)"
+    )
+    s.add_argument("--protocol", choices=["iid", "ood"], default="iid")
+    s.add_argument("--methods", help="comma-separated (default: all)")
+    s.add_argument("--limit", type=int, default=50, help="prompts per task")
+    s.add_argument("-k", type=int, default=3)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--base-model", default="smollm2-135m-instruct")
+    s.add_argument("--out", type=Path, required=True)
+    s.set_defaults(func=cmd_eval)
 
     sub.add_parser("demo", parents=[common], help="run the demo").set_defaults(func=cmd_demo)
     return p

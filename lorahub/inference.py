@@ -16,14 +16,23 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from composition import Composer
+from composition import Composer, TokenGate
 from lorahub.models import BaseModel
 
 
-def _context(composer: Composer | None, gates: Tensor | None, rows: slice, mode: str):
-    if composer is None or gates is None:
+def _context(
+    composer: Composer | None,
+    gates: Tensor | None,
+    rows: slice | Tensor,
+    mode: str,
+    token_gate: TokenGate | None = None,
+):
+    """The composition for these rows: per-row gates, a per-token gate, or nothing."""
+    if composer is None:
         return nullcontext()
-    return composer.compose(gates[rows], mode=mode)
+    if token_gate is not None:
+        return composer.compose(token_gate=token_gate)
+    return composer.compose(gates[rows], mode=mode) if gates is not None else nullcontext()
 
 
 @torch.inference_mode()
@@ -37,6 +46,7 @@ def generate(
     batch_size: int = 16,
     max_prompt_tokens: int = 1024,
     progress: bool = False,
+    token_gate: TokenGate | None = None,
 ) -> list[str]:
     """Greedy answers to `prompts` (chat template applied), `batch_size` rows a pass."""
     tok = base.tokenizer
@@ -58,7 +68,7 @@ def generate(
             max_length=max_prompt_tokens,
             add_special_tokens=base.is_seq2seq,
         )
-        with _context(composer, gates, rows, mode):
+        with _context(composer, gates, rows, mode, token_gate):
             ids = base.model.generate(
                 **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
             )
@@ -76,6 +86,7 @@ def option_logprobs(
     gates: Tensor | None = None,
     mode: str = "mixture",
     batch_size: int = 16,
+    token_gate: TokenGate | None = None,
 ) -> list[list[float]]:
     """Sum of token log-probabilities of each option after its prompt."""
     pairs = [(i, o) for i, opts in enumerate(options) for o in opts]
@@ -83,13 +94,7 @@ def option_logprobs(
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
         rows = torch.tensor([i for i, _ in chunk])
-        g = gates[rows] if gates is not None else None
-        ctx = (
-            composer.compose(g, mode=mode)
-            if composer is not None and g is not None
-            else nullcontext()
-        )
-        with ctx:
+        with _context(composer, gates, rows, mode, token_gate):
             scores += _score(base, [prompts[i] for i, _ in chunk], [o for _, o in chunk])
     out, k = [], 0
     for opts in options:
