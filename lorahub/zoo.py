@@ -55,7 +55,12 @@ ZOO_TASKS = [
     "object_counting",
     "navigate",
     "word_unscrambling",
-]  # 25 adapters x 0.94 MB (rank 8 on q_proj, v_proj in bfloat16) stays under the 25 MB budget
+    # spares, for adapters that fail to beat the base model
+    "color/hcl",
+    "multiemo/reviews_text_en",
+    "cs_algorithms/valid_parentheses",
+    "linguistic_mappings/de_past_tense_regular_json",
+]
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,7 @@ class ZooConfig:
     max_train: int = 400
     n_routing_examples: int = 24  # example inputs stored for retrieval
     n_demo: int = 4  # held-out prompts kept in the manifest for the demo
+    max_adapters: int = 25  # 25 x 0.94 MB stays under the 25 MB budget
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(steps=80, batch_size=8, lr=2e-4, loraplus_ratio=16.0)
     )
@@ -132,24 +138,40 @@ def build_one(base, task_name: str, cfg: ZooConfig, zoo: Path, work: Path) -> di
     }
 
 
+def _read_rejected(zoo: Path) -> list[dict]:
+    path = zoo / "rejected.json"
+    return json.loads(path.read_text()) if path.exists() else []
+
+
 def build_zoo(tasks: list[str], cfg: ZooConfig, zoo: Path = ZOO_DIR) -> list[dict]:
+    """Train the zoo's adapters in order until `cfg.max_adapters` are kept. An adapter that
+    does not beat the base model on its held-out examples is dropped and recorded in
+    rejected.json (so a rerun does not retry it)."""
     zoo.mkdir(parents=True, exist_ok=True)
     work = loraplex_home() / "zoo-work"
-    entries = _read_manifest(zoo)
-    done = {e["task"] for e in entries}
-    fetch_bigbench([t for t in tasks if t not in done])
+    entries, rejected = _read_manifest(zoo), _read_rejected(zoo)
+    done = {e["task"] for e in entries} | {e["task"] for e in rejected}
+    todo = [t for t in tasks if t not in done]
+    fetch_bigbench(todo)
     base = load_base_model(DEFAULT_MODEL)
-    for task_name in tasks:
-        if task_name in done:
-            continue
+    for task_name in todo:
+        if len(entries) >= cfg.max_adapters:
+            break
         start = time.perf_counter()
         entry = build_one(base, task_name, cfg, zoo, work)
-        entries.append(entry)
-        _write_manifest(zoo, entries)
+        if entry["adapter_metric"] > entry["base_metric"]:
+            entries.append(entry)
+            _write_manifest(zoo, entries)
+        else:
+            shutil.rmtree(zoo / entry["name"], ignore_errors=True)
+            rejected.append(
+                {k: entry[k] for k in ("name", "task", "metric", "base_metric", "adapter_metric")}
+            )
+            (zoo / "rejected.json").write_text(json.dumps(rejected, indent=2) + "\n")
         shutil.rmtree(work / adapter_name(task_name), ignore_errors=True)
         print(
             f"{task_name}: base {entry['base_metric']:.3f} -> adapter {entry['adapter_metric']:.3f} "
-            f"({time.perf_counter() - start:.0f}s)",
+            f"({time.perf_counter() - start:.0f}s){'' if entry in entries else ' rejected'}",
             flush=True,
         )
     return entries
