@@ -24,7 +24,7 @@ from bench_registry import fill_catalogue
 
 TESTS = Path(__file__).parents[1] / "tests"
 sys.path.insert(0, str(TESTS))
-from test_concurrency import READER, WRITER  # noqa: E402
+from test_concurrency import READER, WRITER, check_index  # noqa: E402
 from test_crash import kill_loop  # noqa: E402
 
 from registry import Registry  # noqa: E402
@@ -35,7 +35,9 @@ def concurrency(writers: int, each: int) -> dict:
         Registry(tmp).close()
         start = time.perf_counter()
         reader = subprocess.Popen(
-            [sys.executable, "-c", READER, tmp, "20"], stdout=subprocess.PIPE, text=True
+            [sys.executable, "-c", READER, tmp, str(writers * each)],
+            stdout=subprocess.PIPE,
+            text=True,
         )
         procs = [
             subprocess.Popen([sys.executable, "-c", WRITER, tmp, str(w), str(each)])
@@ -50,6 +52,7 @@ def concurrency(writers: int, each: int) -> dict:
             for n in names:
                 reg.load(n)
             problems = reg.doctor()
+        check_index(Path(tmp), expected)  # raises if the index disagrees with the catalogue
     return {
         "writers": writers,
         "entries": len(names),
