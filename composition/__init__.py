@@ -3,10 +3,10 @@
 from composition.bank import AdapterBank
 from composition.composer import (
     Composer,
+    ComputePath,
     GateError,
     Mode,
     MultiLoraLinear,
-    Path,
     TokenGate,
     get_layer,
     set_layer,
@@ -18,6 +18,7 @@ __all__ = [
     "MERGES",
     "AdapterBank",
     "Composer",
+    "ComputePath",
     "GateError",
     "LearnedGate",
     "MergeConfig",
@@ -25,7 +26,6 @@ __all__ = [
     "MergeResult",
     "Mode",
     "MultiLoraLinear",
-    "Path",
     "TokenGate",
     "get_layer",
     "merge",

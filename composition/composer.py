@@ -46,7 +46,7 @@ class Mode(StrEnum):
     fusion = "fusion"  # (sum_i g_i B_i)(sum_i g_i A_i) x  (LoraRetriever's parameter averaging)
 
 
-class Path(StrEnum):
+class ComputePath(StrEnum):
     auto = "auto"
     dense = "dense"  # concatenated A/B: two matmuls whatever n
     gathered = "gathered"  # per-sample factors of the chosen adapters only
@@ -91,7 +91,7 @@ class _Active:
     """The composition in force inside one `compose()` block."""
 
     mode: Mode
-    path: Path
+    path: ComputePath
     gates: Tensor | None  # (b, n)
     token_gate: TokenGate | None
     k: int = 1  # most adapters any row uses
@@ -171,22 +171,22 @@ class Composer:
         gates: Tensor | None = None,
         mode: Mode | str = Mode.mixture,
         token_gate: TokenGate | None = None,
-        path: Path | str = Path.auto,
+        path: ComputePath | str = ComputePath.auto,
     ) -> Iterator[None]:
         """Within the block, every forward pass applies the adapters with these gates."""
         if self._active is not None:
             raise AdapterError("compose() blocks do not nest")
         if (gates is None) == (token_gate is None):
             raise GateError("give exactly one of gates (per sample) or token_gate (per token)")
-        mode, path = Mode(mode), Path(path)
+        mode, path = Mode(mode), ComputePath(path)
         if token_gate is not None and (
-            mode != Mode.mixture or path in (Path.gathered, Path.merged)
+            mode != Mode.mixture or path in (ComputePath.gathered, ComputePath.merged)
         ):
             raise GateError("per-token gates use the dense mixture path")
         gates = None if gates is None else self._check(gates)
-        if path == Path.auto and gates is not None and bool((gates == gates[:1]).all()):
-            path = Path.merged
-        if path == Path.merged:
+        if path == ComputePath.auto and gates is not None and bool((gates == gates[:1]).all()):
+            path = ComputePath.merged
+        if path == ComputePath.merged:
             if gates is None or not bool((gates == gates[:1]).all()):
                 raise GateError("the merged path needs the same gates on every row")
             with self._merged(gates[0], mode):
@@ -258,8 +258,8 @@ def _max_nonzero(gates: Tensor) -> int:
 def _use_dense(active: _Active, stack: ModuleStack) -> bool:
     """Dense costs R = sum of ranks per token; gathered costs k * r_max per token plus a
     one-off gather. Gather when it at least halves the per-token work."""
-    if active.path != Path.auto:
-        return active.path == Path.dense
+    if active.path != ComputePath.auto:
+        return active.path == ComputePath.dense
     k_rank = active.k * stack.A_pad.shape[1]
     return 2 * k_rank > stack.A_cat.shape[0]
 
