@@ -65,6 +65,8 @@ class Hub:
         self.retriever = retriever
         self.adapters = AdapterCache(registry)
         self.base_models = self._compatible_base_models()
+        all_bases = {r.base_model.name for r in registry.list()}
+        self._only = None if set(self.base_models) == all_bases else self.base_models
 
     @classmethod
     def open(
@@ -115,11 +117,11 @@ class Hub:
         if compose == Compose.none or not self.base_models:
             return [Routing()] * len(prompts)
         k = 1 if compose == Compose.selection else k
-        base = self.base_models[0] if len(self.base_models) == 1 else None
-        routes = self.retriever.route(
-            prompts, k=k, exclude=exclude, exclude_each=exclude_each, base_model=base
+        # only adapters that fit the loaded model may be chosen (no filter, and so the faiss
+        # index, when every registered adapter fits)
+        return self.retriever.route(
+            prompts, k=k, exclude=exclude, exclude_each=exclude_each, base_model=self._only
         )
-        return routes
 
     @contextmanager
     def _composed(

@@ -53,11 +53,11 @@ class Retriever:
         exclude: Sequence[str] = (),
         exclude_each: Sequence[Sequence[str]] | None = None,
         tags: Sequence[str] | None = None,
-        base_model: str | None = None,
+        base_model: str | Sequence[str] | None = None,
     ) -> list[Routing]:
         """One `Routing` per prompt. `exclude` drops adapters for every prompt,
         `exclude_each[i]` for prompt i only (OOD evaluation); `tags` keeps adapters that
-        have any of them; `base_model` keeps adapters for that base model. Empty prompts
+        have any of them; `base_model` keeps adapters for that base model (or any of several). Empty prompts
         get an empty Routing (the base model answers) and a warning."""
         k = k or self.config.k
         if k <= 0:
@@ -89,7 +89,11 @@ class Retriever:
         return out
 
     def _search(
-        self, queries: np.ndarray, k: int, tags: Sequence[str] | None, base_model: str | None
+        self,
+        queries: np.ndarray,
+        k: int,
+        tags: Sequence[str] | None,
+        base_model: str | Sequence[str] | None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (scores, ids), each (q, k'): the faiss index, or exact search over the
         adapters that pass the filters."""
@@ -109,17 +113,24 @@ class Retriever:
         return uniform(names, scores)
 
     def _candidates(
-        self, tags: Sequence[str] | None, base_model: str | None
+        self, tags: Sequence[str] | None, base_model: str | Sequence[str] | None
     ) -> tuple[np.ndarray, np.ndarray]:
         """ids (n,) and unit vectors (n, dim) of the adapters that pass the filters."""
         ids, vectors = self.registry.embeddings()
+        bases = (
+            {base_model}
+            if isinstance(base_model, str)
+            else None
+            if base_model is None
+            else set(base_model)
+        )
         if tags is None and base_model is None:
             return ids, vectors
         wanted = set(tags or ())
         keep = {
             r.id
             for r in self.registry.list()
-            if (base_model is None or r.base_model.name == base_model)
+            if (bases is None or r.base_model.name in bases)
             and (tags is None or wanted & set(r.meta.tags))
         }
         mask = np.array([int(i) in keep for i in ids], dtype=bool)
