@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -131,14 +132,13 @@ def _score_items(
     mc = [i for i, it in enumerate(items) if it.example.answer is not None]
     gen = [i for i, it in enumerate(items) if it.example.answer is None]
     right = [False] * len(items)
-    composer, gates, token_gate = _attach(hub, routings)
-    kw = {
-        "composer": composer,
-        "mode": mode,
-        "batch_size": cfg.batch_size,
-        "token_gate": token_gate,
-    }
-    try:
+    with _applied(hub, routings) as (composer, gates, token_gate):
+        kw = {
+            "composer": composer,
+            "mode": mode,
+            "batch_size": cfg.batch_size,
+            "token_gate": token_gate,
+        }
         if mc:
             scores = inference.option_logprobs(
                 hub.base,
@@ -159,28 +159,24 @@ def _score_items(
             )
             for i, t in zip(gen, texts, strict=True):
                 right[i] = inference.exact_match(t, items[i].example.targets)
-    finally:
-        if composer is not None:
-            composer.detach()
     return right
 
 
-def _attach(hub: Hub, routings: list[Routing] | None):
-    """(composer, per-row gates, per-token gate) for a method: the routed adapters with
-    their gates, or (arrow, routings None) every adapter with a per-token gate."""
-    if routings is None:
-        names = hub.registry.names()
-        adapters = [hub.adapters.get(n) for n in names]
-        return (
-            Composer.attach(hub.base.model, adapters, names),
-            None,
-            arrow_gate(adapters, registry=hub.registry),
-        )
-    names = list(dict.fromkeys(n for r in routings for n in r.adapters))
-    if not names:
-        return None, None, None
-    composer = Composer.attach(hub.base.model, [hub.adapters.get(n) for n in names], names)
-    return composer, composer.gates_for([r.as_dict() for r in routings]), None
+@contextmanager
+def _applied(hub: Hub, routings: list[Routing] | None) -> Iterator[tuple]:
+    """(composer, per-row gates, per-token gate) for a method: the hub's routed composition,
+    or (arrow: routings None) every adapter under a data-free per-token gate."""
+    if routings is not None:
+        with hub.composed(routings) as (composer, gates):
+            yield composer, gates, None
+        return
+    names = hub.registry.names()
+    adapters = [hub.adapters.get(n) for n in names]
+    composer = Composer.attach(hub.base.model, adapters, names)
+    try:
+        yield composer, None, arrow_gate(adapters, registry=hub.registry)
+    finally:
+        composer.detach()
 
 
 def evaluate(

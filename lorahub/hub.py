@@ -124,7 +124,7 @@ class Hub:
         )
 
     @contextmanager
-    def _composed(
+    def composed(
         self, routings: Sequence[Routing]
     ) -> Iterator[tuple[Composer | None, Tensor | None]]:
         """The routed adapters attached to the model (stacked once for the whole batch)
@@ -156,7 +156,7 @@ class Hub:
         if not prompts:
             raise ValueError("no prompts to answer")
         routings = self._routings(prompts, routings, k, compose, exclude, exclude_each)
-        with self._composed(routings) as (composer, gates):
+        with self.composed(routings) as (composer, gates):
             texts = inference.generate(
                 self.base,
                 prompts,
@@ -182,7 +182,7 @@ class Hub:
         if len(prompts) != len(options):
             raise ValueError(f"{len(prompts)} prompts but {len(options)} option lists")
         routings = self._routings(prompts, routings, k, compose, exclude, exclude_each)
-        with self._composed(routings) as (composer, gates):
+        with self.composed(routings) as (composer, gates):
             return inference.option_logprobs(
                 self.base, prompts, options, composer, gates, _mode(compose)
             )
