@@ -101,9 +101,12 @@ def test_empty_prompt_list_and_long_prompts(hub: Hub) -> None:
 
 
 def test_adapters_for_another_base_are_never_routed(hub: Hub, embedder) -> None:
-    gpt2_mods = {"transformer.h.0.attn.c_attn": LoraModule(torch.randn(2, 32), torch.randn(96, 2), 2.0)}
-    hub.registry.register(LoraAdapter(gpt2_mods, base_model=BaseModelInfo("gpt2-tiny")), name="g",
-                          examples=PROMPTS)  # the best match for every prompt, but unusable here
+    gpt2_mods = {
+        "transformer.h.0.attn.c_attn": LoraModule(torch.randn(2, 32), torch.randn(96, 2), 2.0)
+    }
+    hub.registry.register(
+        LoraAdapter(gpt2_mods, base_model=BaseModelInfo("gpt2-tiny")), name="g", examples=PROMPTS
+    )  # the best match for every prompt, but unusable here
     with pytest.warns(UserWarning, match="gpt2-tiny"):
         fresh = Hub(hub.registry, hub.base, Retriever(hub.registry))
     assert all("g" not in r.adapters for r in fresh.route(PROMPTS, k=3))
