@@ -1,18 +1,22 @@
 """Tasks: BIG-bench `task.json` files and user JSONL files, as lists of examples.
 
 BIG-bench tasks come from the `bigbench==1.0.0` sdist on PyPI: `fetch_bigbench` downloads it
-once with `pip download --no-deps` (never installs it) and extracts only the task files
-asked for. Training and tuning may use only the tasks in `bigbench_dev_tasks.txt`; every
+once from PyPI's simple index, checks it against a pinned sha256 (it is never installed nor
+built: `pip download` would run its setup.py, which fails on a direct-URL dependency) and
+extracts only the task files asked for. Training and tuning may use only the tasks in `bigbench_dev_tasks.txt`; every
 other task is held out for evaluation (`require_dev_task`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import random
-import subprocess
-import sys
+import re
 import tarfile
+import urllib.parse
+import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -22,7 +26,9 @@ from pathlib import Path
 from lorahub.models import loraplex_home
 from registry import AdapterError
 
-BIGBENCH_SDIST = "bigbench==1.0.0"
+BIGBENCH_SDIST = "bigbench-1.0.0.tar.gz"
+BIGBENCH_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
+PYPI_SIMPLE = "https://pypi.org/simple"
 _DEV_LIST = Path(__file__).with_name("bigbench_dev_tasks.txt")
 
 
@@ -59,11 +65,15 @@ class Task:
     description: str = ""
 
     def split(self, n_test: int, seed: int = 0) -> tuple[list[Example], list[Example]]:
-        """A seeded shuffle, then (train, test) with `n_test` held-out examples."""
+        """A seeded shuffle, then (train, test) with `n_test` held-out examples. Some tasks
+        repeat inputs (BIG-bench logical_deduction holds each puzzle several times): train
+        drops every example whose input is also a test input, so nothing held out leaks."""
         order = list(self.examples)
         random.Random(seed).shuffle(order)
         n_test = min(n_test, len(order) // 2)
-        return order[n_test:], order[:n_test]
+        test = order[:n_test]
+        held_out = {ex.input for ex in test}
+        return [ex for ex in order[n_test:] if ex.input not in held_out], test
 
 
 @cache
@@ -182,31 +192,14 @@ def bigbench_cache() -> Path:
 
 def fetch_bigbench(names: Sequence[str], cache_dir: Path | None = None) -> Path:
     """Make `<cache>/<name>/task.json` exist for every name; returns the cache folder.
-    Downloads the sdist once (pip download --no-deps) and extracts only what is missing."""
+    Downloads the sdist once and extracts only what is missing."""
     cache_dir = cache_dir or bigbench_cache()
     missing = {n for n in names if not (cache_dir / n / "task.json").exists()}
     if not missing:
         return cache_dir
-    sdist_dir = cache_dir / "sdist"
-    sdists = sorted(sdist_dir.glob("bigbench-1.0.0*.tar.gz"))
-    if not sdists:
-        sdist_dir.mkdir(parents=True, exist_ok=True)
-        cmd = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "-q",
-            BIGBENCH_SDIST,
-            "-d",
-            str(sdist_dir),
-        ]
-        if subprocess.run(cmd).returncode != 0:
-            raise TaskError(f"could not download {BIGBENCH_SDIST} from PyPI")
-        sdists = sorted(sdist_dir.glob("bigbench-1.0.0*.tar.gz"))
+    sdist = _download_sdist(cache_dir / "sdist")
     wanted = {f"bigbench/benchmark_tasks/{n}/task.json": n for n in missing}
-    with tarfile.open(sdists[0], "r:gz") as tar:
+    with tarfile.open(sdist, "r:gz") as tar:
         for member in tar:
             rel = member.name.split("/", 1)[-1]  # drop the top folder bigbench-1.0.0/
             if rel in wanted and member.isfile():
@@ -218,3 +211,31 @@ def fetch_bigbench(names: Sequence[str], cache_dir: Path | None = None) -> Path:
     if wanted:
         raise TaskError(f"not in {BIGBENCH_SDIST}: {sorted(wanted.values())}")
     return cache_dir
+
+
+def _download_sdist(folder: Path) -> Path:
+    """The BIG-bench sdist in `folder`, downloaded once from the package index
+    ($PIP_INDEX_URL or PyPI) and verified against BIGBENCH_SHA256."""
+    path = folder / BIGBENCH_SDIST
+    if path.exists():
+        return path
+    index = os.environ.get("PIP_INDEX_URL", PYPI_SIMPLE).rstrip("/")
+    try:
+        page = urllib.request.urlopen(f"{index}/bigbench/", timeout=60).read().decode()
+        url = next(
+            href.split("#")[0]
+            for href in re.findall(r'href="([^"]+)"', page)
+            if href.split("#")[0].rsplit("/", 1)[-1] == BIGBENCH_SDIST
+        )
+        url = urllib.parse.urljoin(f"{index}/bigbench/", url)
+        data = urllib.request.urlopen(url, timeout=600).read()
+    except (OSError, StopIteration) as e:
+        raise TaskError(f"could not download {BIGBENCH_SDIST} from {index}: {e!r}") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != BIGBENCH_SHA256:
+        raise TaskError(f"{BIGBENCH_SDIST}: sha256 {digest} is not the pinned {BIGBENCH_SHA256}")
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".part")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return path

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import functools
+import http.server
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -14,9 +17,11 @@ from composition import Composer
 from lorahub.models import BaseModel
 from lorahub.tasks import (
     Example,
+    Task,
     TaskError,
     TaskKind,
     dev_tasks,
+    fetch_bigbench,
     load_jsonl,
     load_task,
     require_dev_task,
@@ -82,6 +87,32 @@ def test_only_dev_tasks_may_be_trained_on() -> None:
     shared = Path(__file__).parents[2] / "shared" / "bigbench_dev_tasks.txt"
     if shared.exists():  # the packaged copy is the project's list
         assert dev_tasks() == {ln.strip() for ln in shared.read_text().splitlines() if ln.strip()}
+
+
+def test_split_holds_out_every_copy_of_a_test_input() -> None:
+    # BIG-bench logical_deduction repeats each puzzle: a copy in train would leak the answer
+    examples = tuple(Example(f"q{i % 7}", targets=(str(i),)) for i in range(40))
+    train, test = Task("dup", TaskKind.generative, examples).split(5, seed=1)
+    assert len(test) == 5 and train
+    assert not {ex.input for ex in train} & {ex.input for ex in test}
+    assert Task("dup", TaskKind.generative, examples).split(5, seed=1) == (train, test)
+
+
+def test_a_tampered_bigbench_sdist_is_refused(tmp_path: Path, monkeypatch) -> None:
+    index = tmp_path / "index"
+    (index / "bigbench").mkdir(parents=True)
+    (index / "bigbench" / "bigbench-1.0.0.tar.gz").write_bytes(b"not the real sdist")
+    (index / "bigbench" / "index.html").write_text('<a href="bigbench-1.0.0.tar.gz">x</a>')
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(index))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("PIP_INDEX_URL", f"http://127.0.0.1:{server.server_port}/")
+    try:
+        with pytest.raises(TaskError, match="sha256"):
+            fetch_bigbench(["arithmetic/1_digit_addition"], cache_dir=tmp_path / "cache")
+    finally:
+        server.shutdown()
+    assert not list((tmp_path / "cache").rglob("*.tar.gz"))  # nothing unverified is kept
 
 
 def test_resumed_runs_see_the_same_batches() -> None:
