@@ -38,8 +38,16 @@ def machine() -> dict:
     }
 
 
+COMPARE = {
+    "<=": lambda v, g: v <= g,
+    ">=": lambda v, g: v >= g,
+    "<": lambda v, g: v < g,
+    ">": lambda v, g: v > g,
+}
+
+
 def target(name: str, value: float, goal: float, op: str) -> dict:
-    met = value <= goal if op == "<=" else value >= goal
+    met = COMPARE[op](value, goal)
     return {"name": name, "value": float(value), "goal": goal, "op": op, "met": bool(met)}
 
 

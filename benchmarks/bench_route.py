@@ -7,9 +7,11 @@ Speed: prompts routed per second (embedding included) and faiss search latency w
 with embedding-like random vectors, see bench_registry).
 Accuracy: BIG-bench dev-list tasks; each task's adapter is registered with 24 training
 inputs as its examples; held-back test inputs are routed; top-1 / top-3 = the task's own
-adapter comes back first / among the first three. Compared: the off-the-shelf retriever,
-a retriever trained (contrastively) on other training inputs of the same tasks, and a
-logistic-regression classifier on the same training inputs.
+adapter comes back first / among the first three. Compared: the off-the-shelf retriever
+(all-MiniLM-L6-v2), retrievers trained contrastively on other training inputs of the same
+tasks (MiniLM itself, and a static-embedding model started from MiniLM's token vectors),
+and a logistic-regression classifier on MiniLM embeddings of the same training inputs.
+Speed is measured for the off-the-shelf MiniLM and the trained static model.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +34,13 @@ from router import ClassifierRouter, Retriever, SentenceEmbedder
 from router.training import RetrieverTrainConfig, train_retriever
 
 N_EXAMPLES, N_TEST, N_TRAIN_EXTRA = 24, 20, 64
+# label -> (starting model, training config): the transformer, and a StaticEmbedding made
+# from its token embeddings (no attention: ~50x cheaper to run; static vectors need a far
+# higher learning rate than fine-tuning a transformer)
+TRAINED = {
+    "trained MiniLM": ("all-MiniLM-L6-v2", RetrieverTrainConfig(epochs=1)),
+    "trained static": ("static:all-MiniLM-L6-v2", RetrieverTrainConfig(epochs=4, lr=0.2)),
+}
 
 
 def task_splits(tasks: list[str]) -> dict[str, tuple[list[str], list[str], list[str]]]:
@@ -55,17 +65,19 @@ def accuracy(routes: list, truth: list[str]) -> tuple[float, float]:
     return float(top1), float(top3)
 
 
-def bench_accuracy(splits: dict, tmp: Path, epochs: int) -> list[dict]:
+def bench_accuracy(splits: dict, tmp: Path) -> tuple[list[dict], dict[str, SentenceEmbedder]]:
+    """Top-1 / top-3 of every router; also returns the embedders (the trained ones are
+    timed by bench_speed)."""
     prompts = [p for _, _, test in splits.values() for p in test]
     truth = [name.replace("/", "-") for name, (_, _, test) in splits.items() for _ in test]
-    rows = []
-    embedders = {"off-the-shelf": SentenceEmbedder()}
     train_inputs = {name.replace("/", "-"): ex + extra for name, (ex, extra, _) in splits.items()}
-    start = time.perf_counter()
-    embedders["trained"] = train_retriever(
-        train_inputs, tmp / "retriever", config=RetrieverTrainConfig(epochs=epochs)
-    )
-    train_s = time.perf_counter() - start
+    embedders = {"off-the-shelf MiniLM": SentenceEmbedder()}
+    train_s = {}
+    for label, (base, cfg) in TRAINED.items():
+        start = time.perf_counter()
+        embedders[label] = train_retriever(train_inputs, tmp / label, base=base, config=cfg)
+        train_s[label] = time.perf_counter() - start
+    rows = []
     for label, emb in embedders.items():
         with Registry(tmp / f"reg-{label}", embedder=emb) as reg:
             for i, (name, (examples, _, _)) in enumerate(splits.items()):
@@ -73,35 +85,40 @@ def bench_accuracy(splits: dict, tmp: Path, epochs: int) -> list[dict]:
             routes = Retriever(reg).route(prompts, k=3)
         top1, top3 = accuracy(routes, truth)
         rows.append({"router": f"retriever ({label})", "top1": top1, "top3": top3})
+        if label in train_s:
+            rows[-1]["train_s"] = train_s[label]
     inputs = [x for xs in train_inputs.values() for x in xs]
     labels = [n for n, xs in train_inputs.items() for _ in xs]
     clf = ClassifierRouter.fit(inputs, labels, SentenceEmbedder())
     top1, top3 = accuracy(clf.route(prompts, k=3), truth)
     rows.append({"router": "classifier (logistic regression)", "top1": top1, "top3": top3})
-    rows[1]["train_s"] = train_s
-    return rows
+    return rows, embedders
 
 
-def bench_speed(sizes: list[int], prompts: list[str], tmp: Path) -> list[dict]:
-    emb = SentenceEmbedder()
-    emb.encode(prompts[:8])
+def bench_speed(
+    sizes: list[int], prompts: list[str], tmp: Path, embedders: dict[str, SentenceEmbedder]
+) -> list[dict]:
     rows = []
-    for n in sizes:
-        root = tmp / f"speed-{n}"
-        fill_catalogue(root, n, np.random.default_rng(n), emb)
-        with Registry(root, embedder=emb, index_kind=IndexKind.auto) as reg:
-            retriever = Retriever(reg)
-            retriever.route(prompts[:4], k=3)  # builds the index
-            start = time.perf_counter()
-            retriever.route(prompts, k=3)
-            per_s = len(prompts) / (time.perf_counter() - start)
-            queries = emb.encode(prompts[:200])
-            index = reg.index()
-            start = time.perf_counter()
-            for q in queries:
-                index.search(q[None], 3)
-            search_ms = (time.perf_counter() - start) / len(queries) * 1000
-        rows.append({"adapters": n, "prompts_per_s": per_s, "search_ms": search_ms})
+    for label, emb in embedders.items():
+        emb.encode(prompts[:8])  # load the model
+        for n in sizes:
+            root = tmp / f"speed-{label}-{n}"
+            fill_catalogue(root, n, np.random.default_rng(n), emb)
+            with Registry(root, embedder=emb, index_kind=IndexKind.auto) as reg:
+                retriever = Retriever(reg)
+                retriever.route(prompts[:4], k=3)  # builds the index
+                start = time.perf_counter()
+                retriever.route(prompts, k=3)
+                per_s = len(prompts) / (time.perf_counter() - start)
+                queries = emb.encode(prompts[:200])
+                index = reg.index()
+                start = time.perf_counter()
+                for q in queries:
+                    index.search(q[None], 3)
+                search_ms = (time.perf_counter() - start) / len(queries) * 1000
+            rows.append(
+                {"embedder": label, "adapters": n, "prompts_per_s": per_s, "search_ms": search_ms}
+            )
     return rows
 
 
@@ -114,19 +131,29 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         splits = task_splits(tasks)
+        acc, embedders = bench_accuracy(splits, tmp)
         prompts = [p for _, _, test in splits.values() for p in test]
         prompts = (prompts * (1 + 2000 // len(prompts)))[:2000]
-        speed = bench_speed([1000, 10_000] if args.quick else [1000, 10_000, 100_000], prompts, tmp)
-        acc = bench_accuracy(splits, tmp, epochs=1)
-    print_table(speed, ["adapters", "prompts_per_s", "search_ms"])
+        fast = {k: embedders[k] for k in ("off-the-shelf MiniLM", "trained static")}
+        sizes = [1000, 10_000] if args.quick else [1000, 10_000, 100_000]
+        speed = bench_speed(sizes, prompts, tmp, fast)
+    print_table(speed, ["embedder", "adapters", "prompts_per_s", "search_ms"])
     print_table(acc, ["router", "top1", "top3", "train_s"])
     by = {r["router"]: r for r in acc}
-    trained, shelf = by["retriever (trained)"], by["retriever (off-the-shelf)"]
+    best = max((by[f"retriever ({k})"] for k in TRAINED), key=lambda r: r["top1"])
+    shelf = by["retriever (off-the-shelf MiniLM)"]
+    largest = {r["embedder"]: r for r in speed if r["adapters"] == sizes[-1]}
     targets = [
-        target("prompts_per_s_at_largest", speed[-1]["prompts_per_s"], 1000.0, ">="),
-        target("search_ms_at_largest", speed[-1]["search_ms"], 1.0, "<="),
-        target("trained_retriever_top1", trained["top1"], 0.95, ">="),
-        target("trained_minus_off_the_shelf_top1", trained["top1"] - shelf["top1"], 0.0, ">="),
+        target(
+            "trained_static_prompts_per_s_at_largest",
+            largest["trained static"]["prompts_per_s"],
+            1000.0,
+            ">=",
+        ),
+        target("search_ms_at_largest", largest["trained static"]["search_ms"], 1.0, "<="),
+        target("trained_static_top1", by["retriever (trained static)"]["top1"], 0.95, ">="),
+        target("best_trained_top1", best["top1"], 0.95, ">="),
+        target("best_trained_minus_off_the_shelf_top1", best["top1"] - shelf["top1"], 0.0, ">"),
     ]
     write_result(
         "route",
@@ -135,6 +162,7 @@ def main() -> None:
             "n_examples": N_EXAMPLES,
             "n_test": N_TEST,
             "n_train_extra": N_TRAIN_EXTRA,
+            "trained": {k: [b, asdict(c)] for k, (b, c) in TRAINED.items()},
             "quick": args.quick,
         },
         {"speed": speed, "accuracy": acc},

@@ -5,7 +5,6 @@ each prompt's own adapter. Offline; a few minutes on 2 CPU cores.
 
 from __future__ import annotations
 
-import json
 import random
 import tempfile
 import time
@@ -14,8 +13,8 @@ from pathlib import Path
 from lorahub.hub import Hub
 from lorahub.inference import exact_match
 from lorahub.models import DEFAULT_MODEL
-from lorahub.zoo import ZOO_DIR
-from registry import AdapterError, Registry
+from lorahub.zoo import register_zoo
+from registry import Registry
 from router import Routing, SentenceEmbedder
 
 
@@ -46,17 +45,9 @@ def run_demo(
     max_new_tokens: int = 16,
 ) -> int:
     start = time.perf_counter()
-    manifest_path = ZOO_DIR / "manifest.json"
-    if not manifest_path.exists():
-        raise AdapterError(
-            f"{manifest_path}: the adapter zoo is missing (python -m lorahub.zoo builds it)"
-        )
-    manifest = json.loads(manifest_path.read_text())
     with tempfile.TemporaryDirectory() as tmp:
         reg = Registry(registry or Path(tmp) / "registry", embedder=SentenceEmbedder())
-        for entry in manifest:
-            if entry["name"] not in reg:
-                reg.register(ZOO_DIR / entry["name"], name=entry["name"])
+        manifest = register_zoo(reg)
         print(f"registered {len(reg)} zoo adapters ({time.perf_counter() - start:.0f}s)")
         hub = Hub.open(registry=reg, base_model=DEFAULT_MODEL)
         rows = demo_prompts(manifest, per_task, seed)

@@ -26,6 +26,7 @@ from lorahub.inference import accuracy
 from lorahub.models import DEFAULT_MODEL, load_base_model, loraplex_home
 from lorahub.tasks import TaskKind, fetch_bigbench, load_task, require_dev_task
 from lorahub.train import TrainConfig, save_adapter, train_lora
+from registry import AdapterError, Registry
 
 ZOO_DIR = Path(__file__).parent / "zoo"
 
@@ -175,6 +176,24 @@ def build_zoo(tasks: list[str], cfg: ZooConfig, zoo: Path = ZOO_DIR) -> list[dic
             flush=True,
         )
     return entries
+
+
+def read_manifest(zoo: Path = ZOO_DIR) -> list[dict]:
+    """The zoo's manifest; a clear error if the zoo is missing."""
+    path = zoo / "manifest.json"
+    if not path.exists():
+        raise AdapterError(f"{path}: the adapter zoo is missing (python -m lorahub.zoo builds it)")
+    return json.loads(path.read_text())
+
+
+def register_zoo(reg: Registry, zoo: Path = ZOO_DIR) -> list[dict]:
+    """Register every zoo adapter not yet in `reg` (their metadata carries task and routing
+    examples); returns the manifest."""
+    manifest = read_manifest(zoo)
+    for entry in manifest:
+        if entry["name"] not in reg:
+            reg.register(zoo / entry["name"], name=entry["name"])
+    return manifest
 
 
 def main() -> None:
