@@ -152,14 +152,14 @@ def candidate_names(hub: Hub, tasks: Sequence[Task], cfg: EvalConfig) -> list[st
 
 def _routings_for(
     hub: Hub, method: str, items: list[Item], cfg: EvalConfig, candidates: list[str]
-) -> list[Routing] | None:
-    """Per-item routings of a method (None: arrow, which routes per token in the pass)."""
+) -> list[Routing]:
+    """Per-item routings of a routed method."""
     prompts = [it.example.input for it in items]
     exclude_each = (
         [[it.own] if it.own else [] for it in items] if cfg.protocol != Protocol.iid else None
     )
     names = candidates or hub.registry.names()
-    table: dict[str, Callable[[], list[Routing] | None]] = {
+    table: dict[str, Callable[[], list[Routing]]] = {
         "base": lambda: [Routing()] * len(items),
         "oracle": lambda: [Routing((it.own,), (1.0,)) if it.own else Routing() for it in items],
         "selection": lambda: hub.route(prompts, 1, "selection", exclude_each=exclude_each),
@@ -169,7 +169,6 @@ def _routings_for(
             _uniform([n for n in names if n not in (ex or [])])
             for ex in (exclude_each or [[]] * len(items))
         ],
-        "arrow": lambda: None,
     }
     return table[method]()
 
@@ -231,18 +230,11 @@ def _attached(
         composer.detach()
 
 
-@contextmanager
-def _applied(hub: Hub, routings: list[Routing] | None, candidates: list[str]) -> Iterator[tuple]:
-    """(composer, per-row gates, per-token gate) for a routed method: the hub's routed
-    composition, or (arrow: routings None) the adapters under a data-free per-token gate."""
-    if routings is not None:
-        with hub.composed(routings) as (composer, gates):
-            yield composer, gates, None
-        return
-    names = candidates or hub.registry.names()
-    adapters = [hub.adapters.get(n) for n in names]
-    with _attached(hub, adapters, names, None, arrow_gate(adapters, registry=hub.registry)) as a:
-        yield a
+def _arrow(hub: Hub, names: list[str], shots: list[Example], n: int, cfg: EvalConfig):
+    """Arrow's data-free per-token gate over the adapters (it learns nothing from shots)."""
+    adapters = [hub.adapters.get(x) for x in names]
+    gate = arrow_gate(adapters, registry=hub.registry)
+    return _attached(hub, adapters, names, None, gate), {}
 
 
 def _learn_lorahub(hub: Hub, names: list[str], shots: list[Example], n: int, cfg: EvalConfig):
@@ -270,7 +262,36 @@ def _learn_gated(hub: Hub, names: list[str], shots: list[Example], n: int, cfg: 
     return _attached(hub, adapters, names, None, result.gate), info
 
 
-LEARNERS = {"lorahub": _learn_lorahub, "gated": _learn_gated}
+# Methods applied task by task: (hub, adapter names, shots, prompts, cfg) -> (context that
+# yields (composer, gates, token gate), what was learned).
+PER_TASK = {"arrow": _arrow, "lorahub": _learn_lorahub, "gated": _learn_gated}
+
+
+def _per_task(
+    hub: Hub,
+    method: str,
+    tasks: Sequence[Task],
+    items: list[Item],
+    pool: list[str],
+    cfg: EvalConfig,
+) -> dict[str, dict]:
+    """Score a per-task method; returns {task: what was learned}. Outside iid, a task's own
+    adapter is left out of the pool."""
+    learned = {}
+    for task in tqdm(tasks, disable=len(tasks) < 2, desc=method, leave=False):
+        mine = [it for it in items if it.task == task.name]
+        names = [
+            n for n in pool if cfg.protocol == Protocol.iid or n not in {it.own for it in mine}
+        ]
+        shots = task.split(cfg.holdout, cfg.split_seed)[0][: cfg.shots] if method in LEARNED else []
+        context, info = PER_TASK[method](hub, names, shots, len(mine), cfg)
+        if shots:
+            learned[task.name] = {**info, "shots": [ex.input for ex in shots]}
+        with context as applied, torch.inference_mode():
+            right = _score_items(hub, mine, "mixture", applied, cfg)
+        for it, ok in zip(mine, right, strict=True):
+            it.right[method], it.routed[method] = ok, tuple(names)
+    return learned
 
 
 def evaluate(
@@ -282,25 +303,18 @@ def evaluate(
     candidates = candidate_names(hub, tasks, cfg) if fewshot else []
     learned: dict[str, dict] = {t.name: {} for t in tasks}
     for method in tqdm(cfg.methods, disable=not progress, desc=f"eval {cfg.protocol}"):
-        mode = "fusion" if method == "fusion" else "mixture"
-        if method in LEARNERS:
-            for task in tqdm(tasks, disable=not progress, desc=method, leave=False):
-                mine = [it for it in items if it.task == task.name]
-                shots = task.split(cfg.holdout, cfg.split_seed)[0][: cfg.shots]
-                context, info = LEARNERS[method](hub, candidates, shots, len(mine), cfg)
-                learned[task.name][method] = {**info, "shots": [ex.input for ex in shots]}
-                with context as applied, torch.inference_mode():
-                    right = _score_items(hub, mine, mode, applied, cfg)
-                for it, ok in zip(mine, right, strict=True):
-                    it.right[method], it.routed[method] = ok, (f"<{method}>",)
+        if method in PER_TASK:
+            pool = candidates or hub.registry.names()
+            for task, info in _per_task(hub, method, tasks, items, pool, cfg).items():
+                learned[task][method] = info
             continue
+        mode = "fusion" if method == "fusion" else "mixture"
         with torch.inference_mode():
             routings = _routings_for(hub, method, items, cfg, candidates)
-            with _applied(hub, routings, candidates) as applied:
-                right = _score_items(hub, items, mode, applied, cfg)
-        for it, ok, r in zip(items, right, routings or [None] * len(items), strict=True):
-            it.right[method] = ok
-            it.routed[method] = r.adapters if r is not None else ("<per-token>",)
+            with hub.composed(routings) as (composer, gates):
+                right = _score_items(hub, items, mode, (composer, gates, None), cfg)
+        for it, ok, r in zip(items, right, routings, strict=True):
+            it.right[method], it.routed[method] = ok, r.adapters
     results = report_dict(items, list(cfg.methods), tasks, cfg)
     if fewshot:
         results["fewshot"] = {"candidates": candidates, "tasks": learned}

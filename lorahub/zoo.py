@@ -70,7 +70,7 @@ class ZooConfig:
     max_train: int = 400
     n_routing_examples: int = 24  # example inputs stored for retrieval
     n_demo: int = 4  # held-out prompts kept in the manifest for the demo
-    max_adapters: int = 25  # 25 x 0.94 MB stays under the 25 MB budget
+    max_adapters: int = 24  # 24 x 0.94 MB stays under the 25 MB budget
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(steps=80, batch_size=8, lr=2e-4, loraplus_ratio=16.0)
     )
