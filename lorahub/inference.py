@@ -88,47 +88,97 @@ def option_logprobs(
     batch_size: int = 16,
     token_gate: TokenGate | None = None,
 ) -> list[list[float]]:
-    """Sum of token log-probabilities of each option after its prompt."""
-    pairs = [(i, o) for i, opts in enumerate(options) for o in opts]
-    scores: list[float] = []
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start : start + batch_size]
-        rows = torch.tensor([i for i, _ in chunk])
-        with _context(composer, gates, rows, mode, token_gate):
-            scores += _score(base, [prompts[i] for i, _ in chunk], [o for _, o in chunk])
+    """Sum of token log-probabilities of each option after its prompt.
+
+    Each prompt runs once (`batch_size` prompts a pass); its options then continue from the
+    prompt's cached keys and values (seq2seq: its encoder states), so a question with m
+    options costs one prompt pass and m short continuations instead of m full passes."""
+    score = _score_seq2seq if base.is_seq2seq else _score_causal
+    out: list[list[float]] = []
+    for start in range(0, len(prompts), batch_size):
+        rows = torch.arange(start, min(start + batch_size, len(prompts)))
+
+        def context(local: Tensor, rows: Tensor = rows):
+            return _context(composer, gates, rows[local], mode, token_gate)
+
+        out += score(base, [prompts[i] for i in rows], [options[i] for i in rows], context)
+    return out
+
+
+def _regroup(flat: list[float], options: Sequence[Sequence[str]]) -> list[list[float]]:
     out, k = [], 0
     for opts in options:
-        out.append(scores[k : k + len(opts)])
+        out.append(flat[k : k + len(opts)])
         k += len(opts)
     return out
 
 
-def _score(base: BaseModel, prompts: list[str], answers: list[str]) -> list[float]:
+def _score_causal(base: BaseModel, prompts: list[str], options, context) -> list[list[float]]:
     tok = base.tokenizer
-    if base.is_seq2seq:
-        enc = tok(prompts, return_tensors="pt", padding=True)
-        labels = tok(answers, return_tensors="pt", padding=True)["input_ids"]
-        labels[labels == tok.pad_token_id] = -100
-        logits = base.model(**enc, labels=labels).logits
-        return _sum_logprobs(logits, labels)
-    seqs, labels = [], []
-    for p, a in zip(prompts, answers, strict=True):
-        p_ids = tok(base.format_prompt(p), add_special_tokens=False)["input_ids"]
-        a_ids = tok(a, add_special_tokens=False)["input_ids"]
-        seqs.append(p_ids + a_ids)
-        labels.append([-100] * len(p_ids) + a_ids)
-    width = max(map(len, seqs))
-    ids = torch.full((len(seqs), width), tok.pad_token_id)
-    lab = torch.full((len(seqs), width), -100)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, (s, y) in enumerate(zip(seqs, labels, strict=True)):  # left padding
-        ids[i, width - len(s) :], lab[i, width - len(s) :], mask[i, width - len(s) :] = (
-            torch.tensor(s),
-            torch.tensor(y),
-            1,
+    prompt_ids = [
+        tok(base.format_prompt(p), add_special_tokens=False)["input_ids"] for p in prompts
+    ]
+    pairs = [
+        (i, tok(o, add_special_tokens=False)["input_ids"])
+        for i, opts in enumerate(options)
+        for o in opts
+    ]
+    width = max(map(len, prompt_ids))
+    ids = torch.full((len(prompts), width), tok.pad_token_id)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompt_ids):  # left padding
+        ids[i, width - len(p) :], mask[i, width - len(p) :] = torch.tensor(p), 1
+    with context(torch.arange(len(prompts))):
+        out = base.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+            use_cache=True,
+            logits_to_keep=1,
         )
-    logits = base.model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-    return _sum_logprobs(logits, lab[:, 1:])
+    first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (P, V): each option's 1st token
+    owner = torch.tensor([i for i, _ in pairs])
+    cache = out.past_key_values
+    cache.batch_select_indices(owner)  # one cached prompt per (prompt, option) row
+    length = max(1, *(len(a) for _, a in pairs))
+    cont = torch.full((len(pairs), length), tok.pad_token_id)
+    labels = torch.full((len(pairs), length), -100)
+    for r, (_, a) in enumerate(pairs):  # right padding: pads come after, never attended to
+        cont[r, : len(a)], labels[r, : len(a)] = (
+            torch.tensor(a, dtype=torch.long),
+            torch.tensor(a, dtype=torch.long),
+        )
+    cont_mask = (labels != -100).long()
+    with context(owner):
+        logits = base.model(
+            input_ids=cont,
+            attention_mask=torch.cat([mask[owner], cont_mask], dim=1),
+            position_ids=mask.sum(1)[owner, None] + torch.arange(length),
+            past_key_values=cache,
+        ).logits
+    logp = torch.cat([first[owner, None], torch.log_softmax(logits[:, :-1].float(), dim=-1)], 1)
+    keep = labels != -100
+    picked = logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    return _regroup((picked * keep).sum(-1).tolist(), options)
+
+
+def _score_seq2seq(base: BaseModel, prompts: list[str], options, context) -> list[list[float]]:
+    tok = base.tokenizer
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    with context(torch.arange(len(prompts))):
+        states = base.model.get_encoder()(**enc).last_hidden_state
+    owner = torch.tensor([i for i, opts in enumerate(options) for _ in opts])
+    answers = [tok(o)["input_ids"] for opts in options for o in opts]
+    labels = torch.full((len(answers), max(1, *map(len, answers))), -100)
+    for r, a in enumerate(answers):  # right padding: the decoder is causal
+        labels[r, : len(a)] = torch.tensor(a, dtype=torch.long)
+    with context(owner):
+        logits = base.model(
+            encoder_outputs=(states[owner],),
+            attention_mask=enc["attention_mask"][owner],
+            labels=labels,
+        ).logits
+    return _regroup(_sum_logprobs(logits, labels), options)
 
 
 def _sum_logprobs(logits: Tensor, labels: Tensor) -> list[float]:
