@@ -43,12 +43,12 @@ EXAMPLES = [
     Example("translate English to German: We are going home.", targets=("Wir gehen nach Hause.",)),
 ]
 
-# One process for all seeds, after an untimed warm-up run, as ours (both sides warm).
+# One process for all seeds, after an untimed warm-up run, as ours (both sides warm);
+# -I keeps this checkout's own `lorahub` package off the reference's path.
 REFERENCE_RUN = """
 import json, sys, time
-sys.path.insert(0, sys.argv[1])
 from lorahub.algorithm import lorahub_learning
-args = json.loads(sys.argv[2])
+args = json.loads(sys.argv[1])
 def run(steps, seed):
     start = time.perf_counter()
     weights, model, tokenizer = lorahub_learning(args["modules"], args["inputs"],
@@ -168,7 +168,7 @@ def main() -> None:
             }
         )
         out = subprocess.run(
-            [str(py), "-c", REFERENCE_RUN, str(REF_VENV), payload], capture_output=True, text=True
+            [str(py), "-I", "-c", REFERENCE_RUN, payload], capture_output=True, text=True
         )
         if out.returncode != 0:
             raise SystemExit(f"reference lorahub failed:\n{out.stderr[-3000:]}")
