@@ -38,13 +38,11 @@ UNSEEN = [
     "arithmetic/1_digit_subtraction",
     "arithmetic/2_digit_subtraction",
     "arithmetic/3_digit_addition",
-    "arithmetic/1_digit_multiplication",
     "modified_arithmetic/three_digit_subtraction_control",
     "unit_conversion/unit_addition_same",
     "linguistic_mappings/de_past_tense_irregular_json",
     "tracking_shuffled_objects/three_objects",
     "entailed_polarity",
-    "color/hcl",
 ]
 
 
