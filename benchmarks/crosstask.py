@@ -63,9 +63,35 @@ def run_eval(hub: Hub, name: str, tasks: list[str], cfg: EvalConfig, out: Path) 
     return results
 
 
+def write_summary(summaries: dict, config: dict, quick: bool) -> None:
+    """summary.json: every run's macro accuracies (runs not redone are kept) and the targets."""
+    path = RESULTS / "crosstask" / ("summary.quick.json" if quick else "summary.json")
+    if path.exists():
+        summaries = {**json.loads(path.read_text())["results"], **summaries}
+    acc = {run: {m: s["accuracy"] for m, s in summ.items()} for run, summ in summaries.items()}
+    targets = []
+    if "iid" in acc:
+        iid = acc["iid"]
+        targets.append(
+            target("iid_mixture_over_oracle", iid["mixture"] / iid["oracle"], 0.95, ">=")
+        )
+    for run in ("ood", "ood_unseen"):
+        if run in acc:
+            a = acc[run]
+            targets.append(target(f"{run}_mixture_minus_base", a["mixture"] - a["base"], 0.0, ">"))
+            targets.append(
+                target(f"{run}_mixture_minus_uniform", a["mixture"] - a["uniform"], 0.0, ">")
+            )
+    if "fewshot" in acc:
+        a = acc["fewshot"]
+        for m in ("lorahub", "gated"):
+            targets.append(target(f"fewshot_{m}_minus_base", a[m] - a["base"], 0.0, ">"))
+    write_result("crosstask/summary", config, summaries, targets, quick=quick)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--limit", type=int, default=12, help="prompts per task")
+    ap.add_argument("--limit", type=int, default=10, help="prompts per task")
     ap.add_argument("--only", help="comma-separated runs (default: all four)")
     ap.add_argument("--quick", action="store_true", help="3 tasks, 4 prompts each")
     args = ap.parse_args()
@@ -89,40 +115,18 @@ def main() -> None:
             "fewshot": (unseen, EvalConfig(protocol="fewshot", limit=limit, gate=GATE)),
         }
         wanted = args.only.split(",") if args.only else list(runs)
-        summaries = {}
-        for name in wanted:
+        config = {
+            "limit": limit,
+            "zoo_tasks": zoo_tasks,
+            "unseen_tasks": unseen,
+            "quick": args.quick,
+        }
+        for name in wanted:  # the summary is rewritten after every run
             tasks, cfg = runs[name]
-            summaries[name] = run_eval(hub, name, tasks, cfg, out)["summary"]
+            summary = run_eval(hub, name, tasks, cfg, out)["summary"]
+            write_summary({name: summary}, config, args.quick)
         hub.close()
         reg.close()
-    path = out / "summary.json"
-    if path.exists() and args.only and not args.quick:  # keep the runs not redone
-        summaries = {**json.loads(path.read_text())["results"], **summaries}
-    acc = {run: {m: s["accuracy"] for m, s in summ.items()} for run, summ in summaries.items()}
-    targets = []
-    if "iid" in acc:
-        iid = acc["iid"]
-        targets.append(
-            target("iid_mixture_over_oracle", iid["mixture"] / iid["oracle"], 0.95, ">=")
-        )
-    for run in ("ood", "ood_unseen"):
-        if run in acc:
-            a = acc[run]
-            targets.append(target(f"{run}_mixture_minus_base", a["mixture"] - a["base"], 0.0, ">"))
-            targets.append(
-                target(f"{run}_mixture_minus_uniform", a["mixture"] - a["uniform"], 0.0, ">")
-            )
-    if "fewshot" in acc:
-        a = acc["fewshot"]
-        for m in ("lorahub", "gated"):
-            targets.append(target(f"fewshot_{m}_minus_base", a[m] - a["base"], 0.0, ">"))
-    write_result(
-        "crosstask/summary",
-        {"limit": limit, "zoo_tasks": zoo_tasks, "unseen_tasks": unseen, "quick": args.quick},
-        summaries,
-        targets,
-        quick=args.quick,
-    )
 
 
 if __name__ == "__main__":
