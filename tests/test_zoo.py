@@ -47,3 +47,11 @@ def test_zoo_fits_its_size_budget() -> None:
         sum(f.stat().st_size for f in ZOO_DIR.rglob("*") if f.is_file()) if ZOO_DIR.exists() else 0
     )
     assert total <= 25 * 10**6
+
+
+def test_zoo_has_at_least_24_adapters_in_related_families() -> None:
+    families = {}
+    for e in ENTRIES:
+        families.setdefault(e["task"].split("/")[0], []).append(e["name"])
+    assert len(ENTRIES) >= 24
+    assert sum(len(names) >= 2 for names in families.values()) >= 5  # families, not singletons
