@@ -94,6 +94,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=10, help="prompts per task")
     ap.add_argument("--only", help="comma-separated runs (default: all four)")
     ap.add_argument("--quick", action="store_true", help="3 tasks, 4 prompts each")
+    ap.add_argument("--fewshot-methods", help="comma-separated (default: the protocol's)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         reg = Registry(Path(tmp) / "registry", embedder=SentenceEmbedder())
@@ -112,7 +113,15 @@ def main() -> None:
             "iid": (zoo_tasks, EvalConfig(protocol="iid", limit=limit)),
             "ood": (zoo_tasks, EvalConfig(protocol="ood", limit=limit)),
             "ood_unseen": (unseen, EvalConfig(protocol="ood", limit=limit)),
-            "fewshot": (unseen, EvalConfig(protocol="fewshot", limit=limit, gate=GATE)),
+            "fewshot": (
+                unseen,
+                EvalConfig(
+                    protocol="fewshot",
+                    limit=limit,
+                    gate=GATE,
+                    methods=args.fewshot_methods.split(",") if args.fewshot_methods else None,
+                ),
+            ),
         }
         wanted = args.only.split(",") if args.only else list(runs)
         config = {
