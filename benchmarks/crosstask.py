@@ -84,7 +84,7 @@ def write_summary(summaries: dict, config: dict, quick: bool) -> None:
             )
     if "fewshot" in acc:
         a = acc["fewshot"]
-        for m in ("lorahub", "gated"):
+        for m in [m for m in ("lorahub", "gated") if m in a]:
             targets.append(target(f"fewshot_{m}_minus_base", a[m] - a["base"], 0.0, ">"))
     write_result("crosstask/summary", config, summaries, targets, quick=quick)
 
