@@ -5,7 +5,7 @@
 Same config-built T5, same 20 random rank-16 PEFT adapters, 5 examples, 40 steps, 3 seeds.
 The reference runs in its own virtual environment (created here on first use: its top-level
 package is called `lorahub`, like ours), all seeds in one process; both sides time warm runs
-(one untimed run first). Both final weight vectors are scored under one
+(one untimed run first). Both final weight vectors are rescored by the same function under one
 objective, ours: token-mean cross-entropy + 0.05 * mean |w| (the reference divides its loss
 by the number of examples as well, a quirk we do not copy). Then ours alone on a causal LM
 with SmolLM2-135M's shapes.
@@ -186,7 +186,7 @@ def main() -> None:
                     "ours_s": ours.seconds,
                     "speedup": ref["seconds"] / ours.seconds,
                     "ref_objective": objective(base, adapters, ref["weights"]),
-                    "ours_objective": ours.objective,
+                    "ours_objective": objective(base, adapters, ours.weights),
                     "ours_evals": len(ours.history),
                 }
             )

@@ -133,9 +133,10 @@ def gather_mixture(s: ModuleStack, idx: Tensor, w: Tensor) -> tuple[Tensor, Tens
 def gather_fusion(s: ModuleStack, gates: Tensor) -> tuple[Tensor, Tensor]:
     """Per-sample parameter averaging (LoraRetriever's fusion): A = sum w_i A_i,
     B = sum w_i B_i. gates: (b, n) -> At (b, d_in, r), Bt (b, r, d_out)."""
-    At = torch.einsum("bn,nrd->bdr", gates, s.A_pad)
-    Bt = torch.einsum("bn,nor->bro", gates, s.B_pad)
-    return At.contiguous(), Bt.contiguous()
+    b, (n, r, d_in), d_out = gates.shape[0], s.A_pad.shape, s.B_pad.shape[1]
+    At = (gates @ s.A_pad.reshape(n, -1)).view(b, r, d_in).transpose(1, 2)
+    Bt = (gates @ s.B_pad.reshape(n, -1)).view(b, d_out, r).transpose(1, 2)
+    return At, Bt  # strided views: bmm reads them transposed, no copy
 
 
 def add_gathered(out: Tensor, x: Tensor, At: Tensor, Bt: Tensor) -> Tensor:

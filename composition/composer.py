@@ -97,6 +97,16 @@ class _Active:
     k: int = 1  # most adapters any row uses
     cache: dict[tuple, object] = field(default_factory=dict)  # per batch size, per module
 
+    def distinct_rows(self, gates: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The distinct gate rows and each row's index among them (None: all distinct).
+        Rows repeat (LoraHub scores every candidate on several examples; many prompts share
+        a routing), and the per-sample factors need building once per distinct row."""
+        key = ("distinct", gates.shape[0])
+        if key not in self.cache:
+            rows, inverse = torch.unique(gates, dim=0, return_inverse=True)
+            self.cache[key] = (gates, None) if len(rows) == len(gates) else (rows, inverse)
+        return self.cache[key]
+
     def gates_for(self, batch: int, like: Tensor) -> Tensor:
         key = ("gates", batch, like.dtype)
         if key not in self.cache:
@@ -243,11 +253,13 @@ class Composer:
         """Per-sample factors, made once per block and batch size (decode steps reuse them)."""
         key = (name, gates.shape[0])
         if key not in active.cache:
+            rows, inverse = active.distinct_rows(gates)
             if active.mode == Mode.fusion:
-                active.cache[key] = gather_fusion(stack, gates)
+                At, Bt = gather_fusion(stack, rows)
             else:
-                _, idx = gates.abs().topk(active.k, dim=1)
-                active.cache[key] = gather_mixture(stack, idx, gates.gather(1, idx))
+                _, idx = rows.abs().topk(active.k, dim=1)
+                At, Bt = gather_mixture(stack, idx, rows.gather(1, idx))
+            active.cache[key] = (At[inverse], Bt[inverse]) if inverse is not None else (At, Bt)
         return active.cache[key]
 
 

@@ -119,9 +119,9 @@ def _token_losses(base: BaseModel, batch: dict[str, Tensor]) -> tuple[Tensor, Te
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     if base.is_seq2seq:
-        logits = base.model(**inputs, labels=labels).logits
+        logits = base.model(**inputs, labels=labels, use_cache=False).logits
     else:
-        logits = base.model(**inputs).logits[:, :-1]
+        logits = base.model(**inputs, use_cache=False).logits[:, :-1]
         labels = labels[:, 1:]
     keep = labels != -100
     ce = torch.nn.functional.cross_entropy(
@@ -147,6 +147,7 @@ def learn_weights(
     optimizer = ng.optimizers.registry[config.optimizer](
         parametrization=param, budget=config.steps, num_workers=config.population
     )
+    optimizer.suggest(np.zeros(n))  # the start point is always scored: never worse than w = 0
     scorer = PopulationScorer(
         base, adapters, examples, config.composition, config.max_rows, config.max_length
     )

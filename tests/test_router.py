@@ -85,11 +85,15 @@ def test_retrieval_returns_the_right_adapter(registry: Registry) -> None:
 
 
 def test_weights_sum_to_one_uniform_and_softmax(registry: Registry) -> None:
-    for cfg in (RetrieverConfig(k=3), RetrieverConfig(k=3, weighting="softmax", temperature=0.1)):
+    uniform = RetrieverConfig(k=3, weighting="uniform")
+    for cfg in (RetrieverConfig(k=3), uniform, RetrieverConfig(k=3, temperature=0.1)):
         for r in Retriever(registry, cfg).route(list(QUERIES.values())):
             assert len(r.adapters) == 3 and sum(r.weights) == pytest.approx(1.0)
-    uni = Retriever(registry).route(["What is 3 plus 4?"], k=2)[0]
+    uni = Retriever(registry, uniform).route(["What is 3 plus 4?"], k=2)[0]
     assert uni.weights == (0.5, 0.5) and uni.scores[0] >= uni.scores[1]
+    soft = Retriever(registry).route(["What is 3 plus 4?"], k=2)[0]  # default: softmax / 0.02
+    expected = np.exp(np.array(soft.scores, np.float64) / 0.02)
+    assert soft.weights == pytest.approx(tuple(expected / expected.sum()), rel=1e-6)
 
 
 def test_exclusion_and_filters(registry: Registry) -> None:
