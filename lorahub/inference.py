@@ -23,7 +23,7 @@ from lorahub.models import BaseModel
 def _context(
     composer: Composer | None,
     gates: Tensor | None,
-    rows: slice | Tensor,
+    rows: Tensor,
     mode: str,
     token_gate: TokenGate | None = None,
 ):
@@ -51,17 +51,16 @@ def generate(
     """Greedy answers to `prompts` (chat template applied), `batch_size` rows a pass."""
     tok = base.tokenizer
     texts = [base.format_prompt(p) for p in prompts]
-    longest = max(len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"])
-    if longest > max_prompt_tokens:
+    lengths = [len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]]
+    if max(lengths) > max_prompt_tokens:
         warnings.warn(
-            f"prompts longer than {max_prompt_tokens} tokens (up to {longest}) are truncated",
+            f"prompts longer than {max_prompt_tokens} tokens (up to {max(lengths)}) are truncated",
             stacklevel=2,
         )
-    out: list[str] = []
-    for start in tqdm(range(0, len(texts), batch_size), disable=not progress, desc="generate"):
-        rows = slice(start, start + batch_size)
+    out = [""] * len(texts)
+    for rows in tqdm(by_length(lengths, batch_size), disable=not progress, desc="generate"):
         enc = tok(
-            texts[rows],
+            [texts[i] for i in rows],
             return_tensors="pt",
             padding=True,
             truncation=True,
@@ -73,8 +72,17 @@ def generate(
                 **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
             )
         new = ids if base.is_seq2seq else ids[:, enc["input_ids"].shape[1] :]
-        out += [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
+        texts_out = tok.batch_decode(new, skip_special_tokens=True)
+        for i, text in zip(rows.tolist(), texts_out, strict=True):
+            out[i] = text.strip()
     return out
+
+
+def by_length(lengths: Sequence[int], batch_size: int) -> list[Tensor]:
+    """Row indices in batches of similar length: a mixed stream (a 10-token sum beside a
+    300-token review) otherwise pads every short prompt to its batch's longest."""
+    order = torch.tensor(sorted(range(len(lengths)), key=lengths.__getitem__), dtype=torch.long)
+    return list(order.split(batch_size))
 
 
 @torch.inference_mode()
@@ -94,14 +102,15 @@ def option_logprobs(
     prompt's cached keys and values (seq2seq: its encoder states), so a question with m
     options costs one prompt pass and m short continuations instead of m full passes."""
     score = _score_seq2seq if base.is_seq2seq else _score_causal
-    out: list[list[float]] = []
-    for start in range(0, len(prompts), batch_size):
-        rows = torch.arange(start, min(start + batch_size, len(prompts)))
+    out: list[list[float]] = [[] for _ in prompts]
+    for rows in by_length([len(p) for p in prompts], batch_size):
 
         def context(local: Tensor, rows: Tensor = rows):
             return _context(composer, gates, rows[local], mode, token_gate)
 
-        out += score(base, [prompts[i] for i in rows], [options[i] for i in rows], context)
+        scores = score(base, [prompts[i] for i in rows], [options[i] for i in rows], context)
+        for i, s in zip(rows.tolist(), scores, strict=True):
+            out[i] = s
     return out
 
 
