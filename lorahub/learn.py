@@ -151,12 +151,15 @@ def learn_weights(
     optimizer = ng.optimizers.registry[config.optimizer](
         parametrization=param, budget=config.steps, num_workers=config.population
     )
-    optimizer.suggest(np.zeros(n))  # the start point is always scored: never worse than w = 0
     scorer = PopulationScorer(
         base, adapters, examples, config.composition, config.max_rows, config.max_length
     )
+    # The start point w = 0 (no composition) is scored once, outside the optimizer's budget
+    # and without telling it (told, it anchored MetaModel's search near 0: worse weights on
+    # real tasks), and kept unless a candidate beats it: never worse than the base model.
+    zero_loss = float(scorer.losses(torch.zeros(1, n))[0])
     history: list[float] = []
-    best = (float("inf"), np.zeros(n), float("inf"))  # objective, weights, loss
+    best = (zero_loss, np.zeros(n), zero_loss)  # objective, weights, loss
     since_best = 0
     bar = tqdm(total=config.steps, disable=not progress, desc="lorahub", leave=False)
     try:
