@@ -112,6 +112,20 @@ def test_learning_finds_weights_better_than_none() -> None:
     assert result.weights[1] > 0
 
 
+def test_learning_never_returns_worse_than_no_composition(setup) -> None:
+    """Candidates confined to |w| <= 1e-6 cannot beat w = 0 by `tol`: the start point,
+    scored outside the optimizer, is what comes back (exact zeros, its objective)."""
+    base, adapters = setup
+    scorer = PopulationScorer(base, adapters, EXAMPLES)
+    zero = scorer.losses(torch.zeros(1, len(adapters))).item()
+    scorer.close()
+    cfg = LoraHubConfig(steps=8, bound=1e-6)
+    result = learn_weights(base, adapters, EXAMPLES, cfg, progress=False)
+    assert len(result.history) == 8  # the optimizer ran its budget
+    assert result.weights == [0.0] * len(adapters)
+    assert result.objective == pytest.approx(zero, abs=1e-7)
+
+
 # -- learned gating ---------------------------------------------------------------------------------
 
 
