@@ -72,8 +72,8 @@ def generate(
                 **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
             )
         new = ids if base.is_seq2seq else ids[:, enc["input_ids"].shape[1] :]
-        texts_out = tok.batch_decode(new, skip_special_tokens=True)
-        for i, text in zip(rows.tolist(), texts_out, strict=True):
+        answers = tok.batch_decode(new, skip_special_tokens=True)
+        for i, text in zip(rows.tolist(), answers, strict=True):
             out[i] = text.strip()
     return out
 
