@@ -66,24 +66,25 @@ def _in_out(layer: nn.Module) -> tuple[int, int]:
 
 
 class MultiLoraLinear(nn.Module):
-    """A target layer plus the composer's contribution; `base` is the original module."""
+    """A target layer plus the composer's contribution; `base_layer` is the original
+    module (PEFT's name for it)."""
 
-    def __init__(self, base: nn.Module, name: str, composer: Composer) -> None:
+    def __init__(self, base_layer: nn.Module, name: str, composer: Composer) -> None:
         super().__init__()
-        self.base = base
+        self.base_layer = base_layer
         self.name = name
         self._composer = [composer]  # a list: keep it out of the module tree
 
     @property
     def weight(self) -> Tensor:  # models read it (T5 casts to wo.weight.dtype)
-        return self.base.weight
+        return self.base_layer.weight
 
     @property
     def bias(self) -> Tensor | None:
-        return self.base.bias
+        return self.base_layer.bias
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._composer[0]._apply(self.name, x, self.base(x))
+        return self._composer[0]._apply(self.name, x, self.base_layer(x))
 
 
 @dataclass
@@ -194,18 +195,16 @@ class Composer:
         ):
             raise GateError("per-token gates use the dense mixture path")
         gates = None if gates is None else self._check(gates)
-        if path == ComputePath.auto and gates is not None and bool((gates == gates[:1]).all()):
-            path = ComputePath.merged
-        if path == ComputePath.merged:
-            if gates is None or not bool((gates == gates[:1]).all()):
-                raise GateError("the merged path needs the same gates on every row")
-            with self._merged(gates[0], mode):
-                yield
-            return
+        path = _choose_path(path, gates)
         k = _max_nonzero(gates) if gates is not None else len(self.bank)
+        # One state for every path: nesting and detach() are refused inside any block.
         self._active = _Active(mode, path, gates, token_gate, k)
         try:
-            yield
+            if path == ComputePath.merged:
+                with self._merged(gates[0], mode):
+                    yield
+            else:
+                yield
         finally:
             self._active = None
 
@@ -234,7 +233,7 @@ class Composer:
     def _apply(self, name: str, x: Tensor, out: Tensor) -> Tensor:
         """The base layer's output `out` plus the active composition's contribution."""
         active = self._active
-        if active is None:
+        if active is None or active.path == ComputePath.merged:  # merged: in the weights
             return out
         stack = self.bank.modules[name]
         x3, out3 = (x, out) if x.dim() == 3 else (x.unsqueeze(1), out.unsqueeze(1))
@@ -261,6 +260,19 @@ class Composer:
                 At, Bt = gather_mixture(stack, idx, rows.gather(1, idx))
             active.cache[key] = (At[inverse], Bt[inverse]) if inverse is not None else (At, Bt)
         return active.cache[key]
+
+
+def _choose_path(path: ComputePath, gates: Tensor | None) -> ComputePath:
+    """`auto` merges when every row has the same gates and gradients are off: the delta is
+    folded into the weights outside autograd, so nothing inside the block would get one."""
+    same = gates is not None and bool((gates == gates[:1]).all())
+    if path == ComputePath.merged and not same:
+        raise GateError("the merged path needs the same gates on every row")
+    if path == ComputePath.merged and torch.is_grad_enabled():
+        raise GateError("the merged path works with gradients off (torch.no_grad())")
+    if path == ComputePath.auto and same and not torch.is_grad_enabled():
+        return ComputePath.merged
+    return path
 
 
 def _max_nonzero(gates: Tensor) -> int:

@@ -37,6 +37,7 @@ class MergeMethod(StrEnum):
     dare_ties = "dare_ties"
     magnitude_prune = "magnitude_prune"
     lorahub = "lorahub"
+    fusion = "fusion"
 
 
 @dataclass(frozen=True)
@@ -241,6 +242,20 @@ def lorahub(pairs: list[Pair], w: Tensor, r: int, cfg: MergeConfig, gen: torch.G
     return A, B, 0.0
 
 
+def fusion(pairs: list[Pair], w: Tensor, r: int, cfg: MergeConfig, gen: torch.Generator):
+    """Parameter averaging with the scaling folded in: A = sum w_i A_i, B = sum w_i s_i B_i,
+    ranks zero-padded to the largest. What the composer's fusion mode applies, so a
+    LoraHub search over fusion returns exactly the adapter it scored."""
+    r_max = max(a.shape[0] for a, _ in pairs)
+    A = sum(wi * _pad_rows(a, r_max) for wi, (a, _) in zip(w, pairs, strict=True))
+    B = sum(wi * _pad_rows(b.T, r_max).T for wi, (_, b) in zip(w, pairs, strict=True))
+    return A, B, 0.0
+
+
+def _pad_rows(x: Tensor, rows: int) -> Tensor:
+    return torch.cat([x, x.new_zeros(rows - x.shape[0], x.shape[1])]) if x.shape[0] < rows else x
+
+
 def _via_full_delta(combine: Callable[..., Tensor]) -> MergeFn:
     def method(pairs: list[Pair], w: Tensor, r: int, cfg: MergeConfig, gen: torch.Generator):
         deltas = torch.stack([b @ a for a, b in pairs])
@@ -273,6 +288,7 @@ MERGES: dict[MergeMethod, tuple[MergeFn, str]] = {
         "https://arxiv.org/abs/2306.01708",
     ),
     MergeMethod.lorahub: (lorahub, "https://arxiv.org/abs/2307.13269"),
+    MergeMethod.fusion: (fusion, "https://arxiv.org/abs/2402.09997"),
 }
 
 

@@ -30,12 +30,12 @@ from registry import LoraAdapter
 
 
 class Composition(StrEnum):
-    elementwise = "elementwise"  # A = sum w_i A_i, B = sum w_i B_i (the reference)
-    delta = "delta"  # sum w_i B_i A_i (exact task arithmetic)
+    elementwise = "elementwise"  # A = sum w_i A_i, B = sum w_i s_i B_i (the reference's sum)
+    delta = "delta"  # sum w_i s_i B_i A_i (exact task arithmetic)
 
 
-# How each composition runs inside the pass, and how it is merged at the end.
-_MODES = {Composition.elementwise: ("fusion", "lorahub"), Composition.delta: ("mixture", "linear")}
+# How each composition runs inside the pass, and the merge that returns exactly that.
+_MODES = {Composition.elementwise: ("fusion", "fusion"), Composition.delta: ("mixture", "linear")}
 
 
 @dataclass(frozen=True)

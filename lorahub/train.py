@@ -53,16 +53,16 @@ class TrainConfig:
 class TrainableLora(nn.Module):
     """base(x) + scaling * B A x with trainable A (Kaiming-uniform) and B (zeros), as PEFT."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float) -> None:
+    def __init__(self, base_layer: nn.Linear, rank: int, alpha: float) -> None:
         super().__init__()
-        self.base = base
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank))
+        self.base_layer = base_layer
+        self.lora_A = nn.Parameter(torch.empty(rank, base_layer.in_features))
+        self.lora_B = nn.Parameter(torch.zeros(base_layer.out_features, rank))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.scaling = alpha / rank
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.base(x) + (x @ self.lora_A.T @ self.lora_B.T) * self.scaling
+        return self.base_layer(x) + (x @ self.lora_A.T @ self.lora_B.T) * self.scaling
 
 
 def inject(model: nn.Module, cfg: TrainConfig) -> dict[str, TrainableLora]:
@@ -85,7 +85,7 @@ def inject(model: nn.Module, cfg: TrainConfig) -> dict[str, TrainableLora]:
 
 def eject(model: nn.Module, layers: dict[str, TrainableLora]) -> None:
     for name, layer in layers.items():
-        set_layer(model, name, layer.base)
+        set_layer(model, name, layer.base_layer)
 
 
 def encode_example(base: BaseModel, ex: Example, max_length: int) -> tuple[list[int], list[int]]:

@@ -10,7 +10,7 @@ from conftest import FAMILIES, build_model, make_peft_model, model_inputs
 from torch import nn
 
 from composition import Composer, GateError
-from registry import AdapterShapeError, LoraAdapter, LoraModule, load_source
+from registry import AdapterError, AdapterShapeError, LoraAdapter, LoraModule, load_source
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +187,7 @@ def test_same_composition_on_every_row_is_merged_and_restored_exactly() -> None:
             dense = model(x)
         with composer.compose(gates):  # auto -> merged into the weights
             merged = model(x)
-            assert not torch.equal(model.proj.base.weight, before["proj.weight"])
+            assert not torch.equal(model.proj.base_layer.weight, before["proj.weight"])
     torch.testing.assert_close(merged, dense, atol=1e-5, rtol=1e-5)
     assert torch.equal(composer.detach().proj.weight, before["proj.weight"])
 
@@ -283,3 +283,30 @@ def test_bad_gates_are_refused() -> None:
         composer.gates_for([{"nope": 1.0}])
     with pytest.raises(GateError, match="exactly one"), composer.compose():
         pass
+
+
+def test_merged_block_refuses_nesting_and_detach_and_leaves_no_delta_behind() -> None:
+    torch.manual_seed(0)
+    model, adapters = OneLayer(), layer_adapters()
+    before = model.proj.weight.clone()
+    gates = torch.tensor([[0.2, 0.3, 0.0, 0.5]]).expand(3, 4)
+    composer = Composer.attach(model, adapters)
+    with torch.no_grad(), composer.compose(gates):  # one composition: merged
+        with pytest.raises(AdapterError, match="do not nest"), composer.compose(gates):
+            pass
+        with pytest.raises(AdapterError, match="inside a compose"):
+            composer.detach()
+    assert torch.equal(composer.detach().proj.weight, before)
+
+
+def test_gates_that_need_gradients_get_them_even_when_every_row_is_the_same() -> None:
+    torch.manual_seed(0)
+    model, adapters = OneLayer(), layer_adapters()
+    composer = Composer.attach(model, adapters)
+    gates = torch.tensor([[0.2, 0.3, 0.0, 0.5]], requires_grad=True)
+    with composer.compose(gates.expand(3, 4)):  # grad on: never merged
+        model(torch.randn(3, 2, 12)).square().sum().backward()
+    assert gates.grad is not None and gates.grad.abs().sum() > 0
+    with pytest.raises(GateError, match="gradients off"), composer.compose(gates, path="merged"):
+        pass
+    composer.detach()

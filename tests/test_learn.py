@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAMILIES, build_model, char_tokenizer, make_peft_model
+from conftest import build_model, char_tokenizer, make_peft_model
 
 from composition import Composer, merge
 from lorahub.learn import Composition, LoraHubConfig, PopulationScorer, learn_weights
@@ -48,7 +48,7 @@ def test_population_scoring_equals_each_candidate_alone_and_hf_loss(setup, compo
     finally:
         scorer.close()
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
-    method = "lorahub" if composition == Composition.elementwise else "linear"
+    method = "fusion" if composition == Composition.elementwise else "linear"
     batch = make_batch(base, EXAMPLES, 512)
     for i, w in enumerate(W.tolist()):  # the oracle: merge, attach alone, HF's mean token loss
         merged = merge(adapters, w, method).adapter
@@ -83,7 +83,42 @@ def test_elementwise_composition_equals_the_reference_package(
         )
         torch.testing.assert_close(ours, tensor, atol=1e-6, rtol=1e-6)
     assert len(reference) == 2 * len(merged.modules)
-    assert FAMILIES  # the llama targets above are the conftest ones
+    # with equal alphas, the fusion LoraHub returns applies the reference's update exactly
+    fused = merge(ours_adapters, weights, "fusion").adapter
+    for name, m in merged.modules.items():
+        expected = merged.scaling(name) * m.lora_B.double() @ m.lora_A.double()
+        got = fused.scaling(name) * fused.modules[name].lora_B.double()
+        torch.testing.assert_close(got @ fused.modules[name].lora_A.double(), expected)
+
+
+def test_returned_adapter_is_the_scored_composition_with_mixed_alphas_and_ranks(
+    tmp_path: Path,
+) -> None:
+    """The search scores fusion over adapters of ranks 2/4/6 and alphas 4/16/3; the adapter
+    it returns, attached alone, gives exactly the loss it reported."""
+    base = BaseModel("tiny-llama", build_model("llama"), char_tokenizer("left"))
+    adapters = []
+    for seed, (r, alpha) in enumerate([(2, 4), (4, 16), (6, 3)], start=1):
+        make_peft_model("llama", seed=seed, r=r, alpha=alpha).save_pretrained(tmp_path / f"{seed}")
+        adapters.append(load_source(str(tmp_path / f"{seed}")))
+    for composition in Composition:
+        cfg = LoraHubConfig(steps=16, population=8, composition=composition, patience=0)
+        result = learn_weights(base, adapters, EXAMPLES, cfg, progress=False)
+        assert any(w != 0 for w in result.weights), "the search kept the start point"
+        composer = Composer.attach(base.model, [result.adapter])
+        batch = make_batch(base, EXAMPLES, 512)
+        with torch.no_grad(), composer.compose(torch.ones(len(EXAMPLES), 1), path="dense"):
+            loss = _mean_token_loss(base.model(**batch).logits, batch["labels"])
+        composer.detach()
+        assert loss == pytest.approx(result.loss, abs=1e-5), composition
+
+
+def _mean_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Cross-entropy over answer tokens, averaged over all of them (the scorer's loss)."""
+    logits, labels = logits[:, :-1], labels[:, 1:]
+    return torch.nn.functional.cross_entropy(
+        logits.transpose(1, 2), labels, ignore_index=-100
+    ).item()
 
 
 def test_learning_finds_weights_better_than_none() -> None:
