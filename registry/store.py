@@ -68,12 +68,12 @@ CREATE TABLE IF NOT EXISTS adapters (
     created REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS adapters_sha ON adapters(sha256);
-CREATE TABLE IF NOT EXISTS module_shapes (
-    base_model TEXT NOT NULL,
+CREATE TABLE IF NOT EXISTS adapter_modules (
+    adapter_id INTEGER NOT NULL REFERENCES adapters(id) ON DELETE CASCADE,
     module TEXT NOT NULL,
     d_in INTEGER NOT NULL,
     d_out INTEGER NOT NULL,
-    PRIMARY KEY (base_model, module)
+    PRIMARY KEY (adapter_id, module)
 );
 CREATE TABLE IF NOT EXISTS embeddings (
     adapter_id INTEGER PRIMARY KEY REFERENCES adapters(id) ON DELETE CASCADE,
@@ -173,6 +173,22 @@ class Registry:
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} COMMIT;")
         self._index: VectorIndex | None = None
+        self._migrate_module_shapes()
+
+    def _migrate_module_shapes(self) -> None:
+        """Registries before 0.2 kept one `module_shapes` row per base model, which
+        outlived the adapters that made it; shapes now belong to each adapter's row."""
+        old = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'module_shapes'"
+        if self._db.execute(old).fetchone() is None:
+            return
+        with self._write() as db:
+            for rec in self.list():
+                shapes = self.load(rec.name, verify=False).shapes()
+                db.executemany(
+                    "INSERT OR IGNORE INTO adapter_modules VALUES (?,?,?,?)",
+                    [(rec.id, m, d_in, d_out) for m, (d_in, d_out) in shapes.items()],
+                )
+            db.execute("DROP TABLE module_shapes")
 
     # -- transactions ---------------------------------------------------------------
     @contextmanager
@@ -237,9 +253,11 @@ class Registry:
         return adapter
 
     def shapes(self, base_model: str) -> dict[str, tuple[int, int]]:
-        """Module -> (d_in, d_out) established by the adapters of `base_model`."""
+        """Module -> (d_in, d_out) established by the current adapters of `base_model`."""
         rows = self._db.execute(
-            "SELECT module, d_in, d_out FROM module_shapes WHERE base_model = ?", (base_model,)
+            "SELECT DISTINCT module, d_in, d_out FROM adapter_modules "
+            "JOIN adapters ON adapters.id = adapter_id WHERE base_model = ?",
+            (base_model,),
         )
         return {r[0]: (r[1], r[2]) for r in rows}
 
@@ -278,9 +296,30 @@ class Registry:
         adapter = adapter.with_meta(**changes)
         validate(adapter, self.limits)
         check_shapes_match(adapter, self.shapes(adapter.base_model.name), adapter.base_model.name)
+        if not replace and name in self:
+            raise DuplicateNameError(f"an adapter named {name!r} exists; pass replace=True (--replace)")
         embedding = embed_meta(adapter.meta, self.embedder) if self.embedder else None
         sha = adapter.sha256()
         self._write_blob(adapter, sha)
+        try:
+            row_id, old, generation = self._commit(name, sha, adapter, embedding, replace)
+        except AdapterError:
+            self._collect_blob(sha)  # refused under the lock: leave no orphan blob
+            raise
+        self._update_index(generation, add=(row_id, embedding), remove=old and old["id"])
+        if old is not None and old["sha256"] != sha:
+            self._collect_blob(old["sha256"])
+        return self.get(name)
+
+    def _commit(
+        self,
+        name: str,
+        sha: str,
+        adapter: LoraAdapter,
+        embedding: tuple[np.ndarray, int] | None,
+        replace: bool,
+    ) -> tuple[int, sqlite3.Row | None, int]:
+        """The row, in one transaction: (new id, the row it replaced, new generation)."""
         with self._write() as db:
             # Checked again under the write lock: another process may have just written.
             check_shapes_match(
@@ -296,11 +335,7 @@ class Registry:
             if not self.blob_path(sha).exists():  # removed by a concurrent remove
                 self._write_blob(adapter, sha)
             row_id = self._insert(db, name, sha, adapter, embedding)
-            generation = self._bump(db)
-        self._update_index(generation, add=(row_id, embedding), remove=old and old["id"])
-        if old is not None and old["sha256"] != sha:
-            self._collect_blob(old["sha256"])
-        return self.get(name)
+            return row_id, old, self._bump(db)
 
     def remove(self, name: str) -> None:
         """Forget an adapter; its blob goes too unless another name shares it."""
@@ -400,8 +435,8 @@ class Registry:
             ),
         )
         db.executemany(
-            "INSERT OR IGNORE INTO module_shapes VALUES (?,?,?,?)",
-            [(base.name, m, d_in, d_out) for m, (d_in, d_out) in adapter.shapes().items()],
+            "INSERT INTO adapter_modules VALUES (?,?,?,?)",
+            [(cur.lastrowid, m, d_in, d_out) for m, (d_in, d_out) in adapter.shapes().items()],
         )
         if embedding is not None:
             vec, n = embedding

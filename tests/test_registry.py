@@ -208,3 +208,47 @@ def test_adapter_cache_is_bounded_in_bytes_lru_first(tmp_path: Path) -> None:
         cache.get("a2")  # over budget: a1, the least recently used, goes
         assert len(cache) == 2 and cache.nbytes <= 2 * one
         assert cache.get("a0") is first
+
+
+def test_refused_duplicate_name_leaves_no_blob_behind(tmp_path: Path) -> None:
+    from registry import DuplicateNameError
+
+    with Registry(tmp_path) as reg:
+        reg.register(random_adapter(0), name="a")
+        blobs = sorted((tmp_path / "blobs").rglob("*"))
+        with pytest.raises(DuplicateNameError, match="'a'"):
+            reg.register(random_adapter(1), name="a")  # other weights, same name
+        assert sorted((tmp_path / "blobs").rglob("*")) == blobs
+        assert reg.doctor() == []
+
+
+def test_removed_adapters_no_longer_constrain_shapes(tmp_path: Path) -> None:
+    from registry import AdapterShapeError
+
+    with Registry(tmp_path) as reg:
+        reg.register(random_adapter(0, dim=16), name="narrow")
+        with pytest.raises(AdapterShapeError):
+            reg.register(random_adapter(1, dim=24), name="wide")
+        reg.remove("narrow")
+        assert reg.shapes("tiny") == {}
+        reg.register(random_adapter(1, dim=24), name="wide")
+        assert set(reg.shapes("tiny").values()) == {(24, 24)}
+
+
+def test_registries_with_the_old_shape_table_are_migrated(tmp_path: Path) -> None:
+    import sqlite3
+
+    with Registry(tmp_path) as reg:
+        reg.register(random_adapter(0), name="a")
+        expected = reg.shapes("tiny")
+    db = sqlite3.connect(tmp_path / "catalogue.sqlite")
+    db.executescript(
+        "DELETE FROM adapter_modules; CREATE TABLE module_shapes (base_model TEXT, "
+        "module TEXT, d_in INTEGER, d_out INTEGER); INSERT INTO module_shapes "
+        "VALUES ('tiny', 'gone.q_proj', 99, 99);"
+    )
+    db.close()
+    with Registry(tmp_path) as reg:
+        assert reg.shapes("tiny") == expected
+        tables = {r[0] for r in reg._db.execute("SELECT name FROM sqlite_master")}
+    assert "module_shapes" not in tables
