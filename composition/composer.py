@@ -91,21 +91,23 @@ class MultiLoraLinear(nn.Module):
 class _Active:
     """The composition in force inside one `compose()` block."""
 
-    mode: Mode
+    fusion: Tensor | None  # (b,) bool: which rows average parameters; None with a token gate
     path: ComputePath
     gates: Tensor | None  # (b, n)
     token_gate: TokenGate | None
     k: int = 1  # most adapters any row uses
     cache: dict[tuple, object] = field(default_factory=dict)  # per batch size, per module
 
-    def distinct_rows(self, gates: Tensor) -> tuple[Tensor, Tensor | None]:
-        """The distinct gate rows and each row's index among them (None: all distinct).
-        Rows repeat (LoraHub scores every candidate on several examples; many prompts share
-        a routing), and the per-sample factors need building once per distinct row."""
+    def distinct_rows(self, gates: Tensor, fusion: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The distinct (gate row, mode) pairs as rows of [gates | fusion], and each row's
+        index among them (None: all distinct). Rows repeat (LoraHub scores every candidate
+        on several examples; many prompts share a routing), and the per-sample factors need
+        building once per distinct row."""
         key = ("distinct", gates.shape[0])
         if key not in self.cache:
-            rows, inverse = torch.unique(gates, dim=0, return_inverse=True)
-            self.cache[key] = (gates, None) if len(rows) == len(gates) else (rows, inverse)
+            keyed = torch.cat([gates, fusion[:, None].to(gates.dtype)], dim=1)
+            rows, inverse = torch.unique(keyed, dim=0, return_inverse=True)
+            self.cache[key] = (keyed, None) if len(rows) == len(keyed) else (rows, inverse)
         return self.cache[key]
 
     def gates_for(self, batch: int, like: Tensor) -> Tensor:
@@ -113,6 +115,9 @@ class _Active:
         if key not in self.cache:
             self.cache[key] = _expand(self.gates, batch).to(like.device, like.dtype)
         return self.cache[key]
+
+    def fusion_for(self, batch: int) -> Tensor:
+        return _expand(self.fusion, batch)
 
 
 class Composer:
@@ -180,28 +185,30 @@ class Composer:
     def compose(
         self,
         gates: Tensor | None = None,
-        mode: Mode | str = Mode.mixture,
+        mode: Mode | str | Sequence[Mode | str] = Mode.mixture,
         token_gate: TokenGate | None = None,
         path: ComputePath | str = ComputePath.auto,
     ) -> Iterator[None]:
-        """Within the block, every forward pass applies the adapters with these gates."""
+        """Within the block, every forward pass applies the adapters with these gates.
+        `mode` is one for all rows or one per row (mixture and fusion rows share a pass)."""
         if self._active is not None:
             raise AdapterError("compose() blocks do not nest")
         if (gates is None) == (token_gate is None):
             raise GateError("give exactly one of gates (per sample) or token_gate (per token)")
-        mode, path = Mode(mode), ComputePath(path)
-        if token_gate is not None and (
-            mode != Mode.mixture or path in (ComputePath.gathered, ComputePath.merged)
-        ):
-            raise GateError("per-token gates use the dense mixture path")
-        gates = None if gates is None else self._check(gates)
-        path = _choose_path(path, gates)
-        k = _max_nonzero(gates) if gates is not None else len(self.bank)
+        path = ComputePath(path)
+        if token_gate is not None:
+            if _modes(mode, 1).any() or path in (ComputePath.gathered, ComputePath.merged):
+                raise GateError("per-token gates use the dense mixture path")
+            fusion, k = None, len(self.bank)
+        else:
+            gates = self._check(gates)
+            fusion, k = _modes(mode, len(gates)), _max_nonzero(gates)
+            path = _choose_path(path, gates, fusion)
         # One state for every path: nesting and detach() are refused inside any block.
-        self._active = _Active(mode, path, gates, token_gate, k)
+        self._active = _Active(fusion, path, gates, token_gate, k)
         try:
             if path == ComputePath.merged:
-                with self._merged(gates[0], mode):
+                with self._merged(gates[0], Mode.fusion if fusion[0] else Mode.mixture):
                     yield
             else:
                 yield
@@ -241,7 +248,7 @@ class Composer:
             gates = active.token_gate(name, x3).to(x3.dtype)
             return add_dense(out3, x3, stack, gates).view(out.shape)
         gates = active.gates_for(x3.shape[0], x3)
-        if active.mode == Mode.mixture and _use_dense(active, stack):
+        if not active.fusion.any() and _use_dense(active, stack):
             return add_dense(out3, x3, stack, gates).view(out.shape)
         At, Bt = self._factors(active, name, stack, gates)
         return add_gathered(out3, x3, At, Bt).view(out.shape)
@@ -252,22 +259,48 @@ class Composer:
         """Per-sample factors, made once per block and batch size (decode steps reuse them)."""
         key = (name, gates.shape[0])
         if key not in active.cache:
-            rows, inverse = active.distinct_rows(gates)
-            if active.mode == Mode.fusion:
-                At, Bt = gather_fusion(stack, rows)
-            else:
-                _, idx = rows.abs().topk(active.k, dim=1)
-                At, Bt = gather_mixture(stack, idx, rows.gather(1, idx))
+            keyed, inverse = active.distinct_rows(gates, active.fusion_for(gates.shape[0]))
+            At, Bt = row_factors(stack, keyed[:, :-1], keyed[:, -1] > 0, active.k)
             active.cache[key] = (At[inverse], Bt[inverse]) if inverse is not None else (At, Bt)
         return active.cache[key]
 
 
-def _choose_path(path: ComputePath, gates: Tensor | None) -> ComputePath:
-    """`auto` merges when every row has the same gates and gradients are off: the delta is
-    folded into the weights outside autograd, so nothing inside the block would get one."""
-    same = gates is not None and bool((gates == gates[:1]).all())
+def row_factors(s: ModuleStack, gates: Tensor, fusion: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Per-row factors for rows that mix outputs (top-k adapters) or average parameters
+    (`fusion`), zero-padded to one width K: gates (b, n), fusion (b,) bool ->
+    At (b, d_in, K), Bt (b, K, d_out)."""
+    if fusion.all():
+        return gather_fusion(s, gates)
+    _, idx = gates.abs().topk(k, dim=1)
+    At, Bt = gather_mixture(s, idx, gates.gather(1, idx))
+    if not fusion.any():
+        return At, Bt
+    fAt, fBt = gather_fusion(s, gates[fusion])
+    width = max(At.shape[2], fAt.shape[2])
+    At = torch.nn.functional.pad(At, (0, width - At.shape[2]))
+    Bt = torch.nn.functional.pad(Bt, (0, 0, 0, width - Bt.shape[1]))
+    At[fusion] = torch.nn.functional.pad(fAt, (0, width - fAt.shape[2]))
+    Bt[fusion] = torch.nn.functional.pad(fBt, (0, 0, 0, width - fBt.shape[1]))
+    return At, Bt
+
+
+def _modes(mode: Mode | str | Sequence[Mode | str], batch: int) -> Tensor:
+    """(batch,) bool: which rows use fusion; one mode for all rows or one per row."""
+    if isinstance(mode, str):
+        return torch.full((batch,), Mode(mode) == Mode.fusion)
+    if len(mode) != batch:
+        raise GateError(f"{len(mode)} modes for {batch} rows")
+    return torch.tensor([Mode(m) == Mode.fusion for m in mode], dtype=torch.bool)
+
+
+def _choose_path(path: ComputePath, gates: Tensor, fusion: Tensor) -> ComputePath:
+    """`auto` merges when every row has the same gates and mode and gradients are off: the
+    delta is folded into the weights outside autograd, so nothing in the block gets one."""
+    same = bool((gates == gates[:1]).all()) and bool((fusion == fusion[0]).all())
+    if path == ComputePath.dense and fusion.any():
+        raise GateError("fusion rows need the gathered path")
     if path == ComputePath.merged and not same:
-        raise GateError("the merged path needs the same gates on every row")
+        raise GateError("the merged path needs the same gates and mode on every row")
     if path == ComputePath.merged and torch.is_grad_enabled():
         raise GateError("the merged path works with gradients off (torch.no_grad())")
     if path == ComputePath.auto and same and not torch.is_grad_enabled():

@@ -310,3 +310,23 @@ def test_gates_that_need_gradients_get_them_even_when_every_row_is_the_same() ->
     with pytest.raises(GateError, match="gradients off"), composer.compose(gates, path="merged"):
         pass
     composer.detach()
+
+
+def test_mixture_and_fusion_rows_share_one_pass_and_equal_each_row_alone() -> None:
+    torch.manual_seed(0)
+    model, adapters = OneLayer(), layer_adapters()
+    x = torch.randn(4, 3, 12)
+    gates = torch.tensor(
+        [[0.5, 0.5, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0], [0.0, 0.2, 0.8, 0.0], [1.0, 0.0, 0, 0]]
+    )
+    modes = ["fusion", "mixture", "fusion", "mixture"]
+    composer = Composer.attach(model, adapters)
+    with torch.no_grad():
+        with composer.compose(gates, mode=modes):
+            together = model(x)
+        for i, m in enumerate(modes):
+            with composer.compose(gates[i : i + 1], mode=m, path="gathered"):
+                torch.testing.assert_close(together[i : i + 1], model(x[i : i + 1]))
+        with composer.compose(gates[:1], mode="mixture"):  # row 0's gates, the other mode
+            assert not torch.allclose(together[:1], model(x[:1]))
+    composer.detach()
