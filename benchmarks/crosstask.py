@@ -24,8 +24,8 @@ from pathlib import Path
 from _common import RESULTS, print_table, target, write_result
 
 from lorahub.evaluate import EvalConfig, evaluate, write_report
+from lorahub.gating import GateConfig
 from lorahub.hub import Hub
-from lorahub.learn import GateConfig
 from lorahub.models import DEFAULT_MODEL
 from lorahub.tasks import fetch_bigbench, load_task, require_dev_task
 from lorahub.zoo import register_zoo

@@ -51,7 +51,7 @@ def main() -> None:
         base = evaluate(hub, tasks, replace(cfg, methods=("oracle", "selection")))["summary"]
         summary.update(base)
         for label, rcfg in WEIGHTINGS.items():
-            hub.retriever.config = rcfg
+            hub.router.config = rcfg
             res = evaluate(hub, tasks, replace(cfg, methods=("mixture",)))["summary"]["mixture"]
             summary[f"mixture_{label}"] = res
             print(label, res, flush=True)

@@ -1,4 +1,5 @@
-"""The `loraplex` command line.
+"""The `loraplex` command line: the parser and `main`; the handlers live in
+`lorahub.commands`.
 
 Exit codes: 0 success, 1 user error (one line on stderr naming the problem), 2 bad usage.
 Every command takes `--registry DIR` (default `$LORAPLEX_HOME/registry`, else the user
@@ -8,382 +9,33 @@ cache) and, where it lists things, `--json`.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from registry import AdapterError, Registry, write_peft_folder
-from router import SentenceEmbedder
+from lorahub.commands import (
+    cmd_demo,
+    cmd_doctor,
+    cmd_eval,
+    cmd_generate,
+    cmd_learn,
+    cmd_list,
+    cmd_merge,
+    cmd_register,
+    cmd_remove,
+    cmd_route,
+    cmd_search,
+    cmd_show,
+    cmd_train,
+    cmd_train_retriever,
+    default_registry,
+)
+from registry import AdapterError
+from router import ROUTERS
 
-
-def default_registry() -> Path:
-    home = os.environ.get("LORAPLEX_HOME")
-    if home:
-        return Path(home) / "registry"
-    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache) / "loraplex" / "registry"
-
-
-def read_examples(path: Path) -> list[str]:
-    """Example inputs from a .txt (one per line) or .jsonl (objects with `input`)."""
-    try:
-        lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    except (OSError, UnicodeDecodeError) as e:
-        raise AdapterError(f"{path}: cannot read examples: {e}") from None
-    if path.suffix != ".jsonl":
-        return lines
-    out = []
-    for i, line in enumerate(lines, 1):
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise AdapterError(f"{path}:{i}: malformed JSON: {e}") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("input"), str):
-            raise AdapterError(f"{path}:{i}: expected an object with a string 'input'")
-        out.append(obj["input"])
-    return out
-
-
-def print_table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> None:
-    cells = [[str(c) for c in r] for r in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
-    for r in [list(headers), ["-" * w for w in widths], *cells]:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
-
-
-def open_registry(args: argparse.Namespace) -> Registry:
-    return Registry(args.registry, embedder=SentenceEmbedder())
-
-
-def cmd_register(args: argparse.Namespace) -> int:
-    examples = read_examples(Path(args.examples)) if args.examples else None
-    tags = [t.strip() for t in args.tags.split(",") if t.strip()] if args.tags else None
-    with open_registry(args) as reg:
-        rec = reg.register(
-            args.source,
-            name=args.name,
-            examples=examples,
-            description=args.description,
-            tags=tags,
-            replace=args.replace,
-        )
-        reg.save_index()
-    if args.json:
-        print(json.dumps(rec.to_json()))
-    else:
-        print(
-            f"registered {rec.name} (rank {rec.rank}, {rec.n_modules} modules, "
-            f"sha256 {rec.sha256[:12]})"
-        )
-    return 0
-
-
-def cmd_list(args: argparse.Namespace) -> int:
-    with Registry(args.registry) as reg:
-        records = reg.list()
-    if args.json:
-        print(json.dumps([r.to_json() for r in records]))
-        return 0
-    rows = [
-        (r.name, r.rank, ",".join(r.targets), r.base_model.name, r.meta.task or "", r.sha256[:12])
-        for r in records
-    ]
-    print_table(rows, ["name", "rank", "targets", "base_model", "task", "sha256"])
-    return 0
-
-
-def cmd_show(args: argparse.Namespace) -> int:
-    with Registry(args.registry) as reg:
-        rec = reg.get(args.name)
-    info = rec.to_json()
-    if args.json:
-        print(json.dumps(info))
-    else:
-        for key, value in info.items():
-            print(f"{key:12} {value}")
-    return 0
-
-
-def cmd_remove(args: argparse.Namespace) -> int:
-    with Registry(args.registry) as reg:
-        reg.remove(args.name)
-    print(f"removed {args.name}")
-    return 0
-
-
-def cmd_search(args: argparse.Namespace) -> int:
-    if not args.text.strip():
-        raise AdapterError("search text is empty")
-    with open_registry(args) as reg:
-        hits = reg.search(args.text, k=args.k)
-        reg.save_index()
-    if args.json:
-        print(json.dumps([{"name": n, "score": s} for n, s in hits]))
-    else:
-        print_table([(n, f"{s:.3f}") for n, s in hits], ["name", "score"])
-    return 0
-
-
-def cmd_merge(args: argparse.Namespace) -> int:
-    from composition import MergeConfig, merge
-
-    weights = [float(w) for w in args.weights.split(",")] if args.weights else None
-    with Registry(args.registry) as reg:
-        adapters = [reg.load(name) for name in args.names]
-    result = merge(
-        adapters,
-        weights,
-        args.method,
-        MergeConfig(rank=args.rank, density=args.density, seed=args.seed),
-    )
-    write_peft_folder(result.adapter, args.out)
-    worst = max(result.rel_error.values())
-    if args.json:
-        print(
-            json.dumps(
-                {
-                    "out": str(args.out),
-                    "method": args.method,
-                    "rank": result.adapter.rank,
-                    "max_rel_error": worst,
-                    "rel_error": result.rel_error,
-                }
-            )
-        )
-    else:
-        print(
-            f"wrote {args.out} ({args.method}, rank {result.adapter.rank}, "
-            f"max relative error {worst:.2e} over {len(result.rel_error)} modules)"
-        )
-    return 0
-
-
-def _routings_table(prompts: list[str], routings: list, texts: list[str] | None = None) -> None:
-    rows = []
-    for i, (p, r) in enumerate(zip(prompts, routings, strict=True)):
-        chosen = ", ".join(f"{n} {w:.2f}" for n, w in zip(r.adapters, r.weights, strict=True))
-        rows.append([_clip(p, 48), chosen or "(none)"] + ([_clip(texts[i], 40)] if texts else []))
-    print_table(rows, ["prompt", "adapters"] + (["answer"] if texts else []))
-
-
-def _clip(text: str, n: int) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= n else text[: n - 1] + "…"
-
-
-def cmd_route(args: argparse.Namespace) -> int:
-    from router import ClassifierRouter, Retriever
-
-    if not args.prompt.strip():
-        raise AdapterError("the prompt is empty")
-    with open_registry(args) as reg:
-        if args.router == "classifier":
-            if not args.classifier:
-                raise AdapterError(
-                    "--router classifier needs --classifier DIR (a saved ClassifierRouter)"
-                )
-            routing = ClassifierRouter.load(args.classifier, reg.embedder).route(
-                [args.prompt], k=args.k
-            )[0]
-        else:
-            routing = Retriever(reg).route([args.prompt], k=args.k)[0]
-    if args.json:
-        print(json.dumps(routing.to_json()))
-    else:
-        _routings_table([args.prompt], [routing])
-    return 0
-
-
-def cmd_generate(args: argparse.Namespace) -> int:
-    from lorahub.hub import Hub
-
-    prompts = list(args.prompt) + (read_examples(Path(args.prompts)) if args.prompts else [])
-    if not prompts:
-        raise AdapterError("no prompts: give PROMPT arguments or --prompts FILE")
-    hub = Hub.open(registry=args.registry, base_model=args.base_model)
-    try:
-        answers = hub.generate(
-            prompts, k=args.k, compose=args.compose, max_new_tokens=args.max_new_tokens
-        )
-    finally:
-        hub.close()
-    if args.json:
-        print(
-            json.dumps(
-                [{"prompt": a.prompt, "text": a.text, **a.routing.to_json()} for a in answers]
-            )
-        )
-    else:
-        _routings_table(prompts, [a.routing for a in answers], [a.text for a in answers])
-    return 0
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    from lorahub.models import load_base_model
-    from lorahub.tasks import bigbench_cache, load_task, require_dev_task
-    from lorahub.train import TrainConfig, save_adapter, train_lora
-
-    task = load_task(args.task, Path(args.tasks_dir) if args.tasks_dir else None)
-    source = Path(args.task)
-    if not source.exists():  # a BIG-bench task by name: only dev-list tasks may be trained on
-        require_dev_task(str(args.task))
-    elif source.resolve().is_relative_to(bigbench_cache().resolve()):
-        require_dev_task(source.resolve().parent.relative_to(bigbench_cache().resolve()).as_posix())
-    cfg = TrainConfig(
-        rank=args.rank,
-        alpha=args.alpha or 2.0 * args.rank,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        loraplus_ratio=args.loraplus_ratio,
-        targets=tuple(args.targets.split(",")),
-        seed=args.seed,
-    )
-    base = load_base_model(args.base_model)
-    result = train_lora(
-        base, list(task.examples), cfg, checkpoint_dir=Path(args.out) / "checkpoint"
-    )
-    adapter = result.adapter.with_meta(
-        task=task.name,
-        description=task.description or task.name,
-        examples=tuple(ex.input for ex in task.examples[:24]),
-    )
-    save_adapter(adapter, Path(args.out))
-    msg = {
-        "out": str(args.out),
-        "steps": cfg.steps,
-        "final_loss": result.losses[-1],
-        "seconds": round(result.seconds, 1),
-    }
-    print(
-        json.dumps(msg)
-        if args.json
-        else f"wrote {args.out}: {cfg.steps} steps, loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f} "
-        f"in {result.seconds:.0f}s"
-    )
-    return 0
-
-
-def cmd_train_retriever(args: argparse.Namespace) -> int:
-    from router.training import RetrieverTrainConfig, train_retriever
-
-    with Registry(args.registry) as reg:
-        examples = {r.name: list(r.meta.examples) for r in reg.list() if len(r.meta.examples) >= 2}
-    embedder = train_retriever(examples, args.out, config=RetrieverTrainConfig(epochs=args.epochs))
-    print(
-        f"wrote {args.out} (trained on {len(examples)} adapters); use it with "
-        f"SentenceEmbedder(model={str(args.out)!r})"
-        if not args.json
-        else json.dumps({"out": str(args.out), "adapters": len(examples), "embedder": embedder.id})
-    )
-    return 0
-
-
-def cmd_doctor(args: argparse.Namespace) -> int:
-    with open_registry(args) as reg:
-        problems = reg.doctor(repair=args.repair)
-    if args.json:
-        print(json.dumps({"problems": problems, "repaired": args.repair}))
-    else:
-        for p in problems:
-            print(p)
-        print(
-            f"{len(problems)} problem(s){' repaired where possible' if args.repair and problems else ''}"
-        )
-    unrepairable = [p for p in problems if not p.startswith(("orphan", "temp", "stale"))]
-    return 1 if unrepairable or (problems and not args.repair) else 0
-
-
-def cmd_learn(args: argparse.Namespace) -> int:
-    from lorahub.learn import LoraHubConfig, learn_weights
-    from lorahub.models import load_base_model
-    from lorahub.tasks import load_jsonl
-
-    examples = list(load_jsonl(Path(args.examples)).examples)
-    names = [n.strip() for n in args.adapters.split(",") if n.strip()]
-    with Registry(args.registry) as reg:
-        adapters = [reg.load(n) for n in names]
-    cfg = LoraHubConfig(steps=args.steps, composition=args.composition, seed=args.seed)
-    result = learn_weights(load_base_model(args.base_model), adapters, examples, cfg)
-    write_peft_folder(
-        result.adapter.with_meta(
-            description=f"LoraHub composition of {', '.join(names)}",
-            extra={
-                "lorahub": {
-                    "adapters": names,
-                    "weights": result.weights,
-                    "objective": result.objective,
-                }
-            },
-        ),
-        args.out,
-    )
-    info = {
-        "out": str(args.out),
-        "weights": dict(zip(names, result.weights, strict=True)),
-        "objective": result.objective,
-        "loss": result.loss,
-        "evaluations": len(result.history),
-        "seconds": round(result.seconds, 1),
-    }
-    if args.json:
-        print(json.dumps(info))
-    else:
-        print_table([(n, f"{w:+.3f}") for n, w in info["weights"].items()], ["adapter", "weight"])
-        print(
-            f"objective {result.objective:.4f} after {len(result.history)} evaluations "
-            f"({result.seconds:.0f}s); wrote {args.out}"
-        )
-    return 0
-
-
-def cmd_eval(args: argparse.Namespace) -> int:
-    from lorahub.evaluate import EvalConfig, evaluate, write_report
-    from lorahub.hub import Hub
-    from lorahub.tasks import fetch_bigbench, load_task, require_dev_task
-
-    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    bigbench = [n for n in names if not n.endswith(".jsonl")]
-    if args.protocol == "fewshot":  # learning from a task's examples is tuning on it
-        for n in bigbench:
-            require_dev_task(n)
-    tasks_dir = Path(args.tasks_dir) if args.tasks_dir else None
-    if tasks_dir is None:
-        fetch_bigbench(bigbench)
-    tasks = [load_task(n, tasks_dir) for n in names]
-    methods = tuple(m.strip() for m in args.methods.split(",")) if args.methods else None
-    cfg = EvalConfig(
-        protocol=args.protocol,
-        methods=methods,
-        k=args.k,
-        limit=args.limit,
-        shots=args.shots,
-        candidates=args.candidates,
-        seed=args.seed,
-    )
-    hub = Hub.open(registry=args.registry, base_model=args.base_model)
-    try:
-        out = write_report(evaluate(hub, tasks, cfg), args.out)
-    finally:
-        hub.close()
-    summary = json.loads((out / "results.json").read_text())["summary"]
-    if args.json:
-        print(json.dumps({"out": str(out), "summary": summary}))
-    else:
-        print_table(
-            [(m, f"{s.get('accuracy', float('nan')):.3f}") for m, s in summary.items()],
-            ["method", "accuracy"],
-        )
-        print(f"report in {out}")
-    return 0
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from lorahub.demo import run_demo
-
-    return run_demo(args.registry if args.registry_given else None)
+# What a user's mistake raises (a bad file, name, value or path); anything else is a bug
+# and keeps its traceback.
+USER_ERRORS = (AdapterError, ValueError, OSError)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -434,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("route", parents=[common], help="which adapters a prompt gets")
     s.add_argument("prompt")
     s.add_argument("-k", type=int, default=3, help="adapters per prompt (default 3)")
-    s.add_argument("--router", choices=["retriever", "classifier"], default="retriever")
+    s.add_argument("--router", choices=sorted(ROUTERS), default="retriever")
     s.add_argument("--classifier", help="folder of a saved ClassifierRouter")
     s.set_defaults(func=cmd_route)
 
@@ -446,7 +98,11 @@ def _parser() -> argparse.ArgumentParser:
         "--compose", choices=["mixture", "fusion", "selection", "none"], default="mixture"
     )
     s.add_argument("--base-model", default="smollm2-135m-instruct", help="name, path or Hub id")
+    s.add_argument("--router", choices=sorted(ROUTERS), default="retriever")
     s.add_argument("--max-new-tokens", type=int, default=32)
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--seed", type=int, help="makes sampling repeatable")
     s.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("train", parents=[common], help="train a LoRA adapter on a task")
@@ -494,7 +150,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--steps", type=int, default=40, help="evaluations (default 40, as the reference)"
     )
-    s.add_argument("--composition", choices=["elementwise", "delta"], default="elementwise")
+    s.add_argument(
+        "--mode",
+        choices=["fusion", "mixture"],
+        default="fusion",
+        help="fusion: sum w_i A_i, sum w_i B_i (the reference); mixture: sum w_i B_i A_i",
+    )
+    s.add_argument("--optimizer", default="NGOpt", help="a nevergrad optimizer (default NGOpt)")
     s.add_argument("--base-model", default="smollm2-135m-instruct")
     s.add_argument("--seed", type=int, default=42)
     s.set_defaults(func=cmd_learn)
@@ -534,8 +196,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except (AdapterError, ValueError) as e:
-        print(f"loraplex: error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"loraplex: error: {message}", file=sys.stderr)
         return 1
 
 

@@ -27,9 +27,8 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 
@@ -37,13 +36,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from composition import Composer, TokenGate
 from lorahub import inference
+from lorahub.applied import Applied, attached
+from lorahub.gating import GateConfig, train_gate
 from lorahub.hub import Hub
-from lorahub.learn import GateConfig, LoraHubConfig, learn_weights, train_gate
+from lorahub.learn import LoraHubConfig, learn_weights
 from lorahub.tasks import Example, Task, TaskKind
-from registry import LoraAdapter
-from router import Routing, arrow_gate
+from router import ArrowConfig, Routing
 
 
 class Protocol(StrEnum):
@@ -159,82 +158,61 @@ def _routings_for(
         [[it.own] if it.own else [] for it in items] if cfg.protocol != Protocol.iid else None
     )
     names = candidates or hub.registry.names()
+    pools = [[n for n in names if n not in (ex or [])] for ex in exclude_each or [[]] * len(items)]
     table: dict[str, Callable[[], list[Routing]]] = {
         "base": lambda: [Routing()] * len(items),
         "oracle": lambda: [Routing((it.own,), (1.0,)) if it.own else Routing() for it in items],
         "selection": lambda: hub.route(prompts, 1, "selection", exclude_each=exclude_each),
         "mixture": lambda: hub.route(prompts, cfg.k, "mixture", exclude_each=exclude_each),
         "fusion": lambda: hub.route(prompts, cfg.k, "fusion", exclude_each=exclude_each),
-        "uniform": lambda: [
-            _uniform([n for n in names if n not in (ex or [])])
-            for ex in (exclude_each or [[]] * len(items))
-        ],
+        "uniform": lambda: [_prior(pool) for pool in pools],
+        # Arrow is data-free: each prompt's pool, gated per token inside the pass
+        "arrow": lambda: [replace(_prior(pool), per_token=ArrowConfig()) for pool in pools],
     }
     return table[method]()
 
 
-def _uniform(names: list[str]) -> Routing:
+def _prior(names: list[str]) -> Routing:
     return Routing(tuple(names), tuple([1.0 / len(names)] * len(names))) if names else Routing()
 
 
 def _score_items(
     hub: Hub,
     items: list[Item],
-    mode: str,
-    applied: tuple[Composer | None, torch.Tensor | None, TokenGate | None],
     cfg: EvalConfig,
+    compose: str = "mixture",
+    routings: list[Routing] | None = None,
+    applied: Applied | None = None,
 ) -> list[bool]:
-    """Right or wrong per item under `applied` = (composer, per-item gates, token gate):
-    option log-likelihood for MC, exact match otherwise."""
-    composer, gates, token_gate = applied
+    """Right or wrong per item through `Hub.score` (MC: option log-likelihood) and
+    `Hub.generate` (exact match), under `routings` or an `applied` composition."""
     mc = [i for i, it in enumerate(items) if it.example.answer is not None]
     gen = [i for i, it in enumerate(items) if it.example.answer is None]
     right = [False] * len(items)
-    kw = {
-        "composer": composer,
-        "mode": mode,
-        "batch_size": cfg.batch_size,
-        "token_gate": token_gate,
-    }
+
+    def given(rows: list[int]) -> dict:
+        return {
+            "compose": compose,
+            "routings": [routings[i] for i in rows] if routings is not None else None,
+            "applied": applied,
+            "batch_size": cfg.batch_size,
+        }
+
     if mc:
-        scores = inference.option_logprobs(
-            hub.base,
+        scores = hub.score(
             [items[i].example.input for i in mc],
             [items[i].example.options for i in mc],
-            gates=gates[mc] if gates is not None else None,
-            **kw,
+            **given(mc),
         )
         for i, s in zip(mc, scores, strict=True):
             right[i] = int(np.argmax(s)) == items[i].example.answer
     if gen:
-        texts = inference.generate(
-            hub.base,
-            [items[i].example.input for i in gen],
-            gates=gates[gen] if gates is not None else None,
-            max_new_tokens=cfg.max_new_tokens,
-            **kw,
+        answers = hub.generate(
+            [items[i].example.input for i in gen], max_new_tokens=cfg.max_new_tokens, **given(gen)
         )
-        for i, t in zip(gen, texts, strict=True):
-            right[i] = inference.exact_match(t, items[i].example.targets)
+        for i, a in zip(gen, answers, strict=True):
+            right[i] = inference.exact_match(a.text, items[i].example.targets)
     return right
-
-
-@contextmanager
-def _attached(
-    hub: Hub, adapters: list[LoraAdapter], names: list[str], gates=None, token_gate=None
-) -> Iterator[tuple]:
-    composer = Composer.attach(hub.base.model, adapters, names)
-    try:
-        yield composer, gates, token_gate
-    finally:
-        composer.detach()
-
-
-def _arrow(hub: Hub, names: list[str], shots: list[Example], n: int, cfg: EvalConfig):
-    """Arrow's data-free per-token gate over the adapters (it learns nothing from shots)."""
-    adapters = [hub.adapters.get(x) for x in names]
-    gate = arrow_gate(adapters, registry=hub.registry)
-    return _attached(hub, adapters, names, None, gate), {}
 
 
 def _learn_lorahub(hub: Hub, names: list[str], shots: list[Example], n: int, cfg: EvalConfig):
@@ -247,7 +225,7 @@ def _learn_lorahub(hub: Hub, names: list[str], shots: list[Example], n: int, cfg
         "evaluations": len(result.history),
         "seconds": round(result.seconds, 1),
     }
-    return _attached(hub, [result.adapter], ["lorahub"], torch.ones(n, 1)), info
+    return attached(hub.base.model, [result.adapter], ["lorahub"], torch.ones(n, 1)), info
 
 
 def _learn_gated(hub: Hub, names: list[str], shots: list[Example], n: int, cfg: EvalConfig):
@@ -259,12 +237,12 @@ def _learn_gated(hub: Hub, names: list[str], shots: list[Example], n: int, cfg: 
         "final_loss": result.losses[-1],
         "seconds": round(result.seconds, 1),
     }
-    return _attached(hub, adapters, names, None, result.gate), info
+    return attached(hub.base.model, adapters, names, token_gate=result.gate), info
 
 
-# Methods applied task by task: (hub, adapter names, shots, prompts, cfg) -> (context that
-# yields (composer, gates, token gate), what was learned).
-PER_TASK = {"arrow": _arrow, "lorahub": _learn_lorahub, "gated": _learn_gated}
+# Methods learned task by task: (hub, adapter names, shots, prompts, cfg) -> (context that
+# yields the `Applied` composition, what was learned).
+PER_TASK = {"lorahub": _learn_lorahub, "gated": _learn_gated}
 
 
 def _per_task(
@@ -283,12 +261,11 @@ def _per_task(
         names = [
             n for n in pool if cfg.protocol == Protocol.iid or n not in {it.own for it in mine}
         ]
-        shots = task.split(cfg.holdout, cfg.split_seed)[0][: cfg.shots] if method in LEARNED else []
+        shots = task.split(cfg.holdout, cfg.split_seed)[0][: cfg.shots]
         context, info = PER_TASK[method](hub, names, shots, len(mine), cfg)
-        if shots:
-            learned[task.name] = {**info, "shots": [ex.input for ex in shots]}
+        learned[task.name] = {**info, "shots": [ex.input for ex in shots]}
         with context as applied, torch.inference_mode():
-            right = _score_items(hub, mine, "mixture", applied, cfg)
+            right = _score_items(hub, mine, cfg, applied=applied)
         for it, ok in zip(mine, right, strict=True):
             it.right[method], it.routed[method] = ok, tuple(names)
     return learned
@@ -308,11 +285,10 @@ def evaluate(
             for task, info in _per_task(hub, method, tasks, items, pool, cfg).items():
                 learned[task][method] = info
             continue
-        mode = "fusion" if method == "fusion" else "mixture"
+        compose = "fusion" if method == "fusion" else "mixture"
         with torch.inference_mode():
             routings = _routings_for(hub, method, items, cfg, candidates)
-            with hub.composed(routings) as (composer, gates):
-                right = _score_items(hub, items, mode, (composer, gates, None), cfg)
+            right = _score_items(hub, items, cfg, compose, routings)
         for it, ok, r in zip(items, right, routings, strict=True):
             it.right[method], it.routed[method] = ok, r.adapters
     results = report_dict(items, list(cfg.methods), tasks, cfg)

@@ -7,6 +7,7 @@
 
 Every prompt is routed on its own; the adapters the batch needs are stacked once and the
 whole mixed batch is answered in one batched `generate` (each row with its composition).
+The path, for every caller: routings -> `Hub.composed` -> `Applied` -> `Composer.compose`.
 """
 
 from __future__ import annotations
@@ -19,20 +20,41 @@ from enum import StrEnum
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from composition import Composer, get_layer
+from composition import Mode, get_layer
 from lorahub import inference
+from lorahub.applied import NOTHING, Applied, attached
+from lorahub.inference import Sampling
 from lorahub.models import DEFAULT_MODEL, BaseModel, load_base_model, loraplex_home
 from registry import AdapterCache, AdapterError, BaseModelMismatchError, Embedder, Registry
-from router import Retriever, RetrieverConfig, Routing, SentenceEmbedder
+from router import Router, RouterOptions, Routing, SentenceEmbedder, arrow_gate, make_router
 
 
 class Compose(StrEnum):
+    """What the user asks for. Each maps (COMPOSE) to how many adapters the router picks
+    and the composer's `Mode` (how the picked adapters act)."""
+
     mixture = "mixture"  # top-k adapters, outputs mixed by the routing weights
     fusion = "fusion"  # top-k adapters, parameters averaged per prompt (LoraRetriever)
     selection = "selection"  # the top-1 adapter
     none = "none"  # the base model alone
+
+
+# compose -> (adapters per prompt: None = the caller's k, composer mode)
+COMPOSE: dict[Compose, tuple[int | None, Mode | None]] = {
+    Compose.mixture: (None, Mode.mixture),
+    Compose.fusion: (None, Mode.fusion),
+    Compose.selection: (1, Mode.mixture),
+    Compose.none: (0, None),
+}
+
+
+def compose_choice(compose: Compose | str) -> Compose:
+    try:
+        return Compose(compose)
+    except ValueError:
+        raise ValueError(f"unknown composition {compose!r}; choose from {list(Compose)}") from None
 
 
 @dataclass(frozen=True)
@@ -59,14 +81,18 @@ def _fits(model: nn.Module, shapes: dict[str, tuple[int, int]]) -> bool:
 
 
 class Hub:
-    def __init__(self, registry: Registry, base: BaseModel, retriever: Retriever) -> None:
+    """A base model, a registry of adapters for it, and a router (any `Router`)."""
+
+    def __init__(self, registry: Registry, base: BaseModel, router: Router) -> None:
         self.registry = registry
         self.base = base
-        self.retriever = retriever
+        self.router = router
         self.adapters = AdapterCache(registry)
         self.base_models = self._compatible_base_models()
-        all_bases = {r.base_model.name for r in registry.list()}
-        self._only = None if set(self.base_models) == all_bases else self.base_models
+        # adapters made for other base models: excluded from every routing
+        self._unfit = tuple(
+            r.name for r in registry.list() if r.base_model.name not in self.base_models
+        )
 
     @classmethod
     def open(
@@ -74,9 +100,11 @@ class Hub:
         registry: str | Path | Registry | None = None,
         base_model: str | BaseModel = DEFAULT_MODEL,
         embedder: Embedder | None = None,
-        retriever: RetrieverConfig | None = None,
+        router: str = "retriever",
+        router_options: RouterOptions | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> Hub:
+        """`router`: a name from `router.ROUTERS` (retriever, classifier, arrow)."""
         if not isinstance(registry, Registry):
             registry = Registry(
                 registry or loraplex_home() / "registry", embedder=embedder or SentenceEmbedder()
@@ -84,7 +112,7 @@ class Hub:
         base = (
             base_model if isinstance(base_model, BaseModel) else load_base_model(base_model, dtype)
         )
-        return cls(registry, base, Retriever(registry, retriever))
+        return cls(registry, base, make_router(router, registry, router_options))
 
     def _compatible_base_models(self) -> list[str]:
         """Base-model names in the registry whose adapters fit the loaded model (checked on
@@ -113,31 +141,46 @@ class Hub:
         exclude: Sequence[str] = (),
         exclude_each: Sequence[Sequence[str]] | None = None,
     ) -> list[Routing]:
-        compose = Compose(compose)
-        if compose == Compose.none or not self.base_models:
+        """One Routing per prompt from the hub's router; `exclude` drops adapters for every
+        prompt, `exclude_each[i]` for prompt i only."""
+        n_adapters, _ = COMPOSE[compose_choice(compose)]
+        if n_adapters == 0 or not self.base_models:
             return [Routing()] * len(prompts)
-        k = 1 if compose == Compose.selection else k
-        # only adapters that fit the loaded model may be chosen (no filter, and so the faiss
-        # index, when every registered adapter fits)
-        return self.retriever.route(
-            prompts, k=k, exclude=exclude, exclude_each=exclude_each, base_model=self._only
-        )
+        if exclude_each is not None and len(exclude_each) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(exclude_each)} exclusion lists")
+        banned = (*exclude, *self._unfit)
+        each = [(*banned, *(exclude_each[i] if exclude_each else ())) for i in range(len(prompts))]
+        routings = self.router.route(prompts, n_adapters or k, exclude_each=each)
+        if Compose(compose) == Compose.fusion and any(r.per_token for r in routings):
+            raise ValueError("fusion averages parameters per prompt; a per-token router cannot")
+        return routings
 
     @contextmanager
     def composed(
-        self, routings: Sequence[Routing]
-    ) -> Iterator[tuple[Composer | None, Tensor | None]]:
+        self, routings: Sequence[Routing], modes: Sequence[Mode] | Mode = Mode.mixture
+    ) -> Iterator[Applied]:
         """The routed adapters attached to the model (stacked once for the whole batch)
-        and the per-row gates; detached again afterwards."""
+        and what each row gets; detached again afterwards. Per-token routings (Arrow) must
+        all be alike: `groups()` splits a mixed batch."""
         names = list(dict.fromkeys(n for r in routings for n in r.adapters))
         if not names:
-            yield None, None
+            yield NOTHING
             return
-        composer = Composer.attach(self.base.model, [self.adapters.get(n) for n in names], names)
-        try:
-            yield composer, composer.gates_for([r.as_dict() for r in routings])
-        finally:
-            composer.detach()
+        adapters = [self.adapters.get(n) for n in names]
+        per_token = {(r.per_token, r.adapters) for r in routings if r.per_token}
+        if per_token:
+            if len(per_token) > 1 or any(not r.per_token for r in routings):
+                raise ValueError("per-token routings in one composition must all be alike")
+            gate = arrow_gate(adapters, routings[0].per_token, self.registry)
+            with attached(self.base.model, adapters, names, token_gate=gate) as applied:
+                yield applied
+            return
+        gates = torch.zeros(len(routings), len(names))
+        for row, r in enumerate(routings):
+            for name, weight in r.as_dict().items():
+                gates[row, names.index(name)] = weight
+        with attached(self.base.model, adapters, names, gates, modes) as applied:
+            yield applied
 
     # -- answering ----------------------------------------------------------------------------
     def generate(
@@ -148,24 +191,33 @@ class Hub:
         exclude: Sequence[str] = (),
         exclude_each: Sequence[Sequence[str]] | None = None,
         routings: Sequence[Routing] | None = None,
-        max_new_tokens: int = 32,
+        applied: Applied | None = None,
         batch_size: int | None = None,
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop: Sequence[str] = (),
+        seed: int | None = None,
     ) -> list[Answer]:
-        """Route every prompt (or use `routings`), then answer the mixed batch in one
-        batched generate (`batch_size` rows at a time; default all)."""
+        """Route every prompt (or use `routings`, or a composition already `applied`, such
+        as a LoraHub adapter), then answer the mixed batch in batched generates
+        (`batch_size` rows at a time; default all). Greedy unless temperature > 0."""
         if not prompts:
             raise ValueError("no prompts to answer")
-        routings = self._routings(prompts, routings, k, compose, exclude, exclude_each)
-        with self.composed(routings) as (composer, gates):
-            texts = inference.generate(
+        sampling = Sampling(max_new_tokens, temperature, top_p, tuple(stop), seed)
+        routings = self._routings(prompts, routings, k, compose, exclude, exclude_each, applied)
+        texts = self._per_group(
+            routings,
+            compose,
+            applied,
+            lambda rows, applied: inference.generate(
                 self.base,
-                prompts,
-                composer,
-                gates,
-                _mode(compose),
-                max_new_tokens=max_new_tokens,
-                batch_size=batch_size or len(prompts),
-            )
+                [prompts[i] for i in rows],
+                applied,
+                sampling,
+                batch_size=batch_size or len(rows),
+            ),
+        )
         return [Answer(p, t, r) for p, t, r in zip(prompts, texts, routings, strict=True)]
 
     def score(
@@ -177,15 +229,39 @@ class Hub:
         exclude: Sequence[str] = (),
         exclude_each: Sequence[Sequence[str]] | None = None,
         routings: Sequence[Routing] | None = None,
+        applied: Applied | None = None,
+        batch_size: int = 16,
     ) -> list[list[float]]:
         """Log-likelihood of each option after its prompt (multiple choice)."""
         if len(prompts) != len(options):
             raise ValueError(f"{len(prompts)} prompts but {len(options)} option lists")
-        routings = self._routings(prompts, routings, k, compose, exclude, exclude_each)
-        with self.composed(routings) as (composer, gates):
-            return inference.option_logprobs(
-                self.base, prompts, options, composer, gates, _mode(compose)
-            )
+        if any(not opts for opts in options):
+            raise ValueError("every prompt needs at least one option to score")
+        routings = self._routings(prompts, routings, k, compose, exclude, exclude_each, applied)
+        return self._per_group(
+            routings,
+            compose,
+            applied,
+            lambda rows, applied: inference.option_logprobs(
+                self.base,
+                [prompts[i] for i in rows],
+                [options[i] for i in rows],
+                applied,
+                batch_size,
+            ),
+        )
+
+    def _per_group(self, routings, compose, applied, run) -> list:
+        """`run(rows, applied)` for each group of rows that can share one composition."""
+        if applied is not None:
+            return run(list(range(len(routings))), applied)
+        _, mode = COMPOSE[compose_choice(compose)]
+        out: list = [None] * len(routings)
+        for rows in groups(routings):
+            with self.composed([routings[i] for i in rows], mode or Mode.mixture) as applied:
+                for i, value in zip(rows, run(rows, applied), strict=True):
+                    out[i] = value
+        return out
 
     def _routings(
         self,
@@ -195,18 +271,30 @@ class Hub:
         compose: Compose | str,
         exclude: Sequence[str],
         exclude_each: Sequence[Sequence[str]] | None,
+        applied: Applied | None,
     ) -> list[Routing]:
-        """The given routings, or the router's."""
-        if routings is not None:
-            if len(routings) != len(prompts):
-                raise ValueError(f"{len(prompts)} prompts but {len(routings)} routings")
-            return list(routings)
-        return self.route(prompts, k, compose, exclude, exclude_each)
+        """The given routings, or the router's (none when a composition is `applied`)."""
+        compose = compose_choice(compose)
+        if applied is not None:
+            if routings is not None:
+                raise ValueError("give routings or an applied composition, not both")
+            return [Routing()] * len(prompts)
+        if routings is None:
+            return self.route(prompts, k, compose, exclude, exclude_each)
+        if len(routings) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(routings)} routings")
+        if compose == Compose.none and any(r.adapters for r in routings):
+            raise ValueError("compose='none' means no adapter, but routings name adapters")
+        return list(routings)
 
     def close(self) -> None:
         self.registry.close()
 
 
-def _mode(compose: Compose | str) -> str:
-    """The composer's mode for a compose choice (fusion averages parameters per row)."""
-    return "fusion" if Compose(compose) == Compose.fusion else "mixture"
+def groups(routings: Sequence[Routing]) -> list[list[int]]:
+    """Row indices that can share one composition: all per-sample routings together (each
+    row its own gates), and per-token routings by their (config, adapters)."""
+    keyed: dict[object, list[int]] = {}
+    for i, r in enumerate(routings):
+        keyed.setdefault((r.per_token, r.adapters) if r.per_token else None, []).append(i)
+    return list(keyed.values())

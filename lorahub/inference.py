@@ -1,54 +1,82 @@
-"""Batched greedy generation and option scoring, optionally with per-row adapter gates.
+"""Batched generation and option scoring, every row with its own composition.
 
-`gates` is (len(prompts), n) over the adapters of `composer`; every chunk of rows runs in
-one batched forward pass with its own gates (see composition.Composer).
+`applied` (lorahub.applied.Applied) says what each prompt's row gets; every chunk of rows
+runs in one batched forward pass under `applied.rows(chunk)`.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import string
 import warnings
 from collections.abc import Sequence
-from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from composition import Composer, TokenGate
+from lorahub.applied import NOTHING, Applied
 from lorahub.models import BaseModel
 
 
-def _context(
-    composer: Composer | None,
-    gates: Tensor | None,
-    rows: Tensor,
-    mode: str,
-    token_gate: TokenGate | None = None,
-):
-    """The composition for these rows: per-row gates, a per-token gate, or nothing."""
-    if composer is None:
-        return nullcontext()
-    if token_gate is not None:
-        return composer.compose(token_gate=token_gate)
-    return composer.compose(gates[rows], mode=mode) if gates is not None else nullcontext()
+@dataclass(frozen=True)
+class Sampling:
+    """How to pick tokens, as OpenAI clients name it: greedy at temperature 0 (the default);
+    else softmax(logits / temperature) restricted to the top_p nucleus. `stop` strings end
+    the text before them; `seed` makes sampling repeatable."""
+
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
+        if not (math.isfinite(self.temperature) and 0.0 <= self.temperature <= 2.0):
+            raise ValueError(f"temperature must be in [0, 2], got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must not be empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def hf_kwargs(self) -> dict:
+        """The same choice as `transformers.generate` arguments."""
+        if self.greedy:
+            return {"max_new_tokens": self.max_new_tokens, "do_sample": False}
+        return {
+            "max_new_tokens": self.max_new_tokens,
+            "do_sample": True,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": 0,
+        }
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """The text before the first stop string, and whether one was found."""
+    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
 
 
 @torch.inference_mode()
 def generate(
     base: BaseModel,
     prompts: Sequence[str],
-    composer: Composer | None = None,
-    gates: Tensor | None = None,
-    mode: str = "mixture",
-    max_new_tokens: int = 32,
+    applied: Applied = NOTHING,
+    sampling: Sampling = Sampling(),
     batch_size: int = 16,
     max_prompt_tokens: int = 1024,
     progress: bool = False,
-    token_gate: TokenGate | None = None,
 ) -> list[str]:
-    """Greedy answers to `prompts` (chat template applied), `batch_size` rows a pass."""
+    """Answers to `prompts` (chat template applied), `batch_size` rows a pass."""
     tok = base.tokenizer
     texts = [base.format_prompt(p) for p in prompts]
     lengths = [len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]]
@@ -67,14 +95,14 @@ def generate(
             max_length=max_prompt_tokens,
             add_special_tokens=base.is_seq2seq,
         )
-        with _context(composer, gates, rows, mode, token_gate):
-            ids = base.model.generate(
-                **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
-            )
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
+        with applied.rows(rows):
+            ids = base.model.generate(**enc, **sampling.hf_kwargs(), pad_token_id=tok.pad_token_id)
         new = ids if base.is_seq2seq else ids[:, enc["input_ids"].shape[1] :]
         answers = tok.batch_decode(new, skip_special_tokens=True)
         for i, text in zip(rows.tolist(), answers, strict=True):
-            out[i] = text.strip()
+            out[i] = cut_at_stop(text, sampling.stop)[0].strip()
     return out
 
 
@@ -90,11 +118,8 @@ def option_logprobs(
     base: BaseModel,
     prompts: Sequence[str],
     options: Sequence[Sequence[str]],
-    composer: Composer | None = None,
-    gates: Tensor | None = None,
-    mode: str = "mixture",
+    applied: Applied = NOTHING,
     batch_size: int = 16,
-    token_gate: TokenGate | None = None,
 ) -> list[list[float]]:
     """Sum of token log-probabilities of each option after its prompt.
 
@@ -106,7 +131,7 @@ def option_logprobs(
     for rows in by_length([len(p) for p in prompts], batch_size):
 
         def context(local: Tensor, rows: Tensor = rows):
-            return _context(composer, gates, rows[local], mode, token_gate)
+            return applied.rows(rows[local])
 
         scores = score(base, [prompts[i] for i in rows], [options[i] for i in rows], context)
         for i, s in zip(rows.tolist(), scores, strict=True):
@@ -216,22 +241,18 @@ def exact_match(prediction: str, targets: Sequence[str]) -> bool:
 def accuracy(
     base: BaseModel,
     examples: Sequence,
-    composer: Composer | None = None,
-    gates: Tensor | None = None,
-    mode: str = "mixture",
+    applied: Applied = NOTHING,
     max_new_tokens: int = 32,
 ) -> tuple[float, list[bool]]:
     """Exact match (generative) or option log-likelihood accuracy (multiple choice)."""
     prompts = [ex.input for ex in examples]
     if all(ex.answer is not None for ex in examples):
-        scores = option_logprobs(
-            base, prompts, [ex.options for ex in examples], composer, gates, mode
-        )
+        scores = option_logprobs(base, prompts, [ex.options for ex in examples], applied)
         right = [
             max(range(len(s)), key=s.__getitem__) == ex.answer
             for s, ex in zip(scores, examples, strict=True)
         ]
     else:
-        answers = generate(base, prompts, composer, gates, mode, max_new_tokens=max_new_tokens)
+        answers = generate(base, prompts, applied, Sampling(max_new_tokens))
         right = [exact_match(a, ex.targets) for a, ex in zip(answers, examples, strict=True)]
     return sum(right) / max(1, len(right)), right

@@ -15,40 +15,36 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 
 import numpy as np
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from composition import Composer, LearnedGate, merge
+from composition import Composer, Mode, merge
+from lorahub.applied import Applied
 from lorahub.models import BaseModel
 from lorahub.tasks import Example
-from lorahub.train import batch_for_step, make_batch
+from lorahub.train import make_batch
 from registry import LoraAdapter
 
-
-class Composition(StrEnum):
-    elementwise = "elementwise"  # A = sum w_i A_i, B = sum w_i s_i B_i (the reference's sum)
-    delta = "delta"  # sum w_i s_i B_i A_i (exact task arithmetic)
-
-
-# How each composition runs inside the pass, and the merge that returns exactly that.
-_MODES = {Composition.elementwise: ("fusion", "fusion"), Composition.delta: ("mixture", "linear")}
+# The merge that returns exactly what a mode scored inside the pass: fusion is the
+# reference's element-wise A/B sum (scalings folded in); mixture is exact task arithmetic.
+MERGE_FOR = {Mode.fusion: "fusion", Mode.mixture: "linear"}
 
 
 @dataclass(frozen=True)
 class LoraHubConfig:
     """Defaults follow the reference package (max_inference_step=40, bounds 1.5, L1 0.05,
-    NGOpt, seed 42). population: candidates asked and scored per forward pass; patience:
-    evaluations without an improvement > tol before stopping early (0 = never)."""
+    NGOpt, seed 42). mode: fusion (A = sum w_i A_i, B = sum w_i B_i, the reference) or
+    mixture (sum w_i B_i A_i). population: candidates asked and scored per forward pass;
+    patience: evaluations without an improvement > tol before stopping early (0 = never)."""
 
     steps: int = 40
     bound: float = 1.5
     l1: float = 0.05
     optimizer: str = "NGOpt"
-    composition: Composition = Composition.elementwise
+    mode: Mode = Mode.fusion
     population: int = 8
     patience: int = 16
     tol: float = 1e-4
@@ -59,7 +55,13 @@ class LoraHubConfig:
     def __post_init__(self) -> None:
         if self.steps <= 0 or self.population <= 0 or self.bound <= 0 or self.l1 < 0:
             raise ValueError(f"invalid LoraHub config: {self}")
-        Composition(self.composition)
+        Mode(self.mode)
+        import nevergrad as ng
+
+        if self.optimizer not in ng.optimizers.registry:
+            raise ValueError(
+                f"unknown nevergrad optimizer {self.optimizer!r} (e.g. NGOpt, OnePlusOne, Cobyla)"
+            )
 
 
 @dataclass(frozen=True)
@@ -83,14 +85,14 @@ class PopulationScorer:
         base: BaseModel,
         adapters: Sequence[LoraAdapter],
         examples: Sequence[Example],
-        composition: Composition = Composition.elementwise,
+        mode: Mode = Mode.fusion,
         max_rows: int = 64,
         max_length: int = 512,
     ) -> None:
         if not examples:
             raise ValueError("LoraHub learning needs at least one example")
         self.base = base
-        self.mode = _MODES[Composition(composition)][0]
+        self.mode = Mode(mode)
         self.batch = make_batch(base, list(examples), max_length)  # built once, reused
         self.max_rows = max_rows
         self.composer = Composer.attach(base.model, adapters)
@@ -105,7 +107,8 @@ class PopulationScorer:
         for start in range(0, len(gates), self.max_rows):
             rows = torch.arange(start, min(start + self.max_rows, len(gates)))
             batch = {k: v[rows % n_ex] for k, v in self.batch.items()}
-            with self.composer.compose(gates[rows], mode=self.mode, path="gathered"):
+            applied = Applied(self.composer, gates, (self.mode,) * len(gates))
+            with applied.rows(rows):
                 total[rows], count[rows] = _token_losses(self.base, batch)
         per = candidates.shape[0]
         return total.view(per, n_ex).sum(1) / count.view(per, n_ex).sum(1).clamp(min=1)
@@ -152,7 +155,7 @@ def learn_weights(
         parametrization=param, budget=config.steps, num_workers=config.population
     )
     scorer = PopulationScorer(
-        base, adapters, examples, config.composition, config.max_rows, config.max_length
+        base, adapters, examples, config.mode, config.max_rows, config.max_length
     )
     # The start point w = 0 (no composition) is scored once, outside the optimizer's budget
     # and without telling it (told, it anchored MetaModel's search near 0: worse weights on
@@ -183,67 +186,5 @@ def learn_weights(
         bar.close()
         scorer.close()
     weights = [float(w) for w in best[1]]
-    merged = merge(adapters, weights, _MODES[Composition(config.composition)][1]).adapter
+    merged = merge(adapters, weights, MERGE_FOR[Mode(config.mode)]).adapter
     return LoraHubResult(weights, best[0], best[2], merged, history, time.perf_counter() - start)
-
-
-@dataclass(frozen=True)
-class GateConfig:
-    """Learned per-token gates over frozen adapters. balance: weight of the MoLE balance
-    loss (0 turns it off); lr: Adam's learning rate for the routers."""
-
-    steps: int = 60
-    lr: float = 1e-2
-    batch_size: int = 8
-    balance: float = 0.0
-    temperature: float = 1.0
-    max_length: int = 512
-    seed: int = 0
-
-
-@dataclass(frozen=True)
-class GateResult:
-    gate: LearnedGate
-    losses: list[float]
-    seconds: float
-
-
-def train_gate(
-    base: BaseModel,
-    adapters: Sequence[LoraAdapter],
-    examples: Sequence[Example],
-    config: GateConfig = GateConfig(),
-    progress: bool = True,
-) -> GateResult:
-    """Train a LearnedGate on `examples`; base model and adapters stay frozen."""
-    if not examples:
-        raise ValueError("gate training needs at least one example")
-    torch.manual_seed(config.seed)
-    start = time.perf_counter()
-    composer = Composer.attach(base.model, adapters)
-    layers = {name: stack.shape[0] for name, stack in composer.bank.modules.items()}
-    gate = LearnedGate(layers, len(adapters), config.temperature)
-    frozen = [p for p in base.model.parameters() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
-    optimizer = torch.optim.AdamW(gate.parameters(), lr=config.lr, weight_decay=0.0)
-    losses = []
-    gate.train()
-    try:
-        for step in tqdm(range(config.steps), disable=not progress, desc="gates", leave=False):
-            idx = batch_for_step(len(examples), step, config.batch_size, config.seed)
-            batch = make_batch(base, [examples[i] for i in idx], config.max_length)
-            with composer.compose(token_gate=gate):
-                loss = base.model(**batch).loss
-            total = loss + config.balance * gate.balance_loss() if config.balance else loss
-            gate.forget()
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            optimizer.step()
-            losses.append(loss.item())
-    finally:
-        gate.eval()
-        composer.detach()
-        for p in frozen:
-            p.requires_grad_(True)
-    return GateResult(gate, losses, time.perf_counter() - start)

@@ -92,7 +92,13 @@ class BaseModel:
 def load_base_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) -> BaseModel:
     """A built-in name, a local folder, or a Hub id (through the HF cache)."""
     path = BUILTIN[name]() if name in BUILTIN else name
-    config = AutoConfig.from_pretrained(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except OSError as e:  # a typo, or a Hub id not in the cache while offline
+        raise ValueError(
+            f"cannot load base model {name!r}: not a built-in ({', '.join(BUILTIN)}), a local "
+            f"model folder, or a Hub id in the local cache ({type(e).__name__})"
+        ) from None
     cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
     model = cls.from_pretrained(path, dtype=dtype).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from composition import Composer
+from lorahub.applied import attached
 from lorahub.inference import accuracy
 from lorahub.models import DEFAULT_MODEL, load_base_model, loraplex_home
 from lorahub.tasks import TaskKind, fetch_bigbench, load_task, require_dev_task
@@ -108,11 +108,8 @@ def build_one(base, task_name: str, cfg: ZooConfig, zoo: Path, work: Path) -> di
         license="Apache-2.0 (BIG-bench data)",
         source="loraplex zoo",
     )
-    composer = Composer.attach(base.model, [adapter])
-    try:
-        adapter_acc, _ = accuracy(base, test, composer, torch.ones(len(test), 1))
-    finally:
-        composer.detach()
+    with attached(base.model, [adapter], ["adapter"], torch.ones(len(test), 1)) as applied:
+        adapter_acc, _ = accuracy(base, test, applied)
     folder = save_adapter(adapter, zoo / adapter_name(task_name))
     return {
         "name": adapter_name(task_name),

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 from collections import Counter
 from pathlib import Path
+from zipfile import BadZipFile
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -174,7 +176,7 @@ def read_legacy_bin(path: Path, limits: Limits) -> dict[str, Tensor]:
     check_size(path.stat().st_size, limits)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, BadZipFile) as e:
         raise UnsafePathError(f"{path}: refused (not a plain tensor file): {e}") from None
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise AdapterFormatError(f"{path}: expected a dict of tensors")

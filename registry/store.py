@@ -297,7 +297,9 @@ class Registry:
         validate(adapter, self.limits)
         check_shapes_match(adapter, self.shapes(adapter.base_model.name), adapter.base_model.name)
         if not replace and name in self:
-            raise DuplicateNameError(f"an adapter named {name!r} exists; pass replace=True (--replace)")
+            raise DuplicateNameError(
+                f"an adapter named {name!r} exists; pass replace=True (--replace)"
+            )
         embedding = embed_meta(adapter.meta, self.embedder) if self.embedder else None
         sha = adapter.sha256()
         self._write_blob(adapter, sha)

@@ -4,20 +4,26 @@ from router.arrow import ArrowConfig, ArrowGate, arrow_gate, prototypes, top_rig
 from router.classifier import ClassifierRouter
 from router.embedder import DEFAULT_MODEL, LORARETRIEVER_PREFIX, SentenceEmbedder
 from router.retriever import Retriever, RetrieverConfig, Weighting
+from router.routers import ROUTERS, ArrowRouter, Router, RouterOptions, make_router
 from router.routing import Routing
 
 __all__ = [
     "DEFAULT_MODEL",
     "LORARETRIEVER_PREFIX",
+    "ROUTERS",
     "ArrowConfig",
     "ArrowGate",
+    "ArrowRouter",
     "ClassifierRouter",
     "Retriever",
     "RetrieverConfig",
+    "Router",
+    "RouterOptions",
     "Routing",
     "SentenceEmbedder",
     "Weighting",
     "arrow_gate",
+    "make_router",
     "prototypes",
     "top_right_singular_vector",
 ]

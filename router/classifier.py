@@ -64,19 +64,28 @@ class ClassifierRouter:
         p = np.exp(logits)
         return p / p.sum(axis=1, keepdims=True)
 
-    def route(self, prompts: Sequence[str], k: int = 1) -> list[Routing]:
-        """Top-k classes per prompt, probabilities renormalized over them."""
+    def route(
+        self,
+        prompts: Sequence[str],
+        k: int | None = 1,
+        exclude_each: Sequence[Sequence[str]] | None = None,
+    ) -> list[Routing]:
+        """Top-k classes per prompt (less `exclude_each[i]`), probabilities renormalized
+        over them."""
+        k = k or 1
         if k <= 0:
             raise ValueError(f"k must be positive, got {k}")
         out = []
-        for p in self.probabilities(prompts):
-            top = np.argsort(-p, kind="stable")[:k]
-            total = float(p[top].sum())
+        for i, p in enumerate(self.probabilities(prompts)):
+            banned = set(exclude_each[i]) if exclude_each is not None else set()
+            order = np.argsort(-p, kind="stable")
+            top = [j for j in order if self.classes[j] not in banned][:k]
+            total = float(p[top].sum()) or 1.0
             out.append(
                 Routing(
-                    tuple(self.classes[i] for i in top),
-                    tuple(float(p[i]) / total for i in top),
-                    tuple(float(p[i]) for i in top),
+                    tuple(self.classes[j] for j in top),
+                    tuple(float(p[j]) / total for j in top),
+                    tuple(float(p[j]) for j in top),
                 )
             )
         return out

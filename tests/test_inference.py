@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import FAMILIES, build_model, char_tokenizer
 
-from composition import Composer
+from lorahub.applied import attached
 from lorahub.inference import option_logprobs
 from lorahub.models import BaseModel
 from registry import BaseModelInfo, LoraAdapter, LoraModule
@@ -62,14 +62,11 @@ def test_cached_option_scores_equal_each_option_alone(family: str) -> None:
     got = option_logprobs(base, PROMPTS, OPTIONS, batch_size=2)
     for i, p in enumerate(PROMPTS):
         assert got[i] == pytest.approx([alone(base, p, o) for o in OPTIONS[i]], abs=1e-4)
-    composer = Composer.attach(model, adapters(model, family))
-    try:
-        gates = torch.tensor([[1.0, 0.0], [0.3, 0.7], [0.0, 1.0]])
-        routed = option_logprobs(base, PROMPTS, OPTIONS, composer, gates, batch_size=2)
+    gates = torch.tensor([[1.0, 0.0], [0.3, 0.7], [0.0, 1.0]])
+    with attached(model, adapters(model, family), ["a", "b"], gates) as applied:
+        routed = option_logprobs(base, PROMPTS, OPTIONS, applied, batch_size=2)
         for i, p in enumerate(PROMPTS):
-            with composer.compose(gates[i : i + 1]):
+            with applied.rows(torch.tensor([i])):
                 want = [alone(base, p, o) for o in OPTIONS[i]]
             assert routed[i] == pytest.approx(want, rel=1e-4, abs=1e-4)  # float32 sums
-        assert routed != got
-    finally:
-        composer.detach()
+    assert routed != got

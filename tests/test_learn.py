@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import build_model, char_tokenizer, make_peft_model
 
-from composition import Composer, merge
-from lorahub.learn import Composition, LoraHubConfig, PopulationScorer, learn_weights
+from composition import Composer, Mode, merge
+from lorahub.learn import LoraHubConfig, PopulationScorer, learn_weights
 from lorahub.models import BaseModel
 from lorahub.tasks import Example
 from lorahub.train import TrainConfig, make_batch, train_lora
@@ -37,18 +37,18 @@ def setup(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     return BaseModel(f"tiny-{family}", build_model(family), char_tokenizer(padding)), adapters
 
 
-@pytest.mark.parametrize("composition", list(Composition))
-def test_population_scoring_equals_each_candidate_alone_and_hf_loss(setup, composition) -> None:
+@pytest.mark.parametrize("mode", list(Mode))
+def test_population_scoring_equals_each_candidate_alone_and_hf_loss(setup, mode) -> None:
     base, adapters = setup
     W = torch.tensor([[0.5, -0.3, 1.2], [0.0, 0.0, 0.0], [-1.5, 1.5, 0.7], [0.2, 0.2, 0.2]])
-    scorer = PopulationScorer(base, adapters, EXAMPLES, composition, max_rows=5)
+    scorer = PopulationScorer(base, adapters, EXAMPLES, mode, max_rows=5)
     try:
         together = scorer.losses(W)
         alone = torch.stack([scorer.losses(W[i : i + 1])[0] for i in range(len(W))])
     finally:
         scorer.close()
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
-    method = "fusion" if composition == Composition.elementwise else "linear"
+    method = "fusion" if mode == Mode.fusion else "linear"
     batch = make_batch(base, EXAMPLES, 512)
     for i, w in enumerate(W.tolist()):  # the oracle: merge, attach alone, HF's mean token loss
         merged = merge(adapters, w, method).adapter
@@ -101,8 +101,8 @@ def test_returned_adapter_is_the_scored_composition_with_mixed_alphas_and_ranks(
     for seed, (r, alpha) in enumerate([(2, 4), (4, 16), (6, 3)], start=1):
         make_peft_model("llama", seed=seed, r=r, alpha=alpha).save_pretrained(tmp_path / f"{seed}")
         adapters.append(load_source(str(tmp_path / f"{seed}")))
-    for composition in Composition:
-        cfg = LoraHubConfig(steps=16, population=8, composition=composition, patience=0)
+    for mode in Mode:
+        cfg = LoraHubConfig(steps=16, population=8, mode=mode, patience=0)
         result = learn_weights(base, adapters, EXAMPLES, cfg, progress=False)
         assert any(w != 0 for w in result.weights), "the search kept the start point"
         composer = Composer.attach(base.model, [result.adapter])
@@ -110,7 +110,7 @@ def test_returned_adapter_is_the_scored_composition_with_mixed_alphas_and_ranks(
         with torch.no_grad(), composer.compose(torch.ones(len(EXAMPLES), 1), path="dense"):
             loss = _mean_token_loss(base.model(**batch).logits, batch["labels"])
         composer.detach()
-        assert loss == pytest.approx(result.loss, abs=1e-5), composition
+        assert loss == pytest.approx(result.loss, abs=1e-5), mode
 
 
 def _mean_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -138,12 +138,12 @@ def test_learning_finds_weights_better_than_none() -> None:
     scorer = PopulationScorer(base, adapters, EXAMPLES)
     zero = scorer.losses(torch.zeros(1, 3)).item()
     scorer.close()
-    for composition in Composition:
-        cfg = LoraHubConfig(steps=40, population=8, composition=composition)
+    for mode in (Mode.fusion, Mode.mixture):
+        cfg = LoraHubConfig(steps=40, population=8, mode=mode)
         result = learn_weights(base, adapters, EXAMPLES, cfg, progress=False)
-        assert result.objective < 0.8 * zero, composition
+        assert result.objective < 0.8 * zero, mode
         assert result.objective == min(result.history) and len(result.history) <= 40
-    # delta composition is linear in w, so the task's own adapter must get a positive weight
+    # mixture is linear in w, so the task's own adapter must get a positive weight
     assert result.weights[1] > 0
 
 
@@ -168,7 +168,7 @@ def test_gates_train_save_load_and_generate_with_the_kv_cache(tmp_path: Path) ->
     from conftest import tiny_llama
 
     from composition import LearnedGate
-    from lorahub.learn import GateConfig, train_gate
+    from lorahub.gating import GateConfig, train_gate
 
     torch.manual_seed(0)
     base = BaseModel("tiny", tiny_llama(initializer_range=0.3).eval(), char_tokenizer("right"))

@@ -260,3 +260,16 @@ def test_trained_static_retriever_routes_and_loads_by_path(tmp_path: Path) -> No
             reg.register(tiny_adapter(i), name=task, examples=ex)
         routes = Retriever(reg).route(list(QUERIES.values()), k=1)
     assert sum(r.adapters[0] == t for r, t in zip(routes, QUERIES, strict=True)) >= 3
+
+
+def test_arrow_routes_by_name_with_its_per_token_spec_and_exclusions(registry) -> None:
+    from router import ArrowConfig, make_router
+
+    router = make_router("arrow", registry)
+    routes = router.route(["anything", "else"], k=2, exclude_each=[["arithmetic"], []])
+    assert all(r.per_token == ArrowConfig(k=2) for r in routes)
+    assert "arithmetic" not in routes[0].adapters and "arithmetic" in routes[1].adapters
+    assert set(routes[1].adapters) == set(registry.names())
+    assert Routing.from_json(routes[0].to_json()) == routes[0]
+    with pytest.raises(ValueError, match="choose from"):
+        make_router("nope", registry)

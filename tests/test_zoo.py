@@ -1,5 +1,6 @@
-"""The bundled zoo: every folder is a valid PEFT adapter carrying its own routing metadata,
-matching its manifest entry, and beating the base model on its task's held-out examples."""
+"""The bundled zoo: every folder is a valid PEFT adapter carrying its own routing metadata
+and matching its manifest entry; measured here, on the held-out prompts the manifest keeps
+for the demo, the adapters answer far better than the base model."""
 
 from __future__ import annotations
 
@@ -32,10 +33,9 @@ KEYS = {
 
 @pytest.mark.skipif(not ENTRIES, reason="the zoo has not been built yet")
 @pytest.mark.parametrize("entry", ENTRIES, ids=[e["name"] for e in ENTRIES])
-def test_zoo_adapter_is_complete_and_beats_base(entry: dict) -> None:
+def test_zoo_adapter_is_complete_and_matches_its_manifest(entry: dict) -> None:
     assert entry.keys() >= KEYS
     assert entry["task"] in dev_tasks()
-    assert entry["adapter_metric"] > entry["base_metric"]
     adapter = load_source(str(ZOO_DIR / entry["name"]))
     assert adapter.sha256() == entry["sha256"]
     assert adapter.meta.task == entry["task"] and len(adapter.meta.examples) >= 8
@@ -55,3 +55,27 @@ def test_zoo_has_at_least_24_adapters_in_related_families() -> None:
         families.setdefault(e["task"].split("/")[0], []).append(e["name"])
     assert len(ENTRIES) >= 24
     assert sum(len(names) >= 2 for names in families.values()) >= 5  # families, not singletons
+
+
+@pytest.mark.skipif(not ENTRIES, reason="the zoo has not been built yet")
+def test_zoo_adapters_beat_the_base_model_on_held_out_prompts(tmp_path) -> None:
+    """Each prompt answered by the real SmolLM2 with its own adapter and without: the
+    manifest's own numbers are written only when they pass, so this measures anew."""
+    from lorahub.hub import Hub
+    from lorahub.inference import exact_match
+    from lorahub.models import load_base_model
+    from lorahub.zoo import register_zoo
+    from registry import Registry
+    from router import ArrowRouter, Routing
+
+    rows = [(e["name"], d["input"], d["targets"]) for e in ENTRIES for d in e["demo"]]
+    with Registry(tmp_path) as reg:
+        register_zoo(reg)
+        hub = Hub(reg, load_base_model(), ArrowRouter(reg))
+        own = [Routing((name,), (1.0,)) for name, _, _ in rows]
+        prompts = [p for _, p, _ in rows]
+        with_own = hub.generate(prompts, routings=own, max_new_tokens=12, batch_size=16)
+        base = hub.generate(prompts, compose="none", max_new_tokens=12, batch_size=16)
+    right = [exact_match(a.text, t) for a, (_, _, t) in zip(with_own, rows, strict=True)]
+    base_right = [exact_match(a.text, t) for a, (_, _, t) in zip(base, rows, strict=True)]
+    assert sum(right) / len(rows) >= sum(base_right) / len(rows) + 0.3, (right, base_right)
