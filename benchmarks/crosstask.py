@@ -23,10 +23,11 @@ from pathlib import Path
 
 from _common import RESULTS, print_table, target, write_result
 
-from lorahub.evaluate import EvalConfig, evaluate, write_report
+from lorahub.evaluate import EvalConfig, evaluate
 from lorahub.gating import GateConfig
 from lorahub.hub import Hub
 from lorahub.models import DEFAULT_MODEL
+from lorahub.report import write_report
 from lorahub.tasks import fetch_bigbench, load_task, require_dev_task
 from lorahub.zoo import register_zoo
 from registry import Registry

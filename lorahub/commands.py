@@ -336,8 +336,9 @@ def cmd_learn(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from lorahub.evaluate import EvalConfig, evaluate, write_report
+    from lorahub.evaluate import EvalConfig, evaluate
     from lorahub.hub import Hub
+    from lorahub.report import write_report
     from lorahub.tasks import fetch_bigbench, load_task, require_dev_task
 
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]

@@ -2,6 +2,7 @@
 
 from registry.adapter import AdapterMeta, BaseModelInfo, LoraAdapter, LoraModule, lora_scaling
 from registry.cache import AdapterCache
+from registry.catalogue import AdapterRecord, check_name
 from registry.embedding import Embedder
 from registry.errors import (
     AdapterError,
@@ -18,7 +19,7 @@ from registry.errors import (
 from registry.index import IndexKind, VectorIndex
 from registry.peft_format import write_peft_folder
 from registry.sources import load_source
-from registry.store import AdapterRecord, Registry, check_name
+from registry.store import Registry
 from registry.validate import Limits
 
 __all__ = [

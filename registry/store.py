@@ -21,22 +21,21 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import Tensor
 
-from registry.adapter import AdapterMeta, BaseModelInfo, LoraAdapter
+from registry.adapter import LoraAdapter
+from registry.catalogue import SCHEMA, AdapterRecord, check_name, record_from_row
+from registry.derived import cached_tensors
+from registry.doctor import doctor
 from registry.embedding import Embedder, embed_meta
 from registry.errors import (
     AdapterError,
     AdapterNotFoundError,
     DuplicateNameError,
     IntegrityError,
-    UnsafePathError,
 )
 from registry.index import IndexKind, VectorIndex
 from registry.peft_format import (
@@ -49,100 +48,6 @@ from registry.peft_format import (
 )
 from registry.sources import load_source
 from registry.validate import Limits, check_shapes_match, validate
-
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS adapters (
-    id INTEGER PRIMARY KEY,
-    name TEXT NOT NULL UNIQUE,
-    sha256 TEXT NOT NULL,
-    base_model TEXT NOT NULL,
-    architecture TEXT,
-    rank INTEGER NOT NULL,
-    targets TEXT NOT NULL,
-    n_modules INTEGER NOT NULL,
-    n_params INTEGER NOT NULL,
-    nbytes INTEGER NOT NULL,
-    meta TEXT NOT NULL,
-    created REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS adapters_sha ON adapters(sha256);
-CREATE TABLE IF NOT EXISTS adapter_modules (
-    adapter_id INTEGER NOT NULL REFERENCES adapters(id) ON DELETE CASCADE,
-    module TEXT NOT NULL,
-    d_in INTEGER NOT NULL,
-    d_out INTEGER NOT NULL,
-    PRIMARY KEY (adapter_id, module)
-);
-CREATE TABLE IF NOT EXISTS embeddings (
-    adapter_id INTEGER PRIMARY KEY REFERENCES adapters(id) ON DELETE CASCADE,
-    embedder TEXT NOT NULL,
-    dim INTEGER NOT NULL,
-    n_texts INTEGER NOT NULL,
-    vector BLOB NOT NULL
-);
-CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
-INSERT OR IGNORE INTO state VALUES ('generation', 0);
-"""
-
-
-def check_name(name: str) -> str:
-    """Adapter names are identifiers, never paths: letters, digits, `._+-`, no `..`."""
-    if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
-        raise UnsafePathError(
-            f"invalid adapter name {name!r}: use 1-128 letters, digits or ._+- "
-            "(no path separators, '..', spaces or control characters)"
-        )
-    return name
-
-
-@dataclass(frozen=True)
-class AdapterRecord:
-    """A catalogue row: everything about an adapter except its weights."""
-
-    id: int
-    name: str
-    sha256: str
-    base_model: BaseModelInfo
-    rank: int
-    targets: list[str]
-    n_modules: int
-    n_params: int
-    nbytes: int
-    meta: AdapterMeta
-    created: float
-
-    def to_json(self) -> dict:
-        return {
-            "name": self.name,
-            "sha256": self.sha256,
-            "base_model": self.base_model.name,
-            "architecture": self.base_model.architecture,
-            "rank": self.rank,
-            "targets": self.targets,
-            "n_modules": self.n_modules,
-            "n_params": self.n_params,
-            "nbytes": self.nbytes,
-            "created": self.created,
-            **{k: v for k, v in self.meta.to_json().items() if k != "extra"},
-        }
-
-
-def _record(row: sqlite3.Row) -> AdapterRecord:
-    return AdapterRecord(
-        id=row["id"],
-        name=row["name"],
-        sha256=row["sha256"],
-        base_model=BaseModelInfo(row["base_model"], row["architecture"]),
-        rank=row["rank"],
-        targets=json.loads(row["targets"]),
-        n_modules=row["n_modules"],
-        n_params=row["n_params"],
-        nbytes=row["nbytes"],
-        meta=AdapterMeta.from_json(json.loads(row["meta"])),
-        created=row["created"],
-    )
 
 
 class Registry:
@@ -171,7 +76,7 @@ class Registry:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} COMMIT;")
+        self._db.executescript(f"BEGIN IMMEDIATE; {SCHEMA} COMMIT;")
         self._index: VectorIndex | None = None
         self._migrate_module_shapes()
 
@@ -225,10 +130,12 @@ class Registry:
         row = self._row(name)
         if row is None:
             raise AdapterNotFoundError(f"no adapter named {name!r} in {self.root}")
-        return _record(row)
+        return record_from_row(row)
 
     def list(self) -> list[AdapterRecord]:
-        return [_record(r) for r in self._db.execute("SELECT * FROM adapters ORDER BY name")]
+        return [
+            record_from_row(r) for r in self._db.execute("SELECT * FROM adapters ORDER BY name")
+        ]
 
     def names(self) -> list[str]:
         return [r[0] for r in self._db.execute("SELECT name FROM adapters ORDER BY name")]
@@ -351,38 +258,8 @@ class Registry:
         self._collect_blob(row["sha256"])
 
     def doctor(self, repair: bool = False, verify: bool = True) -> list[str]:
-        """Problems found, one line each. Debris a crash can leave (orphan blobs, temp
-        files, stale index files) is removed with `repair`; entries whose blob is missing
-        or fails its sha256 are reported, never deleted. Runs under the write lock, so no
-        registration is in flight while it looks."""
-        problems = []
-        with self._write() as db:
-            shas = {r[0] for r in db.execute("SELECT DISTINCT sha256 FROM adapters")}
-            for path in sorted((self.root / "blobs").rglob("*")):
-                if path.is_file() and path.name.removesuffix(".safetensors") not in shas:
-                    problems.append(f"orphan blob {path.relative_to(self.root)}")
-                    if repair:
-                        path.unlink()
-            for path in sorted((self.root / "tmp").iterdir()):
-                problems.append(f"temp file {path.relative_to(self.root)}")
-                if repair:
-                    path.unlink()
-            if self.embedder is not None:
-                current = f"index.{self._stamp(self._generation())}.faiss"
-                for path in sorted(self.root.glob("index.*.faiss")):
-                    if path.name != current:
-                        problems.append(f"stale index {path.name}")
-                        if repair:
-                            path.unlink()
-        for rec in self.list():
-            try:
-                if not self.blob_path(rec.sha256).exists():
-                    problems.append(f"{rec.name}: blob {rec.sha256[:12]} is missing")
-                elif verify:
-                    self.load(rec.name)
-            except AdapterError as e:
-                problems.append(f"{rec.name}: {e}")
-        return problems
+        """Problems found, one line each (see registry.doctor); `repair` removes debris."""
+        return doctor(self, repair, verify)
 
     def _collect_blob(self, sha: str) -> None:
         """Delete a blob no row refers to. Runs under the write lock, so a concurrent
@@ -455,20 +332,8 @@ class Registry:
         return cur.lastrowid
 
     def cached_tensors(self, key: str, make: Callable[[], dict[str, Tensor]]) -> dict[str, Tensor]:
-        """Derived tensors (e.g. Arrow prototypes) kept under cache/<key>.safetensors; `key`
-        must name the content it derives from (a sha256), so entries never go stale."""
-        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,200}", key):
-            raise UnsafePathError(f"invalid cache key {key!r}")
-        path = self.root / "cache" / f"{key}.safetensors"
-        if path.exists():
-            try:
-                return load_file(path)
-            except (OSError, SafetensorError):
-                path.unlink(missing_ok=True)  # a damaged cache entry is just recomputed
-        tensors = make()
-        path.parent.mkdir(exist_ok=True)
-        write_safetensors_atomic({k: v.contiguous() for k, v in tensors.items()}, {}, path)
-        return tensors
+        """Derived tensors (e.g. Arrow prototypes) under cache/ (see registry.derived)."""
+        return cached_tensors(self.root / "cache", key, make)
 
     def unembedded(self) -> list[str]:
         """Adapters with no embedding from the current embedder (not searchable)."""
@@ -511,6 +376,10 @@ class Registry:
     def _stamp(self, generation: int) -> str:
         key = f"{self._embedder().id}|{self.index_kind.value}|{generation}"
         return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+    def index_stamp(self) -> str:
+        """The stamp of the index file that matches the catalogue now."""
+        return self._stamp(self._generation())
 
     def _generation(self) -> int:
         return self._db.execute("SELECT value FROM state WHERE key = 'generation'").fetchone()[0]

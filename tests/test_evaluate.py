@@ -10,12 +10,13 @@ import pytest
 import torch
 from conftest import build_model, char_tokenizer
 
-from lorahub.evaluate import EvalConfig, Item, bootstrap_ci, evaluate, report_dict, write_report
+from lorahub.evaluate import EvalConfig, Item, bootstrap_ci, evaluate, report_dict
 from lorahub.gating import GateConfig
 from lorahub.hub import Hub
 from lorahub.inference import exact_match, normalize
 from lorahub.learn import LoraHubConfig
 from lorahub.models import BaseModel
+from lorahub.report import write_report
 from lorahub.tasks import Example, Task, TaskKind
 from registry import AdapterMeta, BaseModelInfo, LoraAdapter, LoraModule, Registry
 from router import Retriever

@@ -1,0 +1,34 @@
+"""Tensors derived from adapters (Arrow's prototypes), cached beside the registry. A key
+names the content it derives from (a sha256), so an entry never goes stale; a damaged
+entry is recomputed."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import Tensor
+
+from registry.errors import UnsafePathError
+from registry.peft_format import write_safetensors_atomic
+
+
+def cached_tensors(
+    folder: Path, key: str, make: Callable[[], dict[str, Tensor]]
+) -> dict[str, Tensor]:
+    """folder/<key>.safetensors if readable, else `make()` written there atomically."""
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,200}", key):
+        raise UnsafePathError(f"invalid cache key {key!r}")
+    path = folder / f"{key}.safetensors"
+    if path.exists():
+        try:
+            return load_file(path)
+        except (OSError, SafetensorError):
+            path.unlink(missing_ok=True)
+    tensors = make()
+    folder.mkdir(exist_ok=True)
+    write_safetensors_atomic({k: v.contiguous() for k, v in tensors.items()}, {}, path)
+    return tensors
