@@ -188,9 +188,12 @@ class Composer:
         mode: Mode | str | Sequence[Mode | str] = Mode.mixture,
         token_gate: TokenGate | None = None,
         path: ComputePath | str = ComputePath.auto,
+        merge: bool = True,
     ) -> Iterator[None]:
         """Within the block, every forward pass applies the adapters with these gates.
-        `mode` is one for all rows or one per row (mixture and fusion rows share a pass)."""
+        `mode` is one for all rows or one per row (mixture and fusion rows share a pass).
+        `merge=False` keeps `auto` from folding a batch-wide composition into the weights:
+        worth it for a long block (a whole generate), not for one decode step."""
         if self._active is not None:
             raise AdapterError("compose() blocks do not nest")
         if (gates is None) == (token_gate is None):
@@ -203,7 +206,7 @@ class Composer:
         else:
             gates = self._check(gates)
             fusion, k = _modes(mode, len(gates)), _max_nonzero(gates)
-            path = _choose_path(path, gates, fusion)
+            path = _choose_path(path, gates, fusion, merge)
         # One state for every path: nesting and detach() are refused inside any block.
         self._active = _Active(fusion, path, gates, token_gate, k)
         try:
@@ -293,7 +296,7 @@ def _modes(mode: Mode | str | Sequence[Mode | str], batch: int) -> Tensor:
     return torch.tensor([Mode(m) == Mode.fusion for m in mode], dtype=torch.bool)
 
 
-def _choose_path(path: ComputePath, gates: Tensor, fusion: Tensor) -> ComputePath:
+def _choose_path(path: ComputePath, gates: Tensor, fusion: Tensor, merge: bool) -> ComputePath:
     """`auto` merges when every row has the same gates and mode and gradients are off: the
     delta is folded into the weights outside autograd, so nothing in the block gets one."""
     same = bool((gates == gates[:1]).all()) and bool((fusion == fusion[0]).all())
@@ -303,7 +306,7 @@ def _choose_path(path: ComputePath, gates: Tensor, fusion: Tensor) -> ComputePat
         raise GateError("the merged path needs the same gates and mode on every row")
     if path == ComputePath.merged and torch.is_grad_enabled():
         raise GateError("the merged path works with gradients off (torch.no_grad())")
-    if path == ComputePath.auto and same and not torch.is_grad_enabled():
+    if path == ComputePath.auto and same and merge and not torch.is_grad_enabled():
         return ComputePath.merged
     return path
 

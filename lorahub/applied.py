@@ -30,6 +30,7 @@ class Applied:
     gates: Tensor | None = None  # (rows, n) over composer.bank.names
     modes: tuple[Mode, ...] = ()  # one per row of gates
     token_gate: TokenGate | None = None
+    merge: bool = True  # may fold a batch-wide composition into the weights (see compose)
 
     def rows(self, idx: Tensor) -> AbstractContextManager:
         """The composition of rows `idx` (a 1-D long tensor) for one forward or generate."""
@@ -37,7 +38,8 @@ class Applied:
             return nullcontext()
         if self.token_gate is not None:
             return self.composer.compose(token_gate=self.token_gate)
-        return self.composer.compose(self.gates[idx], mode=[self.modes[i] for i in idx.tolist()])
+        modes = [self.modes[i] for i in idx.tolist()]
+        return self.composer.compose(self.gates[idx], mode=modes, merge=self.merge)
 
 
 @contextmanager

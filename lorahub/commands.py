@@ -188,10 +188,12 @@ def cmd_route(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from lorahub.hub import Hub
+    from lorahub.inference import Sampling
 
     prompts = list(args.prompt) + (read_examples(Path(args.prompts)) if args.prompts else [])
     if not prompts:
         raise AdapterError("no prompts: give PROMPT arguments or --prompts FILE")
+    Sampling(args.max_new_tokens, args.temperature, args.top_p, (), args.seed)  # checked first
     hub = Hub.open(registry=args.registry, base_model=args.base_model, router=args.router)
     try:
         answers = hub.generate(

@@ -212,10 +212,11 @@ class Hub:
             applied,
             lambda rows, applied: inference.generate(
                 self.base,
-                [prompts[i] for i in rows],
+                [self.format(prompts[i], routings[i]) for i in rows],
                 applied,
                 sampling,
                 batch_size=batch_size or len(rows),
+                formatted=True,
             ),
         )
         return [Answer(p, t, r) for p, t, r in zip(prompts, texts, routings, strict=True)]
@@ -244,12 +245,21 @@ class Hub:
             applied,
             lambda rows, applied: inference.option_logprobs(
                 self.base,
-                [prompts[i] for i in rows],
+                [self.format(prompts[i], routings[i]) for i in rows],
                 [options[i] for i in rows],
                 applied,
                 batch_size,
+                formatted=True,
             ),
         )
+
+    def format(self, prompt: str | Sequence[dict[str, str]], routing: Routing) -> str:
+        """A prompt (one user turn) or chat messages, as the routed adapters were trained
+        to read them: raw text when every one records the `plain` format, else the base
+        model's chat template (also for the base model alone and unrecorded adapters)."""
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        formats = {self.registry.get(n).meta.prompt_format for n in routing.adapters}
+        return self.base.format_chat(list(messages), "plain" if formats == {"plain"} else "chat")
 
     def _per_group(self, routings, compose, applied, run) -> list:
         """`run(rows, applied)` for each group of rows that can share one composition."""

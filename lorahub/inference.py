@@ -75,10 +75,12 @@ def generate(
     batch_size: int = 16,
     max_prompt_tokens: int = 1024,
     progress: bool = False,
+    formatted: bool = False,
 ) -> list[str]:
-    """Answers to `prompts` (chat template applied), `batch_size` rows a pass."""
+    """Answers to `prompts`, `batch_size` rows a pass; each prompt in the base model's
+    chat template unless already `formatted`."""
     tok = base.tokenizer
-    texts = [base.format_prompt(p) for p in prompts]
+    texts = list(prompts) if formatted else [base.format_prompt(p) for p in prompts]
     lengths = [len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]]
     if max(lengths) > max_prompt_tokens:
         warnings.warn(
@@ -120,12 +122,15 @@ def option_logprobs(
     options: Sequence[Sequence[str]],
     applied: Applied = NOTHING,
     batch_size: int = 16,
+    formatted: bool = False,
 ) -> list[list[float]]:
     """Sum of token log-probabilities of each option after its prompt.
 
     Each prompt runs once (`batch_size` prompts a pass); its options then continue from the
     prompt's cached keys and values (seq2seq: its encoder states), so a question with m
     options costs one prompt pass and m short continuations instead of m full passes."""
+    if not formatted and not base.is_seq2seq:
+        prompts = [base.format_prompt(p) for p in prompts]
     score = _score_seq2seq if base.is_seq2seq else _score_causal
     out: list[list[float]] = [[] for _ in prompts]
     for rows in by_length([len(p) for p in prompts], batch_size):
@@ -149,9 +154,7 @@ def _regroup(flat: list[float], options: Sequence[Sequence[str]]) -> list[list[f
 
 def _score_causal(base: BaseModel, prompts: list[str], options, context) -> list[list[float]]:
     tok = base.tokenizer
-    prompt_ids = [
-        tok(base.format_prompt(p), add_special_tokens=False)["input_ids"] for p in prompts
-    ]
+    prompt_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
     pairs = [
         (i, tok(o, add_special_tokens=False)["input_ids"])
         for i, opts in enumerate(options)

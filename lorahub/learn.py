@@ -141,12 +141,13 @@ def learn_weights(
     base: BaseModel,
     adapters: Sequence[LoraAdapter],
     examples: Sequence[Example],
-    config: LoraHubConfig = LoraHubConfig(),
+    config: LoraHubConfig | None = None,
     progress: bool = True,
 ) -> LoraHubResult:
     """Find composition weights for `adapters` on a few `examples` (input -> target)."""
     import nevergrad as ng
 
+    config = config or LoraHubConfig()
     start = time.perf_counter()
     n = len(adapters)
     param = ng.p.Array(init=np.zeros(n), lower=-config.bound, upper=config.bound)

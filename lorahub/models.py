@@ -80,13 +80,25 @@ class BaseModel:
     def is_seq2seq(self) -> bool:
         return bool(self.model.config.is_encoder_decoder)
 
+    @property
+    def prompt_format(self) -> str:
+        """How `format_prompt` shapes a prompt: "chat" (the chat template) or "plain"."""
+        has_template = getattr(self.tokenizer, "chat_template", None)
+        return "chat" if has_template and not self.is_seq2seq else "plain"
+
     def format_prompt(self, text: str) -> str:
         """The chat template around one user turn, when the tokenizer has one."""
-        if getattr(self.tokenizer, "chat_template", None) and not self.is_seq2seq:
+        return self.format_chat([{"role": "user", "content": text}])
+
+    def format_chat(self, messages: list[dict[str, str]], prompt_format: str = "chat") -> str:
+        """The conversation as the model reads it: with prompt_format "chat", its chat
+        template with the assistant's turn opened (when it has one); "plain", the contents
+        one a line (adapters trained on raw text)."""
+        if prompt_format == "chat" and self.prompt_format == "chat":
             return self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+                messages, tokenize=False, add_generation_prompt=True
             )
-        return text
+        return "\n".join(m["content"] for m in messages)
 
 
 def load_base_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) -> BaseModel:

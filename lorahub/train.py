@@ -278,10 +278,11 @@ def train_lora(
         False,
         info,
         AdapterMeta(
+            prompt_format=base.prompt_format,  # encode_example formats prompts this way
             extra={
                 "task_type": "SEQ_2_SEQ_LM" if base.is_seq2seq else "CAUSAL_LM",
                 "train": asdict(cfg),
-            }
+            },
         ),
     )
     return TrainResult(adapter, losses, time.perf_counter() - start)

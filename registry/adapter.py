@@ -9,6 +9,8 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor
 
+from registry.errors import AdapterValueError
+
 
 @dataclass(frozen=True)
 class LoraModule:
@@ -52,6 +54,9 @@ class BaseModelInfo:
     architecture: str | None = None
 
 
+PROMPT_FORMATS = (None, "chat", "plain")
+
+
 @dataclass(frozen=True)
 class AdapterMeta:
     """What an adapter is for and where it came from (no effect on the math)."""
@@ -63,7 +68,16 @@ class AdapterMeta:
     license: str | None = None
     source: str | None = None
     revision: str | None = None
+    # How prompts looked in training: "chat" (the base model's chat template around the
+    # turns) or "plain" (the raw text). None: not recorded (read as "chat").
+    prompt_format: str | None = None
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.prompt_format not in PROMPT_FORMATS:
+            raise AdapterValueError(
+                f"prompt_format must be one of {PROMPT_FORMATS[1:]}, got {self.prompt_format!r}"
+            )
 
     def to_json(self) -> dict:
         return {
@@ -74,6 +88,7 @@ class AdapterMeta:
             "license": self.license,
             "source": self.source,
             "revision": self.revision,
+            "prompt_format": self.prompt_format,
             "extra": self.extra,
         }
 
@@ -87,6 +102,7 @@ class AdapterMeta:
             license=d.get("license"),
             source=d.get("source"),
             revision=d.get("revision"),
+            prompt_format=d.get("prompt_format"),
             extra=dict(d.get("extra") or {}),
         )
 

@@ -175,6 +175,10 @@ def test_route_and_generate_commands(tmp_path: Path, adapters, tiny_model_dir, c
     assert all(isinstance(a["text"], str) for a in answers)
     code, _, err = run(capsys, "route", "x", "--router", "classifier", *reg)
     assert code == 1 and "--classifier" in err
+    code, out, _ = run(capsys, "route", "x", "--router", "arrow", "-k", "1", "--json", *reg)
+    routing = json.loads(out)
+    assert code == 0 and routing["per_token"] == {"router": "arrow", "k": 1, "temperature": 1.0}
+    assert {a["name"] for a in routing["adapters"]} == {"math", "french"}
 
 
 def test_learn_command_composes_registered_adapters(

@@ -147,6 +147,7 @@ def test_training_lowers_the_loss_and_saves_peft_format(tmp_path: Path) -> None:
     out = save_adapter(result.adapter, tmp_path / "rev", dtype=torch.float32)
     adapter = load_source(str(out))
     assert adapter.base_model.name == "tiny-llama" and adapter.meta.extra["train"]["steps"] == 30
+    assert adapter.meta.prompt_format == base.prompt_format == "plain"  # no chat template
     peft = PeftModel.from_pretrained(copy.deepcopy(base.model), out).eval()
     composer = Composer.attach(base.model, [adapter])
     ids = torch.randint(3, 99, (1, 5))

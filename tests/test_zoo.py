@@ -39,6 +39,7 @@ def test_zoo_adapter_is_complete_and_matches_its_manifest(entry: dict) -> None:
     adapter = load_source(str(ZOO_DIR / entry["name"]))
     assert adapter.sha256() == entry["sha256"]
     assert adapter.meta.task == entry["task"] and len(adapter.meta.examples) >= 8
+    assert adapter.meta.prompt_format == "chat"  # trained on SmolLM2's chat template
     assert entry["demo"] and all(d["input"] not in adapter.meta.examples for d in entry["demo"])
 
 

@@ -1,0 +1,62 @@
+"""What the HTTP layer asks of an engine, whoever generates: the built-in continuous
+batcher (`lorahub.serve.batching`) or, later, vLLM replicas behind a gateway.
+
+A request is already resolved: prompt token ids, the routing to apply and its composer
+mode, and how to sample. The engine answers through `emit`, called from its own thread
+with `Event`s: any number of `token`s, then exactly one `done` or `error`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from composition import Mode
+from lorahub.inference import Sampling
+from router import Routing
+
+
+class QueueFullError(RuntimeError):
+    """The engine's queue is full; the client should retry later (HTTP 429)."""
+
+
+class UnsupportedCompositionError(ValueError):
+    """The engine cannot apply this composition (HTTP 400 unsupported_composition)."""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt_ids: tuple[int, ...]
+    routing: Routing
+    mode: Mode
+    sampling: Sampling
+    logprobs: int | None = None  # top alternatives to report per token (None: no logprobs)
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: Literal["token", "done", "error"]
+    text: str = ""  # token: the new text (stop strings and incomplete characters held back)
+    token_ids: tuple[int, ...] = ()
+    logprobs: tuple[dict, ...] = ()  # per token: {"token", "logprob", "top_logprobs": [...]}
+    finish_reason: str | None = None  # done: "stop" or "length"
+    usage: dict[str, int] = field(default_factory=dict)  # done: prompt / completion tokens
+    error: str = ""  # error: what went wrong (this request alone)
+
+
+class Handle(Protocol):
+    def cancel(self) -> None:
+        """The client went away: free the row at the next step."""
+
+
+class Engine(Protocol):
+    def start(self) -> None: ...
+
+    def stop(self) -> None:
+        """Finish what is queued and running, then stop."""
+
+    def submit(self, request: GenerationRequest, emit: Callable[[Event], None]) -> Handle:
+        """Queue a request; raises QueueFullError or UnsupportedCompositionError."""
+
+    def stats(self) -> dict[str, int]:
+        """{"running", "waiting"}: rows decoding now and requests queued."""
