@@ -25,6 +25,7 @@ from lorahub.commands import (
     cmd_remove,
     cmd_route,
     cmd_search,
+    cmd_serve,
     cmd_show,
     cmd_train,
     cmd_train_retriever,
@@ -184,6 +185,28 @@ def _parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_eval)
 
     sub.add_parser("demo", parents=[common], help="run the demo").set_defaults(func=cmd_demo)
+
+    s = sub.add_parser(
+        "serve", parents=[common], help="an OpenAI-compatible server that routes every request"
+    )
+    s.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--base-model", default="smollm2-135m-instruct")
+    s.add_argument("--engine", choices=["transformers"], default="transformers")
+    s.add_argument("--router", choices=sorted(ROUTERS), default="retriever")
+    s.add_argument("--classifier", help="folder of a saved ClassifierRouter")
+    s.add_argument(
+        "--compose",
+        choices=["mixture", "fusion", "selection"],
+        default="mixture",
+        help="what model 'auto' means (default mixture)",
+    )
+    s.add_argument("-k", type=int, default=3, help="adapters per request for auto (default 3)")
+    s.add_argument("--max-batch", type=int, default=32, help="rows decoding at once")
+    s.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
+    s.add_argument("--max-tokens", type=int, default=256, help="default max_tokens")
+    s.add_argument("--api-key", help="require this bearer key (default: $LORAPLEX_API_KEY)")
+    s.set_defaults(func=cmd_serve)
     return p
 
 

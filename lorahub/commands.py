@@ -383,3 +383,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from lorahub.demo import run_demo
 
     return run_demo(args.registry if args.registry_given else None)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from lorahub.hub import Hub
+    from lorahub.serve.app import ServeConfig
+    from lorahub.serve.batching import BatchingConfig
+    from lorahub.serve.server import EngineOptions, make_engine, serve
+    from router import RouterOptions
+
+    config = ServeConfig(
+        compose=args.compose,
+        k=args.k,
+        max_tokens=args.max_tokens,
+        api_key=args.api_key or os.environ.get("LORAPLEX_API_KEY") or None,
+        router=args.router,
+    )
+    options = EngineOptions(BatchingConfig(args.max_batch, args.max_queue))
+    hub = Hub.open(
+        registry=args.registry,
+        base_model=args.base_model,
+        router=args.router,
+        router_options=RouterOptions(classifier=Path(args.classifier) if args.classifier else None),
+    )
+    try:
+        serve(hub, make_engine(args.engine, hub, options), config, args.host, args.port)
+    finally:
+        hub.close()
+    return 0

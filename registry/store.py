@@ -18,6 +18,7 @@ import json
 import os
 import re
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -71,11 +72,11 @@ class Registry:
         self.index_kind = IndexKind(index_kind)
         for sub in ("blobs", "tmp"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.root / "catalogue.sqlite", timeout=60, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA foreign_keys=ON")
+        # One SQLite connection per thread (a server routes, loads and formats from several);
+        # WAL lets them read while one writes.
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._connections_lock = threading.Lock()
         self._db.executescript(f"BEGIN IMMEDIATE; {SCHEMA} COMMIT;")
         self._index: VectorIndex | None = None
         self._migrate_module_shapes()
@@ -95,6 +96,25 @@ class Registry:
                 )
             db.execute("DROP TABLE module_shapes")
 
+    @property
+    def _db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(
+                self.root / "catalogue.sqlite",
+                timeout=60,
+                isolation_level=None,
+                check_same_thread=False,  # used by its thread only; closed by close()
+            )
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA foreign_keys=ON")
+            self._local.db = db
+            with self._connections_lock:
+                self._connections.append(db)
+        return db
+
     # -- transactions ---------------------------------------------------------------
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -108,7 +128,12 @@ class Registry:
         self._db.execute("COMMIT")
 
     def close(self) -> None:
-        self._db.close()
+        """Close every thread's connection."""
+        with self._connections_lock:
+            for db in self._connections:
+                db.close()
+            self._connections.clear()
+        self._local = threading.local()
 
     def __enter__(self) -> Registry:
         return self

@@ -252,3 +252,13 @@ def test_registries_with_the_old_shape_table_are_migrated(tmp_path: Path) -> Non
         assert reg.shapes("tiny") == expected
         tables = {r[0] for r in reg._db.execute("SELECT name FROM sqlite_master")}
     assert "module_shapes" not in tables
+
+
+def test_other_threads_read_and_load_through_their_own_connection(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with Registry(tmp_path) as reg:
+        reg.register(random_adapter(0), name="a")
+        with ThreadPoolExecutor(4) as pool:
+            loaded = list(pool.map(lambda _: reg.load("a").sha256(), range(8)))
+        assert set(loaded) == {reg.get("a").sha256}

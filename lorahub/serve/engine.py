@@ -50,6 +50,8 @@ class Handle(Protocol):
 
 
 class Engine(Protocol):
+    on_step: Callable[[int, int], None] | None  # (rows decoding, requests waiting) per step
+
     def start(self) -> None: ...
 
     def stop(self) -> None:
