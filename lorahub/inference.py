@@ -25,13 +25,15 @@ from lorahub.models import BaseModel
 class Sampling:
     """How to pick tokens, as OpenAI clients name it: greedy at temperature 0 (the default);
     else softmax(logits / temperature) restricted to the top_p nucleus. `stop` strings end
-    the text before them; `seed` makes sampling repeatable."""
+    the text before them; `seed` makes sampling repeatable; no end-of-sequence token before
+    `min_new_tokens` (vLLM's min_tokens; benchmarks use it for answers of equal length)."""
 
     max_new_tokens: int = 32
     temperature: float = 0.0
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    min_new_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.max_new_tokens <= 0:
@@ -42,6 +44,8 @@ class Sampling:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}")
 
     @property
     def greedy(self) -> bool:
@@ -49,10 +53,11 @@ class Sampling:
 
     def hf_kwargs(self) -> dict:
         """The same choice as `transformers.generate` arguments."""
+        lengths = {"max_new_tokens": self.max_new_tokens, "min_new_tokens": self.min_new_tokens}
         if self.greedy:
-            return {"max_new_tokens": self.max_new_tokens, "do_sample": False}
+            return {**lengths, "do_sample": False}
         return {
-            "max_new_tokens": self.max_new_tokens,
+            **lengths,
             "do_sample": True,
             "temperature": self.temperature,
             "top_p": self.top_p,

@@ -529,3 +529,43 @@ def test_sigterm_finishes_in_flight_streams_then_exits(registry_dir: Path, tmp_p
             httpx.get(f"{url}/health", timeout=2)
     finally:
         proc.kill()
+
+
+def test_min_tokens_holds_the_end_of_sequence_back(registry_dir: Path, embedder) -> None:
+    """A model whose head can only say end-of-sequence or '5' (opposite directions), so it
+    stops early; min_tokens keeps it going to the end."""
+    from lorahub.inference import Sampling
+    from lorahub.serve.engine import GenerationRequest
+
+    reg = Registry(registry_dir, embedder=embedder)
+    base = tiny_base()
+    w = torch.randn(base.model.config.hidden_size)
+    with torch.no_grad():
+        base.model.lm_head.weight.zero_()
+        base.model.lm_head.weight[base.tokenizer.eos_token_id] = w
+        base.model.lm_head.weight[base.tokenizer.convert_tokens_to_ids("5")] = -w
+    engine = BatchingEngine(Hub(reg, base, Retriever(reg)))
+    engine.start()
+    try:
+        lengths = {}
+        for least in (0, 40):
+            done = threading.Event()
+            events = []
+            ids = tuple(base.tokenizer("hello there")["input_ids"])
+            request = GenerationRequest(
+                ids, Routing(), "mixture", Sampling(40, min_new_tokens=least)
+            )
+            engine.submit(
+                request,
+                lambda ev, events=events, done=done: (
+                    events.append(ev),
+                    ev.kind != "token" and done.set(),
+                ),
+            )
+            assert done.wait(30)
+            lengths[least] = (events[-1].finish_reason, events[-1].usage["completion_tokens"])
+    finally:
+        engine.stop()
+        reg.close()
+    assert lengths[0][0] == "stop" and lengths[0][1] < 40
+    assert lengths[40] == ("length", 40)

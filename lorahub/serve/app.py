@@ -156,6 +156,7 @@ def create_app(hub: Hub, engine: Engine, config: ServeConfig | None = None) -> F
                 1.0 if req.top_p is None else req.top_p,
                 tuple(req.stop or ()),
                 req.seed,
+                req.min_tokens,
             )
         except ValueError as e:
             raise p.APIError(400, str(e)) from None

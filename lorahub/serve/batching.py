@@ -224,6 +224,9 @@ class BatchingEngine:
     def _emit_token(self, row: _Row, logits: Tensor) -> bool:
         """Add one sampled token to `row` and emit what it makes visible; True if done."""
         s = row.request.sampling
+        if len(row.ids) < s.min_new_tokens:
+            logits = logits.clone()
+            logits[list(self.eos)] = float("-inf")
         token = next_token(logits, s.temperature, s.top_p, row.generator)
         row.ids.append(token)
         text = self.tokenizer.decode(row.ids, skip_special_tokens=True)

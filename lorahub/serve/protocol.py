@@ -47,6 +47,7 @@ class _Common(BaseModel):
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
+    min_tokens: Annotated[int, Field(ge=0)] = 0  # vLLM's extra: no end of sequence before
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     loraplex: LoraplexOptions = Field(default_factory=LoraplexOptions)
