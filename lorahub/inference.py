@@ -45,7 +45,9 @@ class Sampling:
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
-            raise ValueError(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}")
+            raise ValueError(
+                f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}"
+            )
 
     @property
     def greedy(self) -> bool:

@@ -21,6 +21,7 @@ import logging
 import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
@@ -93,6 +94,10 @@ class BatchingEngine:
         self._mask: Tensor | None = None  # (rows, columns) of the cache
         self._stacked: OrderedDict[str, None] = OrderedDict()  # adapter names, LRU order
         self._composer: Composer | None = None
+        # The decode steps' composition stays open while the running rows do not change,
+        # so the per-row factors are built once per batch rather than once per step.
+        self._block: ExitStack | None = None
+        self._block_rows: tuple[int, ...] = ()
         self._lock = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -108,6 +113,7 @@ class BatchingEngine:
             self._lock.notify_all()
         if self._thread is not None:
             self._thread.join()
+        self._close_block()
         if self._composer is not None:
             self._composer.detach()
             self._composer = None
@@ -147,6 +153,7 @@ class BatchingEngine:
                 log.exception("engine step failed")
                 for row in [*joiners, *self._running]:
                     row.emit(Event("error", error=f"generation failed: {e}"))
+                self._close_block()
                 self._running, self._cache, self._mask = [], None, None
             if self.on_step is not None:
                 self.on_step(len(self._running), len(self._waiting))
@@ -161,6 +168,7 @@ class BatchingEngine:
     def _prefill(self, rows: list[_Row]) -> None:
         """The joiners' prompts in one left-padded pass, each with its composition; their
         first tokens; then their cache rows join the running batch."""
+        self._close_block()
         self._stack({n for r in [*self._running, *rows] for n in r.request.routing.adapters})
         width = max(len(r.request.prompt_ids) for r in rows)
         ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
@@ -187,14 +195,14 @@ class BatchingEngine:
         rows = self._running
         self._mask = torch.cat([self._mask, torch.ones((len(rows), 1), dtype=torch.long)], 1)
         last = torch.tensor([[r.ids[-1]] for r in rows])
-        with self._applied(rows).rows(torch.arange(len(rows))):
-            out = self.model(
-                input_ids=last,
-                attention_mask=self._mask,
-                position_ids=self._mask.sum(1, keepdim=True) - 1,
-                past_key_values=self._cache,
-                use_cache=True,
-            )
+        self._open_block(rows)
+        out = self.model(
+            input_ids=last,
+            attention_mask=self._mask,
+            position_ids=self._mask.sum(1, keepdim=True) - 1,
+            past_key_values=self._cache,
+            use_cache=True,
+        )
         self._advance(out.logits[:, -1].float(), offset=0)
 
     def _advance(self, logits: Tensor, offset: int) -> None:
@@ -252,6 +260,21 @@ class BatchingEngine:
         return finish is not None
 
     # -- composition ---------------------------------------------------------------------------
+    def _open_block(self, rows: list[_Row]) -> None:
+        """The composition of these rows, kept open across decode steps until they change."""
+        key = tuple(id(r) for r in rows)
+        if self._block is not None and key == self._block_rows:
+            return
+        self._close_block()
+        self._block = ExitStack()
+        self._block.enter_context(self._applied(rows).rows(torch.arange(len(rows))))
+        self._block_rows = key
+
+    def _close_block(self) -> None:
+        if self._block is not None:
+            self._block.close()
+            self._block, self._block_rows = None, ()
+
     def _stack(self, needed: set[str]) -> None:
         """Make sure the composer holds `needed` (re-stacking only when it does not)."""
         for name in needed:

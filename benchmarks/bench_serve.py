@@ -1,0 +1,320 @@
+"""Serving throughput and latency: `loraplex serve` under closed-loop clients.
+
+The real SmolLM2 base and the zoo; prompts are the zoo tasks' held-out demo prompts, mixed;
+every answer is exactly `tokens` long (min_tokens = max_tokens, greedy). In one run:
+  (a) `auto` mixed traffic (the server's router, mixture of k=3, per row),
+  (b) every request on the base model,
+  (c) one request at a time, switching PEFT adapters per request (each prompt's own
+      adapter; in process, no HTTP: a generous baseline),
+  (d) `transformers serve --continuous-batching` on the base model (the anchor, no adapters).
+Closed loop: C clients, each sending its next request when the last one ends. Reported:
+output tokens/s, time to first token (TTFT) and inter-token latency (ITL), p50/p95.
+
+    python benchmarks/bench_serve.py [--quick] [--clients 1,8,32] [--tokens 48]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import print_table, target, write_result
+
+from lorahub.models import BUILTIN, DEFAULT_MODEL
+from lorahub.zoo import ZOO_DIR, read_manifest, register_zoo
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A server process on 127.0.0.1, stopped (SIGTERM, then kill) on exit."""
+
+    def __init__(self, cmd: list[str], port: int, log: Path) -> None:
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = log.open("w")
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+
+    def __enter__(self) -> Server:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: see {self.log.name}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError("server did not start in 300 s")
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+async def _one(client: httpx.AsyncClient, url: str, body: dict) -> dict:
+    """One streamed request: when it was sent, when each content chunk came, its tokens."""
+    sent = time.perf_counter()
+    stamps, tokens = [], 0
+    async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line.removeprefix("data: "))
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+                stamps.append(time.perf_counter())
+    return {"sent": sent, "stamps": stamps, "tokens": tokens, "end": time.perf_counter()}
+
+
+async def closed_loop(url: str, bodies: list[dict], clients: int) -> list[dict]:
+    queue = list(reversed(bodies))
+    limits = httpx.Limits(max_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+
+        async def worker() -> list[dict]:
+            done = []
+            while queue:
+                done.append(await _one(client, url, queue.pop()))
+            return done
+
+        results = await asyncio.gather(*(worker() for _ in range(clients)))
+    return [r for rs in results for r in rs]
+
+
+def summarize(records: list[dict]) -> dict:
+    start = min(r["sent"] for r in records)
+    end = max(r["end"] for r in records)
+    ttft = [r["stamps"][0] - r["sent"] for r in records if r["stamps"]]
+    itl = [b - a for r in records for a, b in zip(r["stamps"], r["stamps"][1:], strict=False)]
+    tokens = sum(r["tokens"] for r in records)
+    return {
+        "requests": len(records),
+        "tokens": tokens,
+        "seconds": end - start,
+        "tokens_per_s": tokens / (end - start),
+        "ttft_p50": float(np.percentile(ttft, 50)),
+        "ttft_p95": float(np.percentile(ttft, 95)),
+        "itl_p50": float(np.percentile(itl, 50)) if itl else float("nan"),
+        "itl_p95": float(np.percentile(itl, 95)) if itl else float("nan"),
+    }
+
+
+def bodies_for(
+    model: str, prompts: list[str], n: int, tokens: int, extra: dict | None = None
+) -> list[dict]:
+    return [
+        {
+            "model": model,
+            "messages": [{"role": "user", "content": prompts[i % len(prompts)]}],
+            "max_tokens": tokens,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            **(extra or {}),
+        }
+        for i in range(n)
+    ]
+
+
+def peft_one_at_a_time(rows: list[tuple[str, str]], tokens: int) -> dict:
+    """(c): each request alone, its adapter switched in with PEFT's set_adapter."""
+    import torch
+    from peft import PeftModel
+
+    from lorahub.models import load_base_model
+
+    base = load_base_model(DEFAULT_MODEL)
+    names = sorted({name for name, _ in rows})
+    model = PeftModel.from_pretrained(base.model, ZOO_DIR / names[0], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(ZOO_DIR / name, adapter_name=name)
+    model.eval()
+    tok = base.tokenizer
+    records = []
+    with torch.inference_mode():
+        for name, prompt in rows:
+            sent = time.perf_counter()
+            model.set_adapter(name)
+            enc = tok(base.format_prompt(prompt), return_tensors="pt", add_special_tokens=False)
+            stamps: list[float] = []
+            out = model.generate(
+                **enc,
+                max_new_tokens=tokens,
+                min_new_tokens=tokens,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+                streamer=_Stamps(stamps),
+            )
+            stamps = stamps[1:]  # the streamer's first put is the prompt
+            n = out.shape[1] - enc["input_ids"].shape[1]
+            records.append(
+                {"sent": sent, "stamps": stamps, "tokens": n, "end": time.perf_counter()}
+            )
+    return summarize(records)
+
+
+class _Stamps:
+    """A generate() streamer that only notes when each token came."""
+
+    def __init__(self, stamps: list[float]) -> None:
+        self.stamps = stamps
+
+    def put(self, value: object) -> None:
+        self.stamps.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--quick", action="store_true", help="C in {1, 8}, fewer requests, no (d)")
+    ap.add_argument("--clients", default=None, help="comma-separated (default 1,8,32)")
+    ap.add_argument("--tokens", type=int, default=48, help="new tokens per answer (32-64)")
+    ap.add_argument("--per-client", type=int, default=3, help="requests per client (C=1: 8)")
+    args = ap.parse_args()
+    clients = [int(c) for c in (args.clients or ("1,8" if args.quick else "1,8,32")).split(",")]
+    per_client = 2 if args.quick else args.per_client
+
+    manifest = read_manifest()
+    rows = [(e["name"], d["input"]) for e in manifest for d in e["demo"]]
+    random.Random(0).shuffle(rows)
+    prompts = [p for _, p in rows]
+    model_dir = BUILTIN[DEFAULT_MODEL]()  # the cached safetensors copy of SmolLM2
+    tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    from registry import Registry
+    from router import SentenceEmbedder
+
+    with Registry(tmp / "registry", embedder=SentenceEmbedder()) as reg:
+        register_zoo(reg)
+
+    def n_requests(c: int) -> int:
+        return max(8, c * per_client)
+
+    results: dict[str, dict] = {}
+    port = free_port()
+    serve = [sys.executable, "-m", "lorahub.cli", "serve", "--registry", str(tmp / "registry")]
+    serve += ["--port", str(port), "--max-batch", "32", "--max-queue", "1024"]
+    with Server(serve, port, tmp / "loraplex.log") as server:
+        for label, model in (("a_auto", "auto"), ("b_base", DEFAULT_MODEL)):
+            for c in clients:
+                extra = {"min_tokens": args.tokens}
+                bodies = bodies_for(model, prompts, n_requests(c), args.tokens, extra)
+                asyncio.run(closed_loop(server.url, bodies[:c], c))  # warm up
+                results[f"{label}_c{c}"] = summarize(
+                    asyncio.run(closed_loop(server.url, bodies, c))
+                )
+                print(label, c, results[f"{label}_c{c}"], flush=True)
+    results["c_peft_one_at_a_time"] = peft_one_at_a_time(
+        rows[: 8 if args.quick else 24], args.tokens
+    )
+    print("c", results["c_peft_one_at_a_time"], flush=True)
+    if not args.quick:
+        port = free_port()
+        hf = [str(Path(sys.executable).parent / "transformers"), "serve", str(model_dir)]
+        hf += [
+            "--continuous-batching",
+            "--device",
+            "cpu",
+            "--port",
+            str(port),
+            "--dtype",
+            "float32",
+        ]
+        with Server(hf, port, tmp / "transformers.log") as server:
+            gen = json.dumps(
+                {"max_new_tokens": args.tokens, "min_new_tokens": args.tokens, "do_sample": False}
+            )
+            for c in (clients[0], clients[-1]):
+                bodies = bodies_for(
+                    str(model_dir), prompts, n_requests(c), args.tokens, {"generation_config": gen}
+                )
+                asyncio.run(closed_loop(server.url, bodies[:c], c))
+                results[f"d_transformers_c{c}"] = summarize(
+                    asyncio.run(closed_loop(server.url, bodies, c))
+                )
+                print("d", c, results[f"d_transformers_c{c}"], flush=True)
+
+    table = [{"run": k, **v} for k, v in results.items()]
+    print_table(
+        table,
+        [
+            "run",
+            "requests",
+            "tokens",
+            "seconds",
+            "tokens_per_s",
+            "ttft_p50",
+            "ttft_p95",
+            "itl_p50",
+            "itl_p95",
+        ],
+    )
+    top, low = clients[-1], clients[0]
+    a, b = results[f"a_auto_c{top}"], results[f"b_base_c{top}"]
+    targets = [
+        target(
+            f"auto_over_base_throughput_c{top}", a["tokens_per_s"] / b["tokens_per_s"], 0.8, ">="
+        ),
+        target(
+            f"auto_over_peft_one_at_a_time_c{top}",
+            a["tokens_per_s"] / results["c_peft_one_at_a_time"]["tokens_per_s"],
+            4.0,
+            ">=",
+        ),
+        target(
+            f"auto_ttft_p50_c{top}_over_c{low}",
+            a["ttft_p50"] / results[f"a_auto_c{low}"]["ttft_p50"],
+            3.0,
+            "<=",
+        ),
+    ]
+    if f"d_transformers_c{top}" in results:
+        d = results[f"d_transformers_c{top}"]
+        targets.append(
+            target(
+                f"base_over_transformers_serve_c{top}",
+                b["tokens_per_s"] / d["tokens_per_s"],
+                0.9,
+                ">=",
+            )
+        )
+    config = {
+        "clients": clients,
+        "tokens": args.tokens,
+        "per_client": per_client,
+        "max_batch": 32,
+        "k": 3,
+    }
+    write_result("serve", config, results, targets, args.quick)
+
+
+if __name__ == "__main__":
+    main()
