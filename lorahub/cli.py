@@ -17,6 +17,7 @@ from lorahub.commands import (
     cmd_demo,
     cmd_doctor,
     cmd_eval,
+    cmd_export,
     cmd_generate,
     cmd_learn,
     cmd_list,
@@ -191,8 +192,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--base-model", default="smollm2-135m-instruct")
-    s.add_argument("--engine", choices=["transformers"], default="transformers")
+    s.add_argument(
+        "--base-model",
+        default=None,
+        help="name, path or Hub id (default: SmolLM2, or what the first --upstream serves)",
+    )
+    s.add_argument("--engine", choices=["transformers", "vllm"], default="transformers")
+    s.add_argument("--upstream", help="vllm: comma-separated vLLM server URLs")
+    s.add_argument("--max-lora-rank", type=int, default=16, help="vllm: the replicas' limit")
     s.add_argument("--router", choices=sorted(ROUTERS), default="retriever")
     s.add_argument("--classifier", help="folder of a saved ClassifierRouter")
     s.add_argument(
@@ -207,6 +214,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-tokens", type=int, default=256, help="default max_tokens")
     s.add_argument("--api-key", help="require this bearer key (default: $LORAPLEX_API_KEY)")
     s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("export", parents=[common], help="write the adapters for another engine")
+    s.add_argument("--format", choices=["vllm"], required=True)
+    s.add_argument("dir", help="output folder")
+    s.set_defaults(func=cmd_export)
     return p
 
 

@@ -387,6 +387,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from lorahub.hub import Hub
+    from lorahub.models import DEFAULT_MODEL, load_base_model
     from lorahub.serve.app import ServeConfig
     from lorahub.serve.batching import BatchingConfig
     from lorahub.serve.server import EngineOptions, make_engine, serve
@@ -399,10 +400,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         api_key=args.api_key or os.environ.get("LORAPLEX_API_KEY") or None,
         router=args.router,
     )
-    options = EngineOptions(BatchingConfig(args.max_batch, args.max_queue))
+    upstreams = tuple(u.strip() for u in (args.upstream or "").split(",") if u.strip())
+    if args.engine == "vllm" and not upstreams:
+        raise ValueError("--engine vllm needs --upstream URL[,URL...] (vLLM OpenAI servers)")
+    options = EngineOptions(
+        BatchingConfig(args.max_batch, args.max_queue), upstreams, args.max_lora_rank
+    )
+    name = args.base_model or (_upstream_model(upstreams[0]) if upstreams else DEFAULT_MODEL)
+    # the gateway only formats, tokenizes and checks shapes: no weights needed
+    base = load_base_model(name, weights=args.engine != "vllm")
     hub = Hub.open(
         registry=args.registry,
-        base_model=args.base_model,
+        base_model=base,
         router=args.router,
         router_options=RouterOptions(classifier=Path(args.classifier) if args.classifier else None),
     )
@@ -410,4 +419,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
         serve(hub, make_engine(args.engine, hub, options), config, args.host, args.port)
     finally:
         hub.close()
+    return 0
+
+
+def _upstream_model(url: str) -> str:
+    """The base model a vLLM replica serves (the gateway formats and tokenizes with it)."""
+    import httpx
+
+    try:
+        data = httpx.get(f"{url.rstrip('/')}/v1/models", timeout=10).json()["data"]
+    except (httpx.HTTPError, KeyError, ValueError) as e:
+        raise ValueError(
+            f"cannot ask {url} which model it serves ({e}); pass --base-model"
+        ) from None
+    return next(m["root"] or m["id"] for m in data if not m.get("parent"))
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Every adapter as a PEFT folder under DIR, and the vLLM --lora-modules line."""
+    out = Path(args.dir)
+    with Registry(args.registry) as reg:
+        names = reg.names()
+        for name in names:
+            write_peft_folder(reg.load(name), out / name)
+    modules = " ".join(f"{n}={(out / n).resolve()}" for n in names)
+    (out / "lora-modules.txt").write_text(f"--lora-modules {modules}\n")
+    if args.json:
+        print(json.dumps({"out": str(out), "adapters": names}))
+    else:
+        print(f"wrote {len(names)} adapters to {out}; start vLLM with:")
+        print(f"  vllm serve BASE --enable-lora --lora-modules {modules}")
     return 0

@@ -101,8 +101,12 @@ class BaseModel:
         return "\n".join(m["content"] for m in messages)
 
 
-def load_base_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) -> BaseModel:
-    """A built-in name, a local folder, or a Hub id (through the HF cache)."""
+def load_base_model(
+    name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, weights: bool = True
+) -> BaseModel:
+    """A built-in name, a local folder, or a Hub id (through the HF cache). Without
+    `weights`, the model is built on the meta device: shapes and config, no memory (for a
+    gateway that only formats and tokenizes)."""
     path = BUILTIN[name]() if name in BUILTIN else name
     try:
         config = AutoConfig.from_pretrained(path)
@@ -112,7 +116,11 @@ def load_base_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float3
             f"model folder, or a Hub id in the local cache ({type(e).__name__})"
         ) from None
     cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-    model = cls.from_pretrained(path, dtype=dtype).eval()
+    if weights:
+        model = cls.from_pretrained(path, dtype=dtype).eval()
+    else:
+        with torch.device("meta"):
+            model = cls.from_config(config, dtype=dtype).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

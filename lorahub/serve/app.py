@@ -186,7 +186,9 @@ def create_app(hub: Hub, engine: Engine, config: ServeConfig | None = None) -> F
         report = {**routing.to_json(), "compose": str(target.compose), "mode": str(mode)}
         if target.routing is None:
             report["router"] = config.router
-        request = GenerationRequest(tuple(ids), routing, mode, sampling, logprobs)
+        request = GenerationRequest(
+            tuple(ids), routing, mode, sampling, logprobs, req.loraplex.exact
+        )
         for name in routing.adapters:
             metrics.routed.labels(name).inc()
         return _Prepared(request, target, req.model, report)

@@ -37,7 +37,7 @@ from lorahub.serve.engine import (
     Event,
     GenerationRequest,
     QueueFullError,
-    UnsupportedCompositionError,
+    check_capability,
 )
 from lorahub.serve.sampling import next_token
 
@@ -119,11 +119,7 @@ class BatchingEngine:
             self._composer = None
 
     def submit(self, request: GenerationRequest, emit: Callable[[Event], None]) -> _Row:
-        if request.routing.per_token is not None:
-            raise UnsupportedCompositionError(
-                "per-token routing (Arrow) is not served by the built-in engine yet; "
-                "use selection, mixture or fusion"
-            )
+        check_capability("transformers", request)
         row = _Row(request, emit)
         with self._lock:
             if self._stopping:
@@ -134,7 +130,7 @@ class BatchingEngine:
             self._lock.notify_all()
         return row
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict:
         return {"running": len(self._running), "waiting": len(self._waiting)}
 
     # -- the loop ------------------------------------------------------------------------------

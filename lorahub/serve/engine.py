@@ -31,6 +31,7 @@ class GenerationRequest:
     mode: Mode
     sampling: Sampling
     logprobs: int | None = None  # top alternatives to report per token (None: no logprobs)
+    exact: bool = False  # refuse rather than approximate a composition the engine cannot hold
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,35 @@ class Event:
     finish_reason: str | None = None  # done: "stop" or "length"
     usage: dict[str, int] = field(default_factory=dict)  # done: prompt / completion tokens
     error: str = ""  # error: what went wrong (this request alone)
+
+
+# What each engine applies; anything else is refused (400 unsupported_composition), never
+# silently downgraded. vLLM applies one ordinary LoRA per request, so per-token gating
+# cannot run there; the built-in engine does not serve it yet.
+CAPABILITIES: dict[str, frozenset[str]] = {
+    "transformers": frozenset({"base", "selection", "mixture", "fusion"}),
+    "vllm": frozenset({"base", "selection", "mixture", "fusion"}),
+}
+
+
+def composition_of(request: GenerationRequest) -> str:
+    routing = request.routing
+    if routing.per_token is not None:
+        return "per_token"
+    if not routing.adapters:
+        return "base"
+    if request.mode == Mode.fusion:
+        return "fusion"
+    return "selection" if len(routing.adapters) == 1 else "mixture"
+
+
+def check_capability(engine: str, request: GenerationRequest) -> None:
+    kind = composition_of(request)
+    if kind not in CAPABILITIES[engine]:
+        raise UnsupportedCompositionError(
+            f"the {engine} engine cannot apply {kind} compositions; it applies "
+            f"{', '.join(sorted(CAPABILITIES[engine]))}"
+        )
 
 
 class Handle(Protocol):
@@ -60,5 +90,6 @@ class Engine(Protocol):
     def submit(self, request: GenerationRequest, emit: Callable[[Event], None]) -> Handle:
         """Queue a request; raises QueueFullError or UnsupportedCompositionError."""
 
-    def stats(self) -> dict[str, int]:
-        """{"running", "waiting"}: rows decoding now and requests queued."""
+    def stats(self) -> dict:
+        """{"running", "waiting", ...}: requests being answered and queued (and, for a
+        gateway, "upstreams")."""

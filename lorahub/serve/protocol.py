@@ -20,6 +20,7 @@ class LoraplexOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     k: Annotated[int, Field(ge=1, le=64)] | None = None
     adapters: dict[str, float] | None = None
+    exact: bool = False  # refuse a composition the engine could only approximate
 
     @field_validator("adapters")
     @classmethod
