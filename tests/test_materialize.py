@@ -82,6 +82,8 @@ def test_rank_limit_compresses_with_its_error_or_refuses_when_exact(
     assert made.rank == 4 and 0 < made.rel_error < 1
     with pytest.raises(RankLimitError, match="rank 10"):
         folders.get(adapters, [0.4, 0.3, 0.31], Mode.mixture, max_rank=4, exact=True)
+    with pytest.raises(RankLimitError, match="exceeds"):  # cached, compressed: still refused
+        folders.get(adapters, [0.4, 0.3, 0.3], Mode.mixture, max_rank=4, exact=True)
 
 
 def test_folders_are_content_addressed_and_bounded(adapters, tmp_path: Path) -> None:

@@ -206,6 +206,8 @@ def create_app(hub: Hub, engine: Engine, config: ServeConfig | None = None) -> F
             raise p.APIError(429, f"server busy: {e}; retry shortly", None, "queue_full") from None
         except UnsupportedCompositionError as e:
             raise p.APIError(400, str(e), "model", "unsupported_composition") from None
+        if handle.applied:
+            prepared.report["applied"] = handle.applied
         headers = {"x-loraplex-routing": json.dumps(prepared.report, separators=(",", ":"))}
         chat = kind is p.ChatRequest
         timing = _Timing(metrics)

@@ -67,6 +67,7 @@ class _Row:
         self.ids: list[int] = []
         self.sent = ""  # text already emitted
         self.cancelled = False
+        self.applied: dict = {}  # the composer applies the routing itself
         seed = request.sampling.seed
         self.generator = torch.Generator()
         self.generator.manual_seed(seed if seed is not None else torch.seed())

@@ -75,6 +75,8 @@ def check_capability(engine: str, request: GenerationRequest) -> None:
 
 
 class Handle(Protocol):
+    applied: dict  # what the engine applied beyond the routing (reported to the client)
+
     def cancel(self) -> None:
         """The client went away: free the row at the next step."""
 

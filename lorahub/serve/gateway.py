@@ -78,7 +78,8 @@ class Upstream:
 
 
 class _Handle:
-    def __init__(self) -> None:
+    def __init__(self, applied: dict) -> None:
+        self.applied = applied
         self.future: Future | None = None
         self.cancelled = False
 
@@ -129,7 +130,7 @@ class VllmGateway:
             if self._in_flight >= self.config.max_queue:
                 raise QueueFullError(f"{self._in_flight} requests are already in flight")
             self._in_flight += 1
-        handle = _Handle()
+        handle = _Handle(_applied(materialized))
         handle.future = asyncio.run_coroutine_threadsafe(
             self._run(request, materialized, emit, handle), self._loop
         )
@@ -323,6 +324,19 @@ class VllmGateway:
         if finish is None:
             raise _UpstreamFailed("the stream ended without a finish reason")
         return finish, text_so_far
+
+
+def _applied(made: Materialized | None) -> dict:
+    """What the replicas apply: the one composed adapter, its weights after quantizing,
+    its rank and the relative error of a compression (0: exact)."""
+    if made is None:
+        return {}
+    return {
+        "adapter": made.name,
+        "weights": list(made.weights),
+        "rank": made.rank,
+        "rel_error": made.rel_error,
+    }
 
 
 class _UpstreamFailed(RuntimeError):

@@ -124,6 +124,11 @@ class AdapterFolders:
                 os.replace(tmp, folder)
             os.utime(folder)
             info = json.loads(info_path.read_text())
+            if exact and info["rel_error"] > 0:  # built earlier for a request that allowed it
+                raise RankLimitError(
+                    f"the exact composition exceeds the engine's rank limit {max_rank}; drop "
+                    "loraplex.exact to accept the svd compression"
+                )
             evicted = self._evict(keep=name)
         return Materialized(
             name, folder, tuple(info["weights"]), info["rank"], info["rel_error"]

@@ -1,0 +1,354 @@
+"""`loraplex serve --engine vllm` in front of REAL vLLM servers (the CPU build, in its own
+virtual environment `.venv-vllm`, made by `make venv-vllm`) on 127.0.0.1, with a tiny Llama
+saved locally and locally made adapters.
+
+Greedy text through the gateway equals the built-in engine's for selection, mixture and
+fusion (where float32 kernels differ, the first difference must sit at a near-tie: the
+built-in engine's two top log-probabilities within 1e-3); requests for one adapter stay on
+one replica; killing a replica mid-run loses no request; per-token gating is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+import uvicorn
+from conftest import char_tokenizer
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from lorahub.hub import Hub
+from lorahub.models import BaseModel, load_base_model
+from lorahub.serve.app import ServeConfig, create_app
+from lorahub.serve.batching import BatchingEngine
+from lorahub.serve.gateway import GatewayConfig, VllmGateway
+from registry import LoraAdapter, LoraModule, Registry
+from router import ArrowRouter, Retriever
+
+VLLM_PYTHON = Path(
+    os.environ.get("LORAPLEX_VLLM_PYTHON", Path(__file__).parents[1] / ".venv-vllm/bin/python")
+)
+pytestmark = pytest.mark.skipif(
+    not VLLM_PYTHON.exists(), reason=f"no vLLM environment at {VLLM_PYTHON} (make venv-vllm)"
+)
+PROMPTS = [f"{w} {i}" for i, w in enumerate(["add", "copy", "say", "flip", "count"] * 5)]  # 25
+NAMES = ("alpha", "beta", "gamma")
+MAX_RANK = 16
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory, embedder) -> dict:
+    """The tiny model folder, a registry of three adapters (ranks 8, 8, 4) and the PEFT
+    folders `loraplex export --format vllm` writes for them."""
+    from lorahub.cli import main
+
+    root = tmp_path_factory.mktemp("vllm")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=0.3,  # peaked next-token distributions: few near-ties
+        bos_token_id=None,
+        eos_token_id=1,
+        pad_token_id=0,
+    )
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(root / "model")
+    char_tokenizer().save_pretrained(root / "model")
+    reg_dir = root / "registry"
+    with Registry(reg_dir, embedder=embedder) as reg:
+        g = torch.Generator().manual_seed(1)
+        for name, rank in zip(NAMES, (8, 8, 4), strict=True):
+            mods = {
+                n: LoraModule(
+                    torch.randn(rank, m.in_features, generator=g) * 0.3,
+                    torch.randn(m.out_features, rank, generator=g) * 0.3,
+                    2.0 * rank,
+                )
+                for n, m in model.named_modules()
+                if n.endswith(("q_proj", "v_proj"))
+            }
+            reg.register(LoraAdapter(mods), name=name, examples=[f"{name} example"])
+    assert (
+        main(["export", "--format", "vllm", str(root / "export"), "--registry", str(reg_dir)]) == 0
+    )
+    return {"root": root, "model": root / "model", "registry": reg_dir, "export": root / "export"}
+
+
+def start_vllm(model: Path, log: Path, extra: list[str] = ()) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {
+        **os.environ,
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
+        "HF_HUB_OFFLINE": "1",
+        "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+    }
+    cmd = [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model)]
+    cmd += [
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--enable-lora",
+        "--max-lora-rank",
+        str(MAX_RANK),
+    ]
+    cmd += ["--max-loras", "4", "--dtype", "float32", "--enforce-eager", "--max-model-len", "256"]
+    cmd += ["--gpu-memory-utilization", "0.3", *extra]
+    out = log.open("w")
+    proc = subprocess.Popen(
+        cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+    )
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def wait_up(proc: subprocess.Popen, url: str, log: Path, seconds: float = 300) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(1)
+    raise AssertionError(f"vLLM did not start in {seconds} s: {log.read_text()[-3000:]}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def replicas(world: dict) -> Iterator[list[tuple[subprocess.Popen, str]]]:
+    """Two vLLM servers; the second also serves the exported adapters by name."""
+    modules = (world["export"] / "lora-modules.txt").read_text().split()[1:]
+    started = [
+        start_vllm(world["model"], world["root"] / "vllm0.log"),
+        start_vllm(world["model"], world["root"] / "vllm1.log", ["--lora-modules", *modules]),
+    ]
+    try:
+        for i, (proc, url) in enumerate(started):
+            wait_up(proc, url, world["root"] / f"vllm{i}.log")
+        yield started
+    finally:
+        for proc, _ in started:
+            stop(proc)
+
+
+class Server:
+    """Our app under uvicorn on 127.0.0.1 in a thread."""
+
+    def __init__(self, hub: Hub, engine, config: ServeConfig | None = None) -> None:
+        self.port = free_port()
+        self.server = uvicorn.Server(
+            uvicorn.Config(
+                create_app(hub, engine, config),
+                host="127.0.0.1",
+                port=self.port,
+                log_level="warning",
+            )
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> Server:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=60)
+
+
+def tiny_base(world: dict, weights: bool) -> BaseModel:
+    return load_base_model(str(world["model"]), weights=weights)
+
+
+@pytest.fixture(scope="module")
+def builtin(world: dict, embedder) -> Iterator[str]:
+    reg = Registry(world["registry"], embedder=embedder)
+    hub = Hub(reg, tiny_base(world, True), Retriever(reg))
+    with Server(hub, BatchingEngine(hub)) as s:
+        yield s.url
+    reg.close()
+
+
+@pytest.fixture(scope="module")
+def gateway(world: dict, replicas, embedder) -> Iterator[tuple[str, VllmGateway]]:
+    reg = Registry(world["registry"], embedder=embedder)
+    hub = Hub(reg, tiny_base(world, False), Retriever(reg))
+    config = GatewayConfig(tuple(url for _, url in replicas), world["root"] / "folders", MAX_RANK)
+    engine = VllmGateway(hub, config)
+    with Server(hub, engine) as s:
+        yield s.url, engine
+    reg.close()
+
+
+def complete(
+    url: str, model: str, prompt: str, extra: dict | None = None, tokens: int = 12
+) -> dict:
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": tokens,
+        "temperature": 0,
+        "logprobs": 2,
+        **(extra or {}),
+    }
+    r = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+COMPOSITIONS = {
+    "selection": ("alpha", None),
+    "mixture": ("auto:mixture", {"loraplex": {"adapters": {"alpha": 0.6, "gamma": 0.4}}}),
+    "fusion": ("auto:fusion", {"loraplex": {"adapters": {"beta": 0.7, "gamma": 0.3}}}),
+    "base": (None, None),
+}
+
+
+@pytest.mark.parametrize("composition", sorted(COMPOSITIONS))
+def test_gateway_text_equals_the_builtin_engine(composition, world, gateway, builtin) -> None:
+    url, _ = gateway
+    model, extra = COMPOSITIONS[composition]
+    model = model or str(world["model"])
+    same = near_ties = 0
+    for prompt in PROMPTS:
+        ours, theirs = complete(builtin, model, prompt, extra), complete(url, model, prompt, extra)
+        mine, other = ours["choices"][0]["logprobs"], theirs["choices"][0]["logprobs"]
+        if mine["tokens"] == other["tokens"]:
+            same += 1
+            continue
+        first = next(
+            i
+            for i, (a, b) in enumerate(zip(mine["tokens"], other["tokens"], strict=False))
+            if a != b
+        )
+        top = sorted(mine["top_logprobs"][first].values(), reverse=True)
+        assert top[0] - top[1] < 1e-3, (prompt, first, mine["tokens"], other["tokens"], top)
+        near_ties += 1
+    assert same + near_ties == len(PROMPTS) and same >= len(PROMPTS) - 3
+    if composition != "base":
+        assert theirs["loraplex"]["applied"]["rel_error"] == 0.0
+
+
+def test_the_applied_weights_are_reported_and_rank_limits_hold(gateway) -> None:
+    url, _ = gateway
+    three = {"loraplex": {"adapters": {"alpha": 0.5004, "beta": 0.3, "gamma": 0.2}}}  # rank 20 > 16
+    reply = complete(url, "auto:mixture", "add 1", three)
+    applied = reply["loraplex"]["applied"]
+    assert applied["weights"] == [0.5, 0.3, 0.2] and applied["rank"] == MAX_RANK
+    assert 0 < applied["rel_error"] < 1
+    exact = {"loraplex": {**three["loraplex"], "exact": True}}
+    r = httpx.post(
+        f"{url}/v1/completions",
+        json={"model": "auto:mixture", "prompt": "add 1", "max_tokens": 4, **exact},
+        timeout=60,
+    )
+    assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_composition"
+
+
+def test_per_token_gating_is_refused_never_downgraded(world, replicas, embedder) -> None:
+    reg = Registry(world["registry"], embedder=embedder)
+    hub = Hub(reg, tiny_base(world, False), ArrowRouter(reg))
+    config = GatewayConfig(tuple(url for _, url in replicas), world["root"] / "folders", MAX_RANK)
+    with Server(hub, VllmGateway(hub, config), ServeConfig(router="arrow")) as s:
+        body = {"model": "auto", "prompt": "x", "max_tokens": 8}
+        r = httpx.post(f"{s.url}/v1/completions", json=body, timeout=60)
+    reg.close()
+    assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_composition"
+    assert "per_token" in r.json()["error"]["message"]
+
+
+def test_exported_adapters_serve_without_the_gateway(replicas) -> None:
+    _, url = replicas[1]  # started with the --lora-modules line `loraplex export` wrote
+    r = httpx.post(
+        f"{url}/v1/completions", json={"model": "beta", "prompt": "x", "max_tokens": 4}, timeout=60
+    )
+    assert r.status_code == 200 and r.json()["model"] == "beta"
+
+
+def test_requests_for_one_adapter_stay_on_one_replica(gateway) -> None:
+    url, engine = gateway
+    for name in NAMES:
+        for prompt in PROMPTS[:4]:
+            complete(url, name, prompt, tokens=2)
+    holders = {}
+    for u in engine.upstreams:
+        for adapter in u.loaded:
+            holders.setdefault(adapter, []).append(u.url)
+    assert len(holders) >= len(NAMES) and all(len(h) == 1 for h in holders.values())
+    health = httpx.get(f"{url}/health", timeout=10).json()
+    assert [u["up"] for u in health["upstreams"]] == [True, True]
+
+
+def test_killing_a_replica_mid_run_loses_no_request(gateway, replicas) -> None:
+    """Last: it kills a replica. 16 streams over every adapter; one replica dies while they
+    run; every request still ends with the text it has when sent alone."""
+    url, engine = gateway
+    jobs = [(NAMES[i % 3], PROMPTS[i]) for i in range(16)]
+    full = {"min_tokens": 60}  # every answer runs its 60 tokens
+    alone = [complete(url, m, p, full, tokens=60)["choices"][0]["text"] for m, p in jobs]
+
+    def stream(job: tuple[str, str]) -> tuple[str, str]:
+        body = {
+            "model": job[0],
+            "prompt": job[1],
+            "max_tokens": 60,
+            "temperature": 0,
+            "stream": True,
+            **full,
+        }
+        text, finish = [], None
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=300) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    choice = json.loads(line[6:])["choices"][0]
+                    text.append(choice["text"])
+                    finish = choice["finish_reason"] or finish
+        return "".join(text), finish
+
+    with ThreadPoolExecutor(16) as pool:
+        futures = [pool.submit(stream, job) for job in jobs]
+        deadline = time.monotonic() + 60
+        while not any(u.in_flight for u in engine.upstreams if u.url == replicas[0][1]):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        stop(replicas[0][0])
+        results = [f.result() for f in futures]
+    assert all(finish == "length" for _, finish in results)
+    assert [text for text, _ in results] == alone
+    assert engine.retries >= 1
+    assert not httpx.get(f"{url}/health", timeout=10).json()["upstreams"][0]["up"]
