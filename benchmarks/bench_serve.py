@@ -1,7 +1,9 @@
 """Serving throughput and latency: `loraplex serve` under closed-loop clients.
 
 The real SmolLM2 base and the zoo; prompts are the zoo tasks' held-out demo prompts, mixed;
-every answer is exactly `tokens` long (min_tokens = max_tokens, greedy). In one run:
+answers are 32-64 tokens, the same fixed sequence of lengths for every run (min_tokens =
+max_tokens, greedy), so runs do the same work and clients do not finish in lockstep. In
+one run:
   (a) `auto` mixed traffic (the server's router, mixture of k=3, per row),
   (b) every request on the base model,
   (c) one request at a time, switching PEFT adapters per request (each prompt's own
@@ -10,7 +12,7 @@ every answer is exactly `tokens` long (min_tokens = max_tokens, greedy). In one 
 Closed loop: C clients, each sending its next request when the last one ends. Reported:
 output tokens/s, time to first token (TTFT) and inter-token latency (ITL), p50/p95.
 
-    python benchmarks/bench_serve.py [--quick] [--clients 1,8,32] [--tokens 48]
+    python benchmarks/bench_serve.py [--quick] [--clients 1,8,32]
 """
 
 from __future__ import annotations
@@ -124,24 +126,28 @@ def summarize(records: list[dict]) -> dict:
     }
 
 
-def bodies_for(
-    model: str, prompts: list[str], n: int, tokens: int, extra: dict | None = None
-) -> list[dict]:
+def answer_length(i: int) -> int:
+    """Request i's answer length: 32-64 tokens, spread (the same in every run)."""
+    return 32 + (i * 13) % 33
+
+
+def bodies_for(model: str, prompts: list[str], n: int, extra) -> list[dict]:
+    """`extra(tokens)`: the engine's way of asking for exactly `tokens` tokens."""
     return [
         {
             "model": model,
             "messages": [{"role": "user", "content": prompts[i % len(prompts)]}],
-            "max_tokens": tokens,
+            "max_tokens": answer_length(i),
             "temperature": 0,
             "stream": True,
             "stream_options": {"include_usage": True},
-            **(extra or {}),
+            **extra(answer_length(i)),
         }
         for i in range(n)
     ]
 
 
-def peft_one_at_a_time(rows: list[tuple[str, str]], tokens: int) -> dict:
+def peft_one_at_a_time(rows: list[tuple[str, str]]) -> dict:
     """(c): each request alone, its adapter switched in with PEFT's set_adapter."""
     import torch
     from peft import PeftModel
@@ -157,7 +163,8 @@ def peft_one_at_a_time(rows: list[tuple[str, str]], tokens: int) -> dict:
     tok = base.tokenizer
     records = []
     with torch.inference_mode():
-        for name, prompt in rows:
+        for i, (name, prompt) in enumerate(rows):
+            tokens = answer_length(i)
             sent = time.perf_counter()
             model.set_adapter(name)
             enc = tok(base.format_prompt(prompt), return_tensors="pt", add_special_tokens=False)
@@ -197,7 +204,6 @@ def main() -> None:
     )
     ap.add_argument("--quick", action="store_true", help="C in {1, 8}, fewer requests, no (d)")
     ap.add_argument("--clients", default=None, help="comma-separated (default 1,8,32)")
-    ap.add_argument("--tokens", type=int, default=48, help="new tokens per answer (32-64)")
     ap.add_argument("--per-client", type=int, default=3, help="requests per client (C=1: 8)")
     args = ap.parse_args()
     clients = [int(c) for c in (args.clients or ("1,8" if args.quick else "1,8,32")).split(",")]
@@ -225,16 +231,13 @@ def main() -> None:
     with Server(serve, port, tmp / "loraplex.log") as server:
         for label, model in (("a_auto", "auto"), ("b_base", DEFAULT_MODEL)):
             for c in clients:
-                extra = {"min_tokens": args.tokens}
-                bodies = bodies_for(model, prompts, n_requests(c), args.tokens, extra)
+                bodies = bodies_for(model, prompts, n_requests(c), lambda t: {"min_tokens": t})
                 asyncio.run(closed_loop(server.url, bodies[:c], c))  # warm up
                 results[f"{label}_c{c}"] = summarize(
                     asyncio.run(closed_loop(server.url, bodies, c))
                 )
                 print(label, c, results[f"{label}_c{c}"], flush=True)
-    results["c_peft_one_at_a_time"] = peft_one_at_a_time(
-        rows[: 8 if args.quick else 24], args.tokens
-    )
+    results["c_peft_one_at_a_time"] = peft_one_at_a_time(rows[: 8 if args.quick else 24])
     print("c", results["c_peft_one_at_a_time"], flush=True)
     if not args.quick:
         port = free_port()
@@ -249,13 +252,13 @@ def main() -> None:
             "float32",
         ]
         with Server(hf, port, tmp / "transformers.log") as server:
-            gen = json.dumps(
-                {"max_new_tokens": args.tokens, "min_new_tokens": args.tokens, "do_sample": False}
-            )
+
+            def gen(t: int) -> dict:
+                config = {"max_new_tokens": t, "min_new_tokens": t, "do_sample": False}
+                return {"generation_config": json.dumps(config)}
+
             for c in (clients[0], clients[-1]):
-                bodies = bodies_for(
-                    str(model_dir), prompts, n_requests(c), args.tokens, {"generation_config": gen}
-                )
+                bodies = bodies_for(str(model_dir), prompts, n_requests(c), gen)
                 asyncio.run(closed_loop(server.url, bodies[:c], c))
                 results[f"d_transformers_c{c}"] = summarize(
                     asyncio.run(closed_loop(server.url, bodies, c))
@@ -308,7 +311,7 @@ def main() -> None:
         )
     config = {
         "clients": clients,
-        "tokens": args.tokens,
+        "tokens": "32-64",
         "per_client": per_client,
         "max_batch": 32,
         "k": 3,

@@ -12,7 +12,7 @@ from lorahub.hub import Hub
 from lorahub.inference import Sampling
 from lorahub.models import BaseModel
 from registry import BaseModelInfo, BaseModelMismatchError, LoraAdapter, LoraModule, Registry
-from router import Retriever
+from router import Retriever, Routing
 
 EXAMPLES = {
     "arithmetic": ["What is 17 plus 25?", "Compute 9 times 6.", "What is 100 minus 37?"],
@@ -109,3 +109,29 @@ def test_adapters_for_another_base_are_never_routed(hub: Hub, embedder) -> None:
     with pytest.warns(UserWarning, match="gpt2-tiny"):
         fresh = Hub(hub.registry, hub.base, Retriever(hub.registry))
     assert all("g" not in r.adapters for r in fresh.route(PROMPTS, k=3))
+
+
+def test_compose_none_with_routings_that_name_adapters_is_an_error(hub: Hub) -> None:
+    routing = Routing(("arithmetic",), (1.0,))
+    with pytest.raises(ValueError, match="compose='none'"):
+        hub.generate(PROMPTS[:1], routings=[routing], compose="none")
+    assert hub.generate(PROMPTS[:1], routings=[Routing()], compose="none", max_new_tokens=2)
+
+
+def test_arrow_routes_by_name_and_equals_its_gate_applied_by_hand(hub: Hub) -> None:
+    from lorahub import inference
+    from lorahub.applied import attached
+    from lorahub.inference import Sampling
+    from router import ArrowConfig, arrow_gate, make_router
+
+    arrow = Hub(hub.registry, hub.base, make_router("arrow", hub.registry))
+    answers = arrow.generate(PROMPTS, k=2, max_new_tokens=6)
+    assert all(a.routing.per_token == ArrowConfig(k=2) for a in answers)
+    names = list(answers[0].routing.adapters)
+    adapters = [hub.adapters.get(n) for n in names]
+    gate = arrow_gate(adapters, ArrowConfig(k=2))
+    with attached(hub.base.model, adapters, names, token_gate=gate) as applied:
+        by_hand = inference.generate(hub.base, PROMPTS, applied, Sampling(6))
+    assert [a.text for a in answers] == by_hand
+    with pytest.raises(ValueError, match="per-token"):
+        arrow.route(PROMPTS, compose="fusion")

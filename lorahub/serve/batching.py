@@ -47,14 +47,18 @@ log = logging.getLogger("loraplex.serve")
 @dataclass(frozen=True)
 class BatchingConfig:
     """max_batch: rows decoding at once; max_queue: requests waiting beyond those (then
-    429); max_adapters: adapters kept stacked for the composer."""
+    429); max_adapters: adapters kept stacked for the composer; prefill_tokens: prompt
+    tokens prefilled per step (at least one prompt), so a burst of arrivals is admitted a
+    few at a time between decode steps instead of stalling every running row (vLLM's
+    max_num_batched_tokens plays this part)."""
 
     max_batch: int = 32
     max_queue: int = 256
     max_adapters: int = 64
+    prefill_tokens: int = 1024
 
     def __post_init__(self) -> None:
-        if min(self.max_batch, self.max_queue, self.max_adapters) <= 0:
+        if min(self.max_batch, self.max_queue, self.max_adapters, self.prefill_tokens) <= 0:
             raise ValueError(f"batching limits must be positive: {self}")
 
 
@@ -142,8 +146,7 @@ class BatchingEngine:
                     self._lock.wait()
                 if self._stopping and not (self._waiting or self._running):
                     return
-                free = self.config.max_batch - len(self._running)
-                joiners = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+                joiners = self._admit()
             try:
                 self._step([r for r in joiners if not r.cancelled])
             except Exception as e:  # a bug or an out-of-memory: fail this step's rows only
@@ -154,6 +157,18 @@ class BatchingEngine:
                 self._running, self._cache, self._mask = [], None, None
             if self.on_step is not None:
                 self.on_step(len(self._running), len(self._waiting))
+
+    def _admit(self) -> list[_Row]:
+        """Waiting rows that join this step: free rows, within the prefill token budget."""
+        joiners, tokens = [], 0
+        free = self.config.max_batch - len(self._running)
+        while self._waiting and len(joiners) < free:
+            n = len(self._waiting[0].request.prompt_ids)
+            if joiners and tokens + n > self.config.prefill_tokens:
+                break
+            joiners.append(self._waiting.popleft())
+            tokens += n
+        return joiners
 
     @torch.inference_mode()
     def _step(self, joiners: list[_Row]) -> None:
