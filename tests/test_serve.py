@@ -8,7 +8,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,8 +20,7 @@ import httpx
 import openai
 import pytest
 import torch
-import uvicorn
-from conftest import build_model, char_tokenizer
+from conftest import build_model, char_tokenizer, free_port, serving
 
 from lorahub.hub import Hub
 from lorahub.models import BaseModel
@@ -74,12 +72,6 @@ def registry_dir(tmp_path_factory: pytest.TempPathFactory, embedder) -> Path:
     return root
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def running_server(
     registry_dir: Path, embedder, config: ServeConfig | None = None, **batching
@@ -88,23 +80,10 @@ def running_server(
     reg = Registry(registry_dir, embedder=embedder)
     hub = Hub(reg, tiny_base(), Retriever(reg))
     engine = BatchingEngine(hub, BatchingConfig(**batching))
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(hub, engine, config), host="127.0.0.1", port=port, log_level="warning"
-        )
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "server did not start"
-        time.sleep(0.02)
     try:
-        yield f"http://127.0.0.1:{port}", engine
+        with serving(create_app(hub, engine, config)) as url:
+            yield url, engine
     finally:
-        server.should_exit = True
-        thread.join(timeout=30)
         reg.close()
 
 

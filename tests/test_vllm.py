@@ -14,7 +14,6 @@ import json
 import os
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -23,9 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-import uvicorn
-from conftest import char_tokenizer
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import char_tokenizer, free_port, serving, tiny_llama
 
 from lorahub.hub import Hub
 from lorahub.models import BaseModel, load_base_model
@@ -46,14 +43,6 @@ NAMES = ("alpha", "beta", "gamma")
 MAX_RANK = 16
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory, embedder) -> dict:
     """The tiny model folder, a registry of three adapters (ranks 8, 8, 4) and the PEFT
@@ -62,20 +51,15 @@ def world(tmp_path_factory: pytest.TempPathFactory, embedder) -> dict:
 
     root = tmp_path_factory.mktemp("vllm")
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128,
+    model = tiny_llama(  # head_dim 32 for vLLM's CPU attention; peaked: few near-ties
         hidden_size=128,
         intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=256,
-        initializer_range=0.3,  # peaked next-token distributions: few near-ties
+        initializer_range=0.3,
         bos_token_id=None,
         eos_token_id=1,
         pad_token_id=0,
-    )
-    model = LlamaForCausalLM(config).eval()
+    ).eval()
     model.save_pretrained(root / "model")
     char_tokenizer().save_pretrained(root / "model")
     reg_dir = root / "registry"
@@ -162,35 +146,6 @@ def replicas(world: dict) -> Iterator[list[tuple[subprocess.Popen, str]]]:
             stop(proc)
 
 
-class Server:
-    """Our app under uvicorn on 127.0.0.1 in a thread."""
-
-    def __init__(self, hub: Hub, engine, config: ServeConfig | None = None) -> None:
-        self.port = free_port()
-        self.server = uvicorn.Server(
-            uvicorn.Config(
-                create_app(hub, engine, config),
-                host="127.0.0.1",
-                port=self.port,
-                log_level="warning",
-            )
-        )
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> Server:
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=60)
-
-
 def tiny_base(world: dict, weights: bool) -> BaseModel:
     return load_base_model(str(world["model"]), weights=weights)
 
@@ -199,8 +154,8 @@ def tiny_base(world: dict, weights: bool) -> BaseModel:
 def builtin(world: dict, embedder) -> Iterator[str]:
     reg = Registry(world["registry"], embedder=embedder)
     hub = Hub(reg, tiny_base(world, True), Retriever(reg))
-    with Server(hub, BatchingEngine(hub)) as s:
-        yield s.url
+    with serving(create_app(hub, BatchingEngine(hub))) as url:
+        yield url
     reg.close()
 
 
@@ -210,8 +165,8 @@ def gateway(world: dict, replicas, embedder) -> Iterator[tuple[str, VllmGateway]
     hub = Hub(reg, tiny_base(world, False), Retriever(reg))
     config = GatewayConfig(tuple(url for _, url in replicas), world["root"] / "folders", MAX_RANK)
     engine = VllmGateway(hub, config)
-    with Server(hub, engine) as s:
-        yield s.url, engine
+    with serving(create_app(hub, engine)) as url:
+        yield url, engine
     reg.close()
 
 
@@ -284,9 +239,9 @@ def test_per_token_gating_is_refused_never_downgraded(world, replicas, embedder)
     reg = Registry(world["registry"], embedder=embedder)
     hub = Hub(reg, tiny_base(world, False), ArrowRouter(reg))
     config = GatewayConfig(tuple(url for _, url in replicas), world["root"] / "folders", MAX_RANK)
-    with Server(hub, VllmGateway(hub, config), ServeConfig(router="arrow")) as s:
+    with serving(create_app(hub, VllmGateway(hub, config), ServeConfig(router="arrow"))) as url:
         body = {"model": "auto", "prompt": "x", "max_tokens": 8}
-        r = httpx.post(f"{s.url}/v1/completions", json=body, timeout=60)
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
     reg.close()
     assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_composition"
     assert "per_token" in r.json()["error"]["message"]
