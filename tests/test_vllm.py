@@ -194,6 +194,21 @@ COMPOSITIONS = {
 }
 
 
+def differs_at_a_near_tie(want: dict, text: str) -> bool:
+    """Does `text` leave `want` (a choice with logprobs) where its top two log-probabilities
+    were within 1e-3?"""
+    lp = want["logprobs"]
+    pairs = enumerate(zip(want["text"], text, strict=False))
+    at = next((i for i, (a, b) in pairs if a != b), min(len(text), len(want["text"])))
+    seen = 0
+    for token, top in zip(lp["tokens"], lp["top_logprobs"], strict=True):
+        seen += len(token)
+        if seen > at:
+            best = sorted(top.values(), reverse=True)
+            return best[0] - best[1] < 1e-3
+    return False
+
+
 @pytest.mark.parametrize("composition", sorted(COMPOSITIONS))
 def test_gateway_text_equals_the_builtin_engine(composition, world, gateway, builtin) -> None:
     url, _ = gateway
@@ -275,7 +290,7 @@ def test_killing_a_replica_mid_run_loses_no_request(gateway, replicas) -> None:
     url, engine = gateway
     jobs = [(NAMES[i % 3], PROMPTS[i]) for i in range(16)]
     full = {"min_tokens": 60}  # every answer runs its 60 tokens
-    alone = [complete(url, m, p, full, tokens=60)["choices"][0]["text"] for m, p in jobs]
+    alone = [complete(url, m, p, full, tokens=60)["choices"][0] for m, p in jobs]
 
     def stream(job: tuple[str, str]) -> tuple[str, str]:
         body = {
@@ -304,6 +319,9 @@ def test_killing_a_replica_mid_run_loses_no_request(gateway, replicas) -> None:
         stop(replicas[0][0])
         results = [f.result() for f in futures]
     assert all(finish == "length" for _, finish in results)
-    assert [text for text, _ in results] == alone
+    for (text, _), want in zip(results, alone, strict=True):
+        # a retried request continues on another replica from a prefill of what it had:
+        # float32 paths differ, so a difference may only start at a near-tie
+        assert text == want["text"] or differs_at_a_near_tie(want, text), (text, want["text"])
     assert engine.retries >= 1
     assert not httpx.get(f"{url}/health", timeout=10).json()["upstreams"][0]["up"]
