@@ -11,8 +11,10 @@ one run:
   (d) `transformers serve --continuous-batching` on the base model (the anchor, no adapters).
 Closed loop: C clients, each sending its next request when the last one ends. Reported:
 output tokens/s, time to first token (TTFT) and inter-token latency (ITL), p50/p95.
+With --engine vllm (results/serve_vllm.json), the gateway in front of a real vLLM server
+(.venv-vllm) against clients that name the right adapter to vLLM themselves; see run_vllm.
 
-    python benchmarks/bench_serve.py [--quick] [--clients 1,8,32]
+    python benchmarks/bench_serve.py [--quick] [--clients 1,8,32] [--engine vllm]
 """
 
 from __future__ import annotations
@@ -48,10 +50,15 @@ def free_port() -> int:
 class Server:
     """A server process on 127.0.0.1, stopped (SIGTERM, then kill) on exit."""
 
-    def __init__(self, cmd: list[str], port: int, log: Path) -> None:
+    def __init__(self, cmd: list[str], port: int, log: Path, env: dict | None = None) -> None:
         self.url = f"http://127.0.0.1:{port}"
         self.log = log.open("w")
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        env = {
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            **(env or {}),
+        }
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
 
     def __enter__(self) -> Server:
@@ -131,11 +138,12 @@ def answer_length(i: int) -> int:
     return 32 + (i * 13) % 33
 
 
-def bodies_for(model: str, prompts: list[str], n: int, extra) -> list[dict]:
-    """`extra(tokens)`: the engine's way of asking for exactly `tokens` tokens."""
+def bodies_for(model, prompts: list[str], n: int, extra) -> list[dict]:
+    """`model`: a name, or request index -> name; `extra(tokens)`: the engine's way of
+    asking for exactly `tokens` tokens."""
     return [
         {
-            "model": model,
+            "model": model(i) if callable(model) else model,
             "messages": [{"role": "user", "content": prompts[i % len(prompts)]}],
             "max_tokens": answer_length(i),
             "temperature": 0,
@@ -198,45 +206,37 @@ class _Stamps:
         pass
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--quick", action="store_true", help="C in {1, 8}, fewer requests, no (d)")
-    ap.add_argument("--clients", default=None, help="comma-separated (default 1,8,32)")
-    ap.add_argument("--per-client", type=int, default=3, help="requests per client (C=1: 8)")
-    args = ap.parse_args()
-    clients = [int(c) for c in (args.clients or ("1,8" if args.quick else "1,8,32")).split(",")]
-    per_client = 2 if args.quick else args.per_client
+def measure(url: str, model, prompts: list[str], clients: list[int], n_requests, extra) -> dict:
+    """Closed-loop runs at each C (after a warm-up of C requests): {C: summary}."""
+    out = {}
+    for c in clients:
+        bodies = bodies_for(model, prompts, n_requests(c), extra)
+        asyncio.run(closed_loop(url, bodies[:c], c))  # warm up
+        out[c] = summarize(asyncio.run(closed_loop(url, bodies, c)))
+        print(c, out[c], flush=True)
+    return out
 
-    manifest = read_manifest()
-    rows = [(e["name"], d["input"]) for e in manifest for d in e["demo"]]
-    random.Random(0).shuffle(rows)
+
+def min_tokens(t: int) -> dict:
+    return {"min_tokens": t}
+
+
+def loraplex_serve(registry: Path, port: int, *options: str) -> list[str]:
+    cmd = [sys.executable, "-m", "lorahub.cli", "serve", "--registry", str(registry)]
+    return [*cmd, "--port", str(port), "--max-batch", "32", "--max-queue", "1024", *options]
+
+
+def run_builtin(args, clients, rows, model_dir, tmp, n_requests) -> tuple[dict, list]:
     prompts = [p for _, p in rows]
-    model_dir = BUILTIN[DEFAULT_MODEL]()  # the cached safetensors copy of SmolLM2
-    tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
-    from registry import Registry
-    from router import SentenceEmbedder
-
-    with Registry(tmp / "registry", embedder=SentenceEmbedder()) as reg:
-        register_zoo(reg)
-
-    def n_requests(c: int) -> int:
-        return max(8, c * per_client)
-
     results: dict[str, dict] = {}
     port = free_port()
-    serve = [sys.executable, "-m", "lorahub.cli", "serve", "--registry", str(tmp / "registry")]
-    serve += ["--port", str(port), "--max-batch", "32", "--max-queue", "1024"]
-    with Server(serve, port, tmp / "loraplex.log") as server:
+    with Server(loraplex_serve(tmp / "registry", port), port, tmp / "loraplex.log") as server:
         for label, model in (("a_auto", "auto"), ("b_base", DEFAULT_MODEL)):
-            for c in clients:
-                bodies = bodies_for(model, prompts, n_requests(c), lambda t: {"min_tokens": t})
-                asyncio.run(closed_loop(server.url, bodies[:c], c))  # warm up
-                results[f"{label}_c{c}"] = summarize(
-                    asyncio.run(closed_loop(server.url, bodies, c))
-                )
-                print(label, c, results[f"{label}_c{c}"], flush=True)
+            print(label, flush=True)
+            for c, summary in measure(
+                server.url, model, prompts, clients, n_requests, min_tokens
+            ).items():
+                results[f"{label}_c{c}"] = summary
     results["c_peft_one_at_a_time"] = peft_one_at_a_time(rows[: 8 if args.quick else 24])
     print("c", results["c_peft_one_at_a_time"], flush=True)
     if not args.quick:
@@ -251,44 +251,27 @@ def main() -> None:
             "--dtype",
             "float32",
         ]
+
+        def gen(t: int) -> dict:
+            config = {"max_new_tokens": t, "min_new_tokens": t, "do_sample": False}
+            return {"generation_config": json.dumps(config)}
+
         with Server(hf, port, tmp / "transformers.log") as server:
-
-            def gen(t: int) -> dict:
-                config = {"max_new_tokens": t, "min_new_tokens": t, "do_sample": False}
-                return {"generation_config": json.dumps(config)}
-
-            for c in (clients[0], clients[-1]):
-                bodies = bodies_for(str(model_dir), prompts, n_requests(c), gen)
-                asyncio.run(closed_loop(server.url, bodies[:c], c))
-                results[f"d_transformers_c{c}"] = summarize(
-                    asyncio.run(closed_loop(server.url, bodies, c))
-                )
-                print("d", c, results[f"d_transformers_c{c}"], flush=True)
-
-    table = [{"run": k, **v} for k, v in results.items()]
-    print_table(
-        table,
-        [
-            "run",
-            "requests",
-            "tokens",
-            "seconds",
-            "tokens_per_s",
-            "ttft_p50",
-            "ttft_p95",
-            "itl_p50",
-            "itl_p95",
-        ],
-    )
+            ends = [clients[0], clients[-1]]
+            for c, summary in measure(
+                server.url, str(model_dir), prompts, ends, n_requests, gen
+            ).items():
+                results[f"d_transformers_c{c}"] = summary
     top, low = clients[-1], clients[0]
     a, b = results[f"a_auto_c{top}"], results[f"b_base_c{top}"]
+    c1 = results["c_peft_one_at_a_time"]
     targets = [
         target(
             f"auto_over_base_throughput_c{top}", a["tokens_per_s"] / b["tokens_per_s"], 0.8, ">="
         ),
         target(
             f"auto_over_peft_one_at_a_time_c{top}",
-            a["tokens_per_s"] / results["c_peft_one_at_a_time"]["tokens_per_s"],
+            a["tokens_per_s"] / c1["tokens_per_s"],
             4.0,
             ">=",
         ),
@@ -309,14 +292,131 @@ def main() -> None:
                 ">=",
             )
         )
+    return results, targets
+
+
+def run_vllm(args, clients, rows, model_dir, tmp, n_requests) -> tuple[dict, list]:
+    """(a) loraplex auto-routing through the gateway (selection: each request's top adapter;
+    and mixture k=3, reported beside it), (b) clients naming the right adapter straight to
+    vLLM (the anchor), (c) the built-in engine, auto selection."""
+    vllm_python = Path(__file__).parents[1] / ".venv-vllm" / "bin" / "python"
+    if not vllm_python.exists():
+        raise SystemExit("no .venv-vllm: make venv-vllm")
+    from lorahub.cli import main as cli
+
+    cli(["export", "--format", "vllm", str(tmp / "export"), "--registry", str(tmp / "registry")])
+    modules = (tmp / "export" / "lora-modules.txt").read_text().split()[1:]
+    prompts = [p for _, p in rows]
+    own = [name for name, _ in rows]
+    port = free_port()
+    vllm = [str(vllm_python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir)]
+    vllm += ["--host", "127.0.0.1", "--port", str(port), "--enable-lora", "--max-lora-rank", "32"]
+    vllm += [
+        "--max-loras",
+        "32",
+        "--dtype",
+        "float32",
+        "--enforce-eager",
+        "--max-model-len",
+        "2048",
+    ]
+    vllm += ["--gpu-memory-utilization", "0.3", "--lora-modules", *modules]
+    env = {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
+    results: dict[str, dict] = {}
+    with Server(vllm, port, tmp / "vllm.log", env) as upstream:
+        print("b_direct", flush=True)
+        named = lambda i: own[i % len(own)]  # noqa: E731
+        for c, summary in measure(
+            upstream.url, named, prompts, clients, n_requests, min_tokens
+        ).items():
+            results[f"b_direct_named_c{c}"] = summary
+        for label, compose in (
+            ("a_gateway_auto_selection", "selection"),
+            ("a2_gateway_auto_mixture", "mixture"),
+        ):
+            port = free_port()
+            cmd = loraplex_serve(
+                tmp / "registry", port, "--engine", "vllm", "--upstream", upstream.url
+            )
+            cmd += ["--compose", compose, "--max-lora-rank", "32", "--base-model", DEFAULT_MODEL]
+            with Server(cmd, port, tmp / f"{label}.log") as gateway:
+                print(label, flush=True)
+                ends = clients if compose == "selection" else [clients[-1]]
+                for c, summary in measure(
+                    gateway.url, "auto", prompts, ends, n_requests, min_tokens
+                ).items():
+                    results[f"{label}_c{c}"] = summary
+    port = free_port()
+    with Server(
+        loraplex_serve(tmp / "registry", port, "--compose", "selection"), port, tmp / "builtin.log"
+    ) as server:
+        print("c_builtin", flush=True)
+        top = [clients[-1]]
+        for c, summary in measure(server.url, "auto", prompts, top, n_requests, min_tokens).items():
+            results[f"c_builtin_auto_selection_c{c}"] = summary
+    top = clients[-1]
+    a = results[f"a_gateway_auto_selection_c{top}"]
+    b = results[f"b_direct_named_c{top}"]
+    targets = [
+        target(
+            f"gateway_over_direct_throughput_c{top}",
+            a["tokens_per_s"] / b["tokens_per_s"],
+            0.95,
+            ">=",
+        )
+    ]
+    return results, targets
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--quick", action="store_true", help="C in {1, 8}, fewer requests, no (d)")
+    ap.add_argument("--clients", default=None, help="comma-separated (default 1,8,32)")
+    ap.add_argument("--per-client", type=int, default=3, help="requests per client (C=1: 8)")
+    ap.add_argument(
+        "--engine",
+        choices=["transformers", "vllm"],
+        default="transformers",
+        help="vllm: the gateway",
+    )
+    args = ap.parse_args()
+    clients = [int(c) for c in (args.clients or ("1,8" if args.quick else "1,8,32")).split(",")]
+    per_client = 2 if args.quick else args.per_client
+
+    manifest = read_manifest()
+    rows = [(e["name"], d["input"]) for e in manifest for d in e["demo"]]
+    random.Random(0).shuffle(rows)
+    model_dir = BUILTIN[DEFAULT_MODEL]()  # the cached safetensors copy of SmolLM2
+    tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    from registry import Registry
+    from router import SentenceEmbedder
+
+    with Registry(tmp / "registry", embedder=SentenceEmbedder()) as reg:
+        register_zoo(reg)
+
+    def n_requests(c: int) -> int:
+        return max(8, c * per_client)
+
+    if args.engine == "vllm":
+        results, targets = run_vllm(args, clients, rows, model_dir, tmp, n_requests)
+        name = "serve_vllm"
+    else:
+        results, targets = run_builtin(args, clients, rows, model_dir, tmp, n_requests)
+        name = "serve"
+    table = [{"run": k, **v} for k, v in results.items()]
+    columns = ["run", "requests", "tokens", "seconds", "tokens_per_s"]
+    print_table(table, [*columns, "ttft_p50", "ttft_p95", "itl_p50", "itl_p95"])
     config = {
+        "engine": args.engine,
         "clients": clients,
         "tokens": "32-64",
         "per_client": per_client,
         "max_batch": 32,
         "k": 3,
     }
-    write_result("serve", config, results, targets, args.quick)
+    write_result(name, config, results, targets, args.quick)
 
 
 if __name__ == "__main__":
