@@ -24,6 +24,7 @@ import pytest
 import torch
 from conftest import char_tokenizer, free_port, serving, tiny_llama
 
+from composition import Mode
 from lorahub.hub import Hub
 from lorahub.models import BaseModel, load_base_model
 from lorahub.serve.app import ServeConfig, create_app
@@ -277,9 +278,16 @@ def test_requests_for_one_adapter_stay_on_one_replica(gateway) -> None:
             complete(url, name, prompt, tokens=2)
     holders = {}
     for u in engine.upstreams:
-        for adapter in u.loaded:
-            holders.setdefault(adapter, []).append(u.url)
+        for model in u.used - {u.model}:
+            holders.setdefault(model, []).append(u.url)
     assert len(holders) >= len(NAMES) and all(len(h) == 1 for h in holders.values())
+    # a replica that serves an adapter by name gets that name, not a second copy
+    named = engine.upstreams[1]
+    copies = {
+        engine.folders.get([engine.hub.adapters.get(n)], [1.0], Mode.mixture, MAX_RANK)[0].name
+        for n in NAMES
+    }
+    assert not copies & named.used
     health = httpx.get(f"{url}/health", timeout=10).json()
     assert [u["up"] for u in health["upstreams"]] == [True, True]
 

@@ -67,8 +67,10 @@ class GatewayConfig:
 class Upstream:
     url: str
     model: str = ""  # the base model id it serves (from its /v1/models)
+    named: set[str] = field(default_factory=set)  # adapters it serves by name (--lora-modules)
     in_flight: int = 0
     loaded: set[str] = field(default_factory=set)
+    used: set[str] = field(default_factory=set)  # model names it was asked for
     down_since: float | None = None
     served: int = 0
     failures: int = 0
@@ -172,7 +174,9 @@ class VllmGateway:
         try:
             r = await self._client.get(f"{u.url}/v1/models")
             r.raise_for_status()
-            u.model = next(m["id"] for m in r.json()["data"] if not m.get("parent"))
+            data = r.json()["data"]
+            u.model = next(m["id"] for m in data if not m.get("parent"))
+            u.named = {m["id"] for m in data if m.get("parent")}
             u.down_since = None
         except (httpx.HTTPError, KeyError, StopIteration, ValueError) as e:
             log.warning("upstream %s unavailable: %s", u.url, e)
@@ -226,10 +230,12 @@ class VllmGateway:
                 return
             try:
                 u.in_flight += 1
-                if made is not None and made.name not in u.loaded:
+                model = self._model_on(u, request, made)
+                u.used.add(model)
+                if made is not None and model == made.name and made.name not in u.loaded:
                     await self._load(u, made)
                 finish, text_so_far = await self._stream(
-                    u, request, made, generated, text_so_far, emit, handle
+                    u, request, model, generated, text_so_far, emit, handle
                 )
                 u.served += 1
                 usage = {
@@ -255,6 +261,18 @@ class VllmGateway:
             finally:
                 u.in_flight -= 1
 
+    @staticmethod
+    def _model_on(u: Upstream, request: GenerationRequest, made: Materialized | None) -> str:
+        """The name `u` knows this composition by: its base model; an adapter it already
+        serves under the registry's name (selection at weight 1: no second copy); or the
+        composed adapter."""
+        if made is None:
+            return u.model
+        routing = request.routing
+        if made.weights == (1.0,) and routing.adapters[0] in u.named:
+            return routing.adapters[0]
+        return made.name
+
     async def _load(self, u: Upstream, made: Materialized) -> None:
         r = await self._client.post(
             f"{u.url}/v1/load_lora_adapter",
@@ -277,7 +295,7 @@ class VllmGateway:
         self,
         u: Upstream,
         request: GenerationRequest,
-        made: Materialized | None,
+        model: str,
         generated: list[int],
         text_so_far: str,
         emit: Callable[[Event], None],
@@ -287,7 +305,7 @@ class VllmGateway:
         returns (finish reason, text so far)."""
         s = request.sampling
         body = {
-            "model": made.name if made else u.model,
+            "model": model,
             "prompt": [*request.prompt_ids, *generated],
             "max_tokens": s.max_new_tokens - len(generated),
             "min_tokens": max(0, s.min_new_tokens - len(generated)),
