@@ -27,7 +27,7 @@ import torch
 from _common import print_table, target, write_result
 from bench_registry import fill_catalogue, small_adapter
 
-from lorahub.tasks import fetch_bigbench, load_task, require_dev_task
+from lorahub.tasks import SplitConfig, fetch_bigbench, load_task, require_dev_task
 from lorahub.zoo import ZOO_TASKS
 from registry import IndexKind, Registry
 from router import ClassifierRouter, Retriever, Routing, SentenceEmbedder
@@ -58,12 +58,12 @@ def task_splits(tasks: list[str]) -> dict[str, tuple[list[str], list[str], list[
     out = {}
     for name in tasks:
         require_dev_task(name)
-        train, test = load_task(name).split(N_TEST, seed=0)
-        inputs = [ex.input for ex in train]
+        splits = load_task(name).splits(SplitConfig(n_test=N_TEST))
+        inputs = [ex.input for ex in splits.train]
         out[name] = (
             inputs[:N_EXAMPLES],
             inputs[N_EXAMPLES : N_EXAMPLES + N_TRAIN_EXTRA],
-            [ex.input for ex in test],
+            [ex.input for ex in splits.test],
         )
     return out
 

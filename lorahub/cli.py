@@ -33,7 +33,7 @@ from lorahub.commands import (
     default_registry,
 )
 from registry import AdapterError
-from router import ROUTERS
+from router import DEFAULT_ROUTER, ROUTERS
 
 # What a user's mistake raises (a bad file, name, value or path); anything else is a bug
 # and keeps its traceback.
@@ -88,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("route", parents=[common], help="which adapters a prompt gets")
     s.add_argument("prompt")
     s.add_argument("-k", type=int, default=3, help="adapters per prompt (default 3)")
-    s.add_argument("--router", choices=sorted(ROUTERS), default="retriever")
+    s.add_argument("--router", choices=sorted(ROUTERS), default=DEFAULT_ROUTER)
     s.add_argument("--classifier", help="folder of a saved ClassifierRouter")
     s.set_defaults(func=cmd_route)
 
@@ -100,7 +100,7 @@ def _parser() -> argparse.ArgumentParser:
         "--compose", choices=["mixture", "fusion", "selection", "none"], default="mixture"
     )
     s.add_argument("--base-model", default="smollm2-135m-instruct", help="name, path or Hub id")
-    s.add_argument("--router", choices=sorted(ROUTERS), default="retriever")
+    s.add_argument("--router", choices=sorted(ROUTERS), default=DEFAULT_ROUTER)
     s.add_argument("--max-new-tokens", type=int, default=32)
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     s.add_argument("--top-p", type=float, default=1.0)
@@ -200,7 +200,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--engine", choices=["transformers", "vllm"], default="transformers")
     s.add_argument("--upstream", help="vllm: comma-separated vLLM server URLs")
     s.add_argument("--max-lora-rank", type=int, default=16, help="vllm: the replicas' limit")
-    s.add_argument("--router", choices=sorted(ROUTERS), default="retriever")
+    s.add_argument("--router", choices=sorted(ROUTERS), default=DEFAULT_ROUTER)
     s.add_argument("--classifier", help="folder of a saved ClassifierRouter")
     s.add_argument(
         "--compose",

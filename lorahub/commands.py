@@ -160,7 +160,8 @@ def _routings_table(prompts: list[str], routings: list, texts: list[str] | None 
     rows = []
     for i, (p, r) in enumerate(zip(prompts, routings, strict=True)):
         chosen = ", ".join(f"{n} {w:.2f}" for n, w in zip(r.adapters, r.weights, strict=True))
-        rows.append([_clip(p, 48), chosen or "(none)"] + ([_clip(texts[i], 40)] if texts else []))
+        chosen = chosen or f"(none{': ' + r.note if r.note else ''})"
+        rows.append([_clip(p, 48), chosen] + ([_clip(texts[i], 40)] if texts else []))
     print_table(rows, ["prompt", "adapters"] + (["answer"] if texts else []))
 
 

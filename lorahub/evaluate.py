@@ -6,11 +6,13 @@ Protocols (LoraRetriever, Zhao et al. 2024; LoraHub, Huang et al. 2023):
   fewshot -- per task, `shots` examples learn a composition of `candidates` adapters
              (LoraHub weights, or learned per-token gates), evaluated on the held-out rest;
              own-task adapters are excluded as in ood.
-Methods: base, oracle (own adapter; iid), selection (k=1), mixture (k), fusion (k),
-uniform (all adapters, equal weights; in fewshot the candidates), arrow (per-token,
-data-free), lorahub and gated (fewshot only).
-Prompts are each task's held-out split (`Task.split(holdout, split_seed)`, the zoo's split
-by default), so no zoo adapter was trained on what it is evaluated on.
+Methods: base, oracle (own adapter; iid), selection (k=1), mixture (k), fusion (k) -- these
+three by LoraRetriever, the baseline -- auto (the hub's own router, mixture of k: what
+`Hub`, the CLI and the server do by default), uniform (all adapters, equal weights; in
+fewshot the candidates), arrow (per-token, data-free), lorahub and gated (fewshot only).
+Prompts come from one split of each task (`Task.splits`, the zoo's): `test` to report,
+`validation` to tune; fewshot's shots come from `train`. No zoo adapter was trained on, nor
+kept or tuned by, what is reported.
 Metrics: `em` (normalized exact match, generative tasks), `mc_acc` (option log-likelihood,
 multiple-choice tasks), `routing_top1` / `routing_topk` (own adapter routed, iid).
 
@@ -18,7 +20,7 @@ results.json schema:
   {"protocol", "config", "seeds",
    "tasks":   {task: {method: {metric: {"value", "ci_low", "ci_high", "n"}}}},
    "summary": {method: {metric: macro average over tasks}},
-   "routings": [{"task", "prompt", "method", "adapters": [...]}],
+   "routings": [{"task", "prompt", "method", "adapters": [...], "right", "confidence"}],
    "fewshot": {"candidates": [...], "tasks": {task: {method: {...what was learned}}}}}
    (the last for the fewshot protocol only)
 """
@@ -40,8 +42,8 @@ from lorahub.applied import Applied, attached
 from lorahub.gating import GateConfig, train_gate
 from lorahub.hub import Hub
 from lorahub.learn import LoraHubConfig, learn_weights
-from lorahub.tasks import Example, Task, TaskKind
-from router import ArrowConfig, Routing
+from lorahub.tasks import Example, SplitConfig, Task, TaskKind
+from router import ArrowConfig, Retriever, Routing
 
 
 class Protocol(StrEnum):
@@ -56,33 +58,34 @@ METHODS = (
     "selection",
     "mixture",
     "fusion",
+    "auto",
     "uniform",
     "arrow",
     "lorahub",
     "gated",
 )
-ROUTED = ("base", "selection", "mixture", "fusion", "uniform", "arrow")
+ROUTED = ("base", "selection", "mixture", "fusion", "auto", "uniform", "arrow")
 LEARNED = ("lorahub", "gated")  # learn a composition per task from its shots
 # protocol -> (default methods, methods it allows)
 PROTOCOL_METHODS = {
     Protocol.iid: (("base", "oracle", *ROUTED[1:]), ("oracle", *ROUTED)),
     Protocol.ood: (ROUTED, ROUTED),
-    Protocol.fewshot: (("base", "uniform", "mixture", *LEARNED), (*ROUTED, *LEARNED)),
+    Protocol.fewshot: (("base", "uniform", "auto", *LEARNED), (*ROUTED, *LEARNED)),
 }
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """limit: prompts per task, taken from its held-out split of `holdout` examples.
-    shots / candidates: fewshot's examples per task and adapters to compose (a seeded
-    sample of the registry, 20 as in LoraHub)."""
+    """limit: prompts per task, taken from its `on` split (test: report; validation:
+    tune) of `split`. shots / candidates: fewshot's examples per task (from train) and
+    adapters to compose (a seeded sample of the registry, 20 as in LoraHub)."""
 
     protocol: Protocol = Protocol.iid
     methods: tuple[str, ...] | None = None  # default: PROTOCOL_METHODS
     k: int = 3
     limit: int | None = 50
-    holdout: int = 50
-    split_seed: int = 0
+    on: str = "test"
+    split: SplitConfig = field(default_factory=SplitConfig)
     shots: int = 5
     candidates: int = 20
     lorahub: LoraHubConfig = field(default_factory=LoraHubConfig)
@@ -102,6 +105,8 @@ class EvalConfig:
                 f"choose from {list(allowed)}"
             )
         object.__setattr__(self, "methods", methods)
+        if self.on not in ("validation", "test"):
+            raise ValueError(f"evaluate on 'validation' or 'test', not {self.on!r}")
 
 
 @dataclass
@@ -113,6 +118,7 @@ class Item:
     own: str | None  # the adapter trained on this task, if any
     right: dict[str, bool] = field(default_factory=dict)
     routed: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    confidence: dict[str, float | None] = field(default_factory=dict)
 
 
 def bootstrap_ci(values: Sequence[float], n: int, seed: int) -> tuple[float, float]:
@@ -135,7 +141,7 @@ def build_stream(tasks: Sequence[Task], owners: dict[str, str], cfg: EvalConfig)
     items = [
         Item(t.name, ex, owners.get(t.name))
         for t in tasks
-        for ex in t.split(cfg.holdout, cfg.split_seed)[1][: cfg.limit]
+        for ex in getattr(t.splits(cfg.split), cfg.on)[: cfg.limit]
     ]
     random.Random(cfg.seed).shuffle(items)
     return items
@@ -158,12 +164,18 @@ def _routings_for(
     )
     names = candidates or hub.registry.names()
     pools = [[n for n in names if n not in (ex or [])] for ex in exclude_each or [[]] * len(items)]
+    retriever = Retriever(hub.registry)
+
+    def baseline(k: int) -> list[Routing]:
+        return retriever.route(prompts, k, exclude_each=exclude_each)
+
     table: dict[str, Callable[[], list[Routing]]] = {
         "base": lambda: [Routing()] * len(items),
         "oracle": lambda: [Routing((it.own,), (1.0,)) if it.own else Routing() for it in items],
-        "selection": lambda: hub.route(prompts, 1, "selection", exclude_each=exclude_each),
-        "mixture": lambda: hub.route(prompts, cfg.k, "mixture", exclude_each=exclude_each),
-        "fusion": lambda: hub.route(prompts, cfg.k, "fusion", exclude_each=exclude_each),
+        "selection": lambda: [r.top(1) for r in baseline(1)],
+        "mixture": lambda: baseline(cfg.k),
+        "fusion": lambda: baseline(cfg.k),
+        "auto": lambda: hub.route(prompts, cfg.k, "mixture", exclude_each=exclude_each),
         "uniform": lambda: [_prior(pool) for pool in pools],
         # Arrow is data-free: each prompt's pool, gated per token inside the pass
         "arrow": lambda: [replace(_prior(pool), per_token=ArrowConfig()) for pool in pools],
@@ -214,11 +226,25 @@ def _score_items(
     return right
 
 
+def lorahub_starts(hub: Hub, names: list[str], shots: list[Example]) -> dict[str, list[float]]:
+    """Where LoraHub's search may start besides w = 0: the uniform average of `names` and
+    the router's weights for the shots (averaged over them, restricted to `names`)."""
+    others = [n for n in hub.registry.names() if n not in set(names)]
+    routed = hub.route([ex.input for ex in shots], k=len(names), exclude=others)
+    retrieval = [sum(r.as_dict().get(n, 0.0) for r in routed) / len(shots) for n in names]
+    return {"uniform": [1.0 / len(names)] * len(names), "retrieval": retrieval}
+
+
 def _learn_lorahub(hub: Hub, names: list[str], shots: list[Example], n: int, cfg: EvalConfig):
-    """LoraHub weights from the shots; the merged adapter alone is then applied."""
+    """LoraHub weights from the shots, searched from the best of (0, uniform, retrieval);
+    the merged adapter alone is then applied."""
     adapters = [hub.adapters.get(x) for x in names]
-    result = learn_weights(hub.base, adapters, shots, cfg.lorahub, progress=False)
+    starts = lorahub_starts(hub, names, shots)
+    result = learn_weights(
+        hub.base, adapters, shots, cfg.lorahub, progress=False, starts=list(starts.values())
+    )
     info = {
+        "starts": starts,
         "weights": dict(zip(names, result.weights, strict=True)),
         "objective": result.objective,
         "evaluations": len(result.history),
@@ -260,7 +286,7 @@ def _per_task(
         names = [
             n for n in pool if cfg.protocol == Protocol.iid or n not in {it.own for it in mine}
         ]
-        shots = task.split(cfg.holdout, cfg.split_seed)[0][: cfg.shots]
+        shots = task.splits(cfg.split).train[: cfg.shots]
         context, info = PER_TASK[method](hub, names, shots, len(mine), cfg)
         learned[task.name] = {**info, "shots": [ex.input for ex in shots]}
         with context as applied, torch.inference_mode():
@@ -271,13 +297,20 @@ def _per_task(
 
 
 def evaluate(
-    hub: Hub, tasks: Sequence[Task], cfg: EvalConfig = EvalConfig(), progress: bool = True
+    hub: Hub,
+    tasks: Sequence[Task],
+    cfg: EvalConfig = EvalConfig(),
+    progress: bool = True,
+    seen: dict | None = None,
 ) -> dict:
-    """Run every method of `cfg` over the shuffled stream of `tasks`; the results dict."""
+    """Run every method of `cfg` over the shuffled stream of `tasks`; the results dict.
+    `seen` (a dict the caller keeps across calls) remembers each (prompt, routing) scored,
+    so methods and runs that route a prompt alike score it once."""
     items = build_stream(tasks, own_adapters(hub), cfg)
     fewshot = cfg.protocol == Protocol.fewshot
     candidates = candidate_names(hub, tasks, cfg) if fewshot else []
     learned: dict[str, dict] = {t.name: {} for t in tasks}
+    seen = {} if seen is None else seen
     for method in tqdm(cfg.methods, disable=not progress, desc=f"eval {cfg.protocol}"):
         if method in PER_TASK:
             pool = candidates or hub.registry.names()
@@ -287,13 +320,35 @@ def evaluate(
         compose = "fusion" if method == "fusion" else "mixture"
         with torch.inference_mode():
             routings = _routings_for(hub, method, items, cfg, candidates)
-            right = _score_items(hub, items, cfg, compose, routings)
-        for it, ok, r in zip(items, right, routings, strict=True):
-            it.right[method], it.routed[method] = ok, r.adapters
+            keys = [_key(it, r, compose, cfg) for it, r in zip(items, routings, strict=True)]
+            todo = list({k: i for i, k in enumerate(keys) if k not in seen}.values())
+            right = _score_items(
+                hub, [items[i] for i in todo], cfg, compose, [routings[i] for i in todo]
+            )
+        seen.update({keys[i]: ok for i, ok in zip(todo, right, strict=True)})
+        for it, key, r in zip(items, keys, routings, strict=True):
+            it.right[method], it.routed[method] = seen[key], r.adapters
+            it.confidence[method] = r.confidence
     results = report_dict(items, list(cfg.methods), tasks, cfg)
     if fewshot:
         results["fewshot"] = {"candidates": candidates, "tasks": learned}
     return results
+
+
+def _key(item: Item, routing: Routing, compose: str, cfg: EvalConfig) -> tuple:
+    """What decides an item's answer under a routed method."""
+    ex = item.example
+    weights = tuple(round(w, 6) for w in routing.weights)
+    return (
+        ex.input,
+        ex.options,
+        ex.targets,
+        compose,
+        routing.adapters,
+        weights,
+        routing.per_token,
+        cfg.max_new_tokens,
+    )
 
 
 def report_dict(
@@ -306,7 +361,7 @@ def report_dict(
         metric = "mc_acc" if kinds[t.name] == TaskKind.multiple_choice else "em"
         per_task[t.name] = {m: {metric: _stat([it.right[m] for it in mine], cfg)} for m in methods}
         if cfg.protocol == Protocol.iid and mine and mine[0].own:
-            for m in ("selection", "mixture"):
+            for m in ("selection", "mixture", "auto"):
                 if m in methods:
                     per_task[t.name][m]["routing_top1"] = _stat(
                         [it.routed[m][:1] == (it.own,) for it in mine], cfg
@@ -327,7 +382,14 @@ def report_dict(
         ]
         summary[m]["accuracy"] = float(np.mean(accs)) if accs else float("nan")
     routings = [
-        {"task": it.task, "prompt": it.example.input[:200], "method": m, "adapters": list(r)}
+        {
+            "task": it.task,
+            "prompt": it.example.input[:200],
+            "method": m,
+            "adapters": list(r),
+            "right": it.right[m],
+            "confidence": it.confidence.get(m),
+        }
         for it in items
         for m, r in it.routed.items()
     ]

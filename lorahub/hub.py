@@ -28,7 +28,15 @@ from lorahub.applied import NOTHING, Applied, attached
 from lorahub.inference import Sampling
 from lorahub.models import DEFAULT_MODEL, BaseModel, load_base_model, loraplex_home
 from registry import AdapterCache, AdapterError, BaseModelMismatchError, Embedder, Registry
-from router import Router, RouterOptions, Routing, SentenceEmbedder, arrow_gate, make_router
+from router import (
+    DEFAULT_ROUTER,
+    Router,
+    RouterOptions,
+    Routing,
+    SentenceEmbedder,
+    arrow_gate,
+    make_router,
+)
 
 
 class Compose(StrEnum):
@@ -100,11 +108,11 @@ class Hub:
         registry: str | Path | Registry | None = None,
         base_model: str | BaseModel = DEFAULT_MODEL,
         embedder: Embedder | None = None,
-        router: str = "retriever",
+        router: str = DEFAULT_ROUTER,
         router_options: RouterOptions | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> Hub:
-        """`router`: a name from `router.ROUTERS` (retriever, classifier, arrow)."""
+        """`router`: a name from `router.ROUTERS` (task, retriever, classifier, arrow)."""
         if not isinstance(registry, Registry):
             registry = Registry(
                 registry or loraplex_home() / "registry", embedder=embedder or SentenceEmbedder()

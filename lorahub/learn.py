@@ -143,27 +143,43 @@ def learn_weights(
     examples: Sequence[Example],
     config: LoraHubConfig | None = None,
     progress: bool = True,
+    starts: Sequence[Sequence[float]] = (),
 ) -> LoraHubResult:
-    """Find composition weights for `adapters` on a few `examples` (input -> target)."""
+    """Find composition weights for `adapters` on a few `examples` (input -> target).
+
+    The search starts from the best of w = 0 (no composition) and `starts` (e.g. the
+    uniform average, the router's weights): each is scored once, outside the optimizer's
+    budget and without telling it (told, w = 0 anchored MetaModel's search near 0: worse
+    weights on real tasks), and kept unless a candidate beats it. So the result never
+    scores worse on the examples than the base model or any start."""
     import nevergrad as ng
 
     config = config or LoraHubConfig()
     start = time.perf_counter()
     n = len(adapters)
-    param = ng.p.Array(init=np.zeros(n), lower=-config.bound, upper=config.bound)
+    if any(len(s) != n for s in starts):
+        raise ValueError(f"every start needs {n} weights, one per adapter")
+    points = np.array([np.zeros(n), *[np.asarray(s, dtype=float) for s in starts]])
+    scorer = PopulationScorer(
+        base, adapters, examples, config.mode, config.max_rows, config.max_length
+    )
+    start_losses = scorer.losses(torch.tensor(points, dtype=torch.float32)).tolist()
+    start_objectives = [
+        loss + config.l1 * float(np.abs(p).mean())
+        for loss, p in zip(start_losses, points, strict=True)
+    ]
+    first = int(np.argmin(start_objectives))
+    best = (start_objectives[first], points[first], start_losses[first])  # objective, w, loss
+    param = ng.p.Array(
+        init=np.clip(points[first], -config.bound, config.bound),
+        lower=-config.bound,
+        upper=config.bound,
+    )
     param.random_state = np.random.RandomState(config.seed)
     optimizer = ng.optimizers.registry[config.optimizer](
         parametrization=param, budget=config.steps, num_workers=config.population
     )
-    scorer = PopulationScorer(
-        base, adapters, examples, config.mode, config.max_rows, config.max_length
-    )
-    # The start point w = 0 (no composition) is scored once, outside the optimizer's budget
-    # and without telling it (told, it anchored MetaModel's search near 0: worse weights on
-    # real tasks), and kept unless a candidate beats it: never worse than the base model.
-    zero_loss = float(scorer.losses(torch.zeros(1, n))[0])
     history: list[float] = []
-    best = (zero_loss, np.zeros(n), zero_loss)  # objective, weights, loss
     since_best = 0
     bar = tqdm(total=config.steps, disable=not progress, desc="lorahub", leave=False)
     try:

@@ -17,7 +17,7 @@ import re
 import tarfile
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import cache
@@ -64,16 +64,67 @@ class Task:
     examples: tuple[Example, ...]
     description: str = ""
 
-    def split(self, n_test: int, seed: int = 0) -> tuple[list[Example], list[Example]]:
-        """A seeded shuffle, then (train, test) with `n_test` held-out examples. Some tasks
-        repeat inputs (BIG-bench logical_deduction holds each puzzle several times): train
-        drops every example whose input is also a test input, so nothing held out leaks."""
+    def splits(self, cfg: SplitConfig | None = None) -> Splits:
+        """Three disjoint splits after a seeded shuffle: validation from the front, test
+        from the far end, train in between (at most `max_train`). Small tasks give each of
+        validation and test at most a third of their distinct inputs. Some tasks repeat
+        inputs (BIG-bench logical_deduction holds each puzzle several times): every copy of
+        a validation or test input stays out of train, and validation and test keep one
+        copy. The zoo's adapters were trained on exactly this train split."""
+        cfg = cfg or SplitConfig()
         order = list(self.examples)
-        random.Random(seed).shuffle(order)
-        n_test = min(n_test, len(order) // 2)
-        test = order[:n_test]
-        held_out = {ex.input for ex in test}
-        return [ex for ex in order[n_test:] if ex.input not in held_out], test
+        random.Random(cfg.seed).shuffle(order)
+        n_inputs = len({ex.input for ex in order})
+        validation = _first_copies(order[: min(cfg.n_validation, n_inputs // 3)])
+        held = {ex.input for ex in validation}
+        rest = [ex for ex in order if ex.input not in held]
+        test = _first_copies(reversed(rest), min(cfg.n_test, n_inputs // 3))
+        held |= {ex.input for ex in test}
+        train = [ex for ex in rest if ex.input not in held][: cfg.max_train]
+        return Splits(train, validation, test)
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """Sizes and seed of `Task.splits` (the zoo's and the evaluation's)."""
+
+    n_validation: int = 50
+    n_test: int = 50
+    max_train: int = 400
+    seed: int = 0
+
+
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass(frozen=True)
+class Splits:
+    """train: adapter training and few-shot examples; validation: keep/reject and every
+    tuning choice; test: reported only."""
+
+    train: list[Example]
+    validation: list[Example]
+    test: list[Example]
+
+    def ids(self) -> dict[str, list[str]]:
+        """split -> example ids (`example_id`), for the record."""
+        return {name: [example_id(ex) for ex in getattr(self, name)] for name in SPLITS}
+
+
+def example_id(ex: Example) -> str:
+    """A short stable id of an example: the sha256 of its input (the splits are disjoint
+    by input, so equal inputs are one example for this purpose)."""
+    return hashlib.sha256(ex.input.encode()).hexdigest()[:16]
+
+
+def _first_copies(examples: Iterable[Example], limit: int | None = None) -> list[Example]:
+    """The first example of every distinct input, in order, at most `limit` of them."""
+    out: dict[str, Example] = {}
+    for ex in examples:
+        if limit is not None and len(out) >= limit:
+            break
+        out.setdefault(ex.input, ex)
+    return list(out.values())
 
 
 @cache

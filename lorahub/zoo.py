@@ -6,7 +6,11 @@ sentiment, logical deduction, permutations, word games ...).
 
 Each adapter folder (PEFT format, bfloat16) carries its task, description and routing
 examples in its metadata, so `loraplex register lorahub/zoo/<name>` needs no flags.
-`manifest.json` records, per adapter, base vs adapter accuracy on held-out examples.
+Every task has three disjoint splits (`Task.splits`): the adapter trains on train, is kept
+only if it beats the base model on validation, and `manifest.json` reports base vs adapter
+on test. `splits.json` records every split's example ids.
+
+    python -m lorahub.zoo --refresh     # routing examples, splits, metrics: no retraining
 """
 
 from __future__ import annotations
@@ -24,9 +28,9 @@ import torch
 from lorahub.applied import attached
 from lorahub.inference import accuracy
 from lorahub.models import DEFAULT_MODEL, load_base_model, loraplex_home
-from lorahub.tasks import TaskKind, fetch_bigbench, load_task, require_dev_task
+from lorahub.tasks import SplitConfig, Task, TaskKind, fetch_bigbench, load_task, require_dev_task
 from lorahub.train import TrainConfig, save_adapter, train_lora
-from registry import AdapterError, Registry
+from registry import AdapterError, Registry, load_source
 
 ZOO_DIR = Path(__file__).parent / "zoo"
 
@@ -67,9 +71,11 @@ ZOO_TASKS = [
 
 @dataclass(frozen=True)
 class ZooConfig:
-    n_test: int = 50  # held-out examples per task, never trained on
-    max_train: int = 400
-    n_routing_examples: int = 24  # example inputs stored for retrieval
+    split: SplitConfig = field(default_factory=SplitConfig)
+    # train inputs stored with each adapter for routing: the task router's classifier
+    # separates the zoo's distinguishable tasks on validation 90% / 94% / 95% of the time
+    # with 24 / 128 / 256 of them (benchmarks/tune_router.py)
+    n_routing_examples: int = 256
     n_demo: int = 4  # held-out prompts kept in the manifest for the demo
     max_adapters: int = 24  # 24 x 0.94 MB stays under the 25 MB budget
     train: TrainConfig = field(
@@ -92,12 +98,38 @@ def _write_manifest(zoo: Path, entries: list[dict]) -> None:
     os.replace(tmp, zoo / "manifest.json")
 
 
+def measure(base, task: Task, cfg: ZooConfig, adapter=None) -> dict:
+    """An adapter's manifest numbers: its split (sizes, seed) and base vs adapter on
+    validation (keep or reject) and test (reported); held-out test prompts for the demo."""
+    splits = task.splits(cfg.split)
+    metrics = {}
+    for name in ("validation", "test"):
+        examples = getattr(splits, name)
+        base_acc, _ = accuracy(base, examples)
+        with attached(base.model, [adapter], ["adapter"], torch.ones(len(examples), 1)) as on:
+            adapter_acc, _ = accuracy(base, examples, on)
+        metrics[name] = {"base_metric": base_acc, "adapter_metric": adapter_acc}
+    return {
+        "metric": "mc_acc" if task.kind == TaskKind.multiple_choice else "em",
+        # the manifest's headline numbers are on test, never used for a choice
+        **metrics["test"],
+        "validation": metrics["validation"],
+        "n_train": len(splits.train),
+        "n_validation": len(splits.validation),
+        "n_test": len(splits.test),
+        "split": asdict(cfg.split),
+        # held-out prompts for `loraplex demo` (it must run offline, without the BIG-bench sdist)
+        "demo": [
+            {"input": ex.input, "targets": list(ex.targets) or [ex.target]}
+            for ex in splits.test[: cfg.n_demo]
+        ],
+    }
+
+
 def build_one(base, task_name: str, cfg: ZooConfig, zoo: Path, work: Path) -> dict:
     require_dev_task(task_name)
     task = load_task(task_name)
-    train, test = task.split(cfg.n_test, seed=cfg.train.seed)
-    train = train[: cfg.max_train]
-    base_acc, _ = accuracy(base, test)
+    train = task.splits(cfg.split).train
     result = train_lora(base, train, cfg.train, checkpoint_dir=work / adapter_name(task_name))
     family = task_name.split("/", 1)[0]
     adapter = result.adapter.to(torch.bfloat16).with_meta(
@@ -108,17 +140,11 @@ def build_one(base, task_name: str, cfg: ZooConfig, zoo: Path, work: Path) -> di
         license="Apache-2.0 (BIG-bench data)",
         source="loraplex zoo",
     )
-    with attached(base.model, [adapter], ["adapter"], torch.ones(len(test), 1)) as applied:
-        adapter_acc, _ = accuracy(base, test, applied)
     folder = save_adapter(adapter, zoo / adapter_name(task_name))
     return {
         "name": adapter_name(task_name),
         "task": task_name,
-        "metric": "mc_acc" if task.kind == TaskKind.multiple_choice else "em",
-        "base_metric": base_acc,
-        "adapter_metric": adapter_acc,
-        "n_train": len(train),
-        "n_test": len(test),
+        **measure(base, task, cfg, adapter),
         "steps": cfg.train.steps,
         "lr": cfg.train.lr,
         "loraplus_ratio": cfg.train.loraplus_ratio,
@@ -129,12 +155,34 @@ def build_one(base, task_name: str, cfg: ZooConfig, zoo: Path, work: Path) -> di
         "final_loss": result.losses[-1],
         "sha256": adapter.sha256(),
         "bytes": (folder / "adapter_model.safetensors").stat().st_size,
-        # held-out prompts for `loraplex demo` (it must run offline, without the BIG-bench sdist)
-        "demo": [
-            {"input": ex.input, "targets": list(ex.targets) or [ex.target]}
-            for ex in test[: cfg.n_demo]
-        ],
     }
+
+
+def write_splits(entries: list[dict], cfg: ZooConfig, zoo: Path = ZOO_DIR) -> None:
+    """splits.json: task -> split -> example ids, for every adapter of the manifest."""
+    splits = {e["task"]: load_task(e["task"]).splits(cfg.split).ids() for e in entries}
+    (zoo / "splits.json").write_text(json.dumps(dict(sorted(splits.items()))) + "\n")
+
+
+def refresh(cfg: ZooConfig, zoo: Path = ZOO_DIR) -> list[dict]:
+    """Bring every adapter up to `cfg` without retraining: its routing examples (train
+    inputs; the weights and their sha256 stay) and, where not yet measured on `cfg.split`,
+    its split and metrics."""
+    entries = _read_manifest(zoo)
+    fetch_bigbench([e["task"] for e in entries])
+    base = load_base_model(DEFAULT_MODEL)
+    for e in entries:
+        task = load_task(e["task"])
+        adapter = load_source(str(zoo / e["name"]))
+        examples = tuple(ex.input for ex in task.splits(cfg.split).train[: cfg.n_routing_examples])
+        if adapter.meta.examples != examples:
+            save_adapter(adapter.with_meta(examples=examples), zoo / e["name"])
+        if e.get("split") != asdict(cfg.split) or "validation" not in e:
+            e.update(measure(base, task, cfg, adapter.to(torch.float32)))
+            print(f"{e['task']}: test base {e['base_metric']:.3f} -> {e['adapter_metric']:.3f}")
+    _write_manifest(zoo, entries)
+    write_splits(entries, cfg, zoo)
+    return entries
 
 
 def _read_rejected(zoo: Path) -> list[dict]:
@@ -144,7 +192,7 @@ def _read_rejected(zoo: Path) -> list[dict]:
 
 def build_zoo(tasks: list[str], cfg: ZooConfig, zoo: Path = ZOO_DIR) -> list[dict]:
     """Train the zoo's adapters in order until `cfg.max_adapters` are kept. An adapter that
-    does not beat the base model on its held-out examples is dropped and recorded in
+    does not beat the base model on its validation split is dropped and recorded in
     rejected.json (so a rerun does not retry it)."""
     zoo.mkdir(parents=True, exist_ok=True)
     work = loraplex_home() / "zoo-work"
@@ -158,18 +206,20 @@ def build_zoo(tasks: list[str], cfg: ZooConfig, zoo: Path = ZOO_DIR) -> list[dic
             break
         start = time.perf_counter()
         entry = build_one(base, task_name, cfg, zoo, work)
-        if entry["adapter_metric"] > entry["base_metric"]:
+        if entry["validation"]["adapter_metric"] > entry["validation"]["base_metric"]:
             entries.append(entry)
             _write_manifest(zoo, entries)
+            write_splits(entries, cfg, zoo)
         else:
             shutil.rmtree(zoo / entry["name"], ignore_errors=True)
             rejected.append(
-                {k: entry[k] for k in ("name", "task", "metric", "base_metric", "adapter_metric")}
+                {k: entry[k] for k in ("name", "task", "metric", "validation", "split")}
             )
             (zoo / "rejected.json").write_text(json.dumps(rejected, indent=2) + "\n")
         shutil.rmtree(work / adapter_name(task_name), ignore_errors=True)
         print(
-            f"{task_name}: base {entry['base_metric']:.3f} -> adapter {entry['adapter_metric']:.3f} "
+            f"{task_name}: validation base {entry['validation']['base_metric']:.3f} -> adapter "
+            f"{entry['validation']['adapter_metric']:.3f} "
             f"({time.perf_counter() - start:.0f}s){'' if entry in entries else ' rejected'}",
             flush=True,
         )
@@ -201,8 +251,16 @@ def main() -> None:
     ap.add_argument("--tasks", help="comma-separated (default: the full zoo list)")
     ap.add_argument("--steps", type=int, help="training steps per adapter")
     ap.add_argument("--out", type=Path, default=ZOO_DIR)
+    ap.add_argument(
+        "--refresh",
+        action="store_true",
+        help="update routing examples, splits and metrics without retraining",
+    )
     args = ap.parse_args()
     cfg = ZooConfig()
+    if args.refresh:
+        refresh(cfg, args.out)
+        return
     if args.steps:
         cfg = replace(cfg, train=replace(cfg.train, steps=args.steps))
     tasks = args.tasks.split(",") if args.tasks else ZOO_TASKS

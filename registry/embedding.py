@@ -3,6 +3,7 @@ belongs to `router`; anything with these members works."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -31,13 +32,21 @@ def normalize(v: np.ndarray) -> np.ndarray:
     return (v / np.maximum(norm, 1e-12)).astype(np.float32)
 
 
-def embed_meta(meta: AdapterMeta, embedder: Embedder) -> tuple[np.ndarray, int] | None:
-    """An adapter's embedding and how many texts made it: the normalized mean of its
-    example inputs' embeddings (LoraRetriever, Zhao et al. 2024), else its description's."""
+def meta_texts(meta: AdapterMeta) -> list[str]:
+    """The texts that stand for an adapter: its example inputs, else its description."""
     texts = [t for t in meta.examples if t.strip()]
     if not texts and meta.description and meta.description.strip():
         texts = [meta.description]
-    if not texts:
-        return None
-    vectors = embedder.encode(texts)
-    return normalize(vectors.mean(axis=0)), len(texts)
+    return texts
+
+
+def examples_key(embedder: Embedder, texts: Sequence[str]) -> str:
+    """A cache key naming the embedder and the texts it embedded."""
+    digest = hashlib.sha256("\n\0".join([embedder.id, *texts]).encode()).hexdigest()
+    return f"examples-{digest[:32]}"
+
+
+def mean_embedding(vectors: np.ndarray) -> np.ndarray:
+    """An adapter's embedding: the normalized mean of its texts' embeddings (LoraRetriever,
+    Zhao et al. 2024)."""
+    return normalize(vectors.mean(axis=0))

@@ -25,13 +25,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch import Tensor
 
-from registry.adapter import LoraAdapter
+from registry.adapter import AdapterMeta, LoraAdapter
 from registry.catalogue import SCHEMA, AdapterRecord, check_name, record_from_row
 from registry.derived import cached_tensors
 from registry.doctor import doctor
-from registry.embedding import Embedder, embed_meta
+from registry.embedding import Embedder, examples_key, mean_embedding, meta_texts
 from registry.errors import (
     AdapterError,
     AdapterNotFoundError,
@@ -232,7 +233,7 @@ class Registry:
             raise DuplicateNameError(
                 f"an adapter named {name!r} exists; pass replace=True (--replace)"
             )
-        embedding = embed_meta(adapter.meta, self.embedder) if self.embedder else None
+        embedding = self._embed(adapter.meta) if self.embedder else None
         sha = adapter.sha256()
         self._write_blob(adapter, sha)
         try:
@@ -374,11 +375,29 @@ class Registry:
         examples or a description (after switching embedders). Returns the names done."""
         done = []
         for name in self.unembedded():
-            made = embed_meta(self.get(name).meta, self._embedder())
+            made = self._embed(self.get(name).meta)
             if made is not None:
                 self.set_embedding(name, *made)
                 done.append(name)
         return done
+
+    def example_vectors(self, meta: AdapterMeta) -> np.ndarray | None:
+        """The current embedder's vectors (n, dim) of an adapter's example inputs (else its
+        description), cached under cache/ by embedder and texts; None without texts."""
+        texts = meta_texts(meta)
+        if not texts:
+            return None
+        embedder = self._embedder()
+        made = self.cached_tensors(
+            examples_key(embedder, texts),
+            lambda: {"vectors": torch.from_numpy(np.asarray(embedder.encode(texts), np.float32))},
+        )
+        return made["vectors"].numpy()
+
+    def _embed(self, meta: AdapterMeta) -> tuple[np.ndarray, int] | None:
+        """An adapter's embedding and how many texts made it."""
+        vectors = self.example_vectors(meta)
+        return None if vectors is None else (mean_embedding(vectors), len(vectors))
 
     def set_embedding(self, name: str, vector: np.ndarray, n_texts: int) -> None:
         """Store (or replace) an adapter's embedding made by the registry's embedder."""

@@ -4,11 +4,13 @@ from router.arrow import ArrowConfig, ArrowGate, arrow_gate, prototypes, top_rig
 from router.classifier import ClassifierRouter
 from router.embedder import DEFAULT_MODEL, LORARETRIEVER_PREFIX, SentenceEmbedder
 from router.retriever import Retriever, RetrieverConfig, Weighting
-from router.routers import ROUTERS, ArrowRouter, Router, RouterOptions, make_router
+from router.routers import DEFAULT_ROUTER, ROUTERS, ArrowRouter, Router, RouterOptions, make_router
 from router.routing import Routing
+from router.task import TaskRouter, TaskRouterConfig
 
 __all__ = [
     "DEFAULT_MODEL",
+    "DEFAULT_ROUTER",
     "LORARETRIEVER_PREFIX",
     "ROUTERS",
     "ArrowConfig",
@@ -21,6 +23,8 @@ __all__ = [
     "RouterOptions",
     "Routing",
     "SentenceEmbedder",
+    "TaskRouter",
+    "TaskRouterConfig",
     "Weighting",
     "arrow_gate",
     "make_router",

@@ -40,29 +40,15 @@ class ClassifierRouter:
         max_iter: int = 1000,
     ) -> ClassifierRouter:
         """Fit a multinomial logistic regression (sklearn) on embeddings of `inputs`."""
-        from sklearn.linear_model import LogisticRegression
-
-        if len(set(labels)) < 2:
-            raise ValueError("a classifier router needs examples of at least two adapters")
+        classes = sorted(set(labels))
+        index = {c: i for i, c in enumerate(classes)}
         X = embedder.encode(list(inputs))
-        model = LogisticRegression(C=C, max_iter=max_iter).fit(X, list(labels))
-        coef, intercept = model.coef_, model.intercept_
-        if coef.shape[0] == 1:  # sklearn's binary case: one logit for classes_[1]
-            coef = np.vstack([-coef / 2, coef / 2])
-            intercept = np.array([-intercept[0] / 2, intercept[0] / 2])
-        return cls(
-            [str(c) for c in model.classes_],
-            np.ascontiguousarray(coef, np.float32),
-            intercept.astype(np.float32),
-            embedder,
-        )
+        coef, intercept = fit_linear(X, np.array([index[y] for y in labels]), C, max_iter)
+        return cls([str(c) for c in classes], coef, intercept, embedder)
 
     def probabilities(self, prompts: Sequence[str]) -> np.ndarray:
         """(len(prompts), C) class probabilities."""
-        logits = self.embedder.encode(list(prompts)) @ self.coef.T + self.intercept
-        logits -= logits.max(axis=1, keepdims=True)
-        p = np.exp(logits)
-        return p / p.sum(axis=1, keepdims=True)
+        return softmax_rows(self.embedder.encode(list(prompts)) @ self.coef.T + self.intercept)
 
     def route(
         self,
@@ -127,3 +113,27 @@ class ClassifierRouter:
         ):
             raise AdapterError(f"{folder}: classifier tensors do not match its classes")
         return cls(list(info["classes"]), coef, intercept, embedder)
+
+
+def fit_linear(
+    X: np.ndarray, labels: np.ndarray, C: float = 10.0, max_iter: int = 1000
+) -> tuple[np.ndarray, np.ndarray]:
+    """Multinomial logistic regression (sklearn) of integer labels 0..n-1 on rows of X:
+    coef (n, dim) and intercept (n,), float32, row i for label i."""
+    from sklearn.linear_model import LogisticRegression
+
+    n = int(labels.max()) + 1 if len(labels) else 0
+    if len(set(labels.tolist())) < 2 or n != len(set(labels.tolist())):
+        raise ValueError("a classifier router needs examples of at least two adapters")
+    model = LogisticRegression(C=C, max_iter=max_iter).fit(X, labels)
+    coef, intercept = model.coef_, model.intercept_
+    if coef.shape[0] == 1:  # sklearn's binary case: one logit for classes_[1]
+        coef = np.vstack([-coef / 2, coef / 2])
+        intercept = np.array([-intercept[0] / 2, intercept[0] / 2])
+    return np.ascontiguousarray(coef, np.float32), intercept.astype(np.float32)
+
+
+def softmax_rows(logits: np.ndarray) -> np.ndarray:
+    logits = logits - logits.max(axis=1, keepdims=True)
+    p = np.exp(logits)
+    return p / p.sum(axis=1, keepdims=True)

@@ -24,7 +24,7 @@ class Weighting(StrEnum):
 class RetrieverConfig:
     """k: adapters per input (LoraRetriever mixes the top 3). weighting: `softmax` over
     cosine similarities / temperature, or `uniform` 1/k (the paper). Softmax at 0.02 is the
-    default: on held-out zoo prompts (benchmarks/tune_mixture.py) it scored 0.529 against
+    default: on zoo prompts that are now each task's validation split it scored 0.529 against
     0.425 for uniform — cosines of a prompt's top 3 adapters are close (median gap 0.06), so
     1/k hands two thirds of the delta to the wrong adapters."""
 

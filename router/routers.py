@@ -13,6 +13,7 @@ from router.arrow import ArrowConfig
 from router.classifier import ClassifierRouter
 from router.retriever import Retriever, RetrieverConfig
 from router.routing import Routing
+from router.task import TaskRouter, TaskRouterConfig
 
 
 class Router(Protocol):
@@ -55,10 +56,12 @@ class ArrowRouter:
 
 @dataclass(frozen=True)
 class RouterOptions:
-    """What the routers of the table may need: the retriever's and Arrow's configs, and the
-    folder of a saved `ClassifierRouter` (`loraplex route --router classifier`)."""
+    """What the routers of the table may need: the retriever's, the task router's and
+    Arrow's configs, and the folder of a saved `ClassifierRouter` (`loraplex route --router
+    classifier`)."""
 
     retriever: RetrieverConfig = field(default_factory=RetrieverConfig)
+    task: TaskRouterConfig = field(default_factory=TaskRouterConfig)
     arrow: ArrowConfig = field(default_factory=ArrowConfig)
     classifier: Path | None = None
 
@@ -73,9 +76,15 @@ def _classifier(registry: Registry, options: RouterOptions) -> Router:
 
 ROUTERS: dict[str, Callable[[Registry, RouterOptions], Router]] = {
     "retriever": lambda registry, o: Retriever(registry, o.retriever),  # LoraRetriever
+    "task": lambda registry, o: TaskRouter(registry, o.task),  # LoRAuter-style, abstains
     "classifier": _classifier,
     "arrow": lambda registry, o: ArrowRouter(registry, o.arrow),
 }
+
+
+# The router `Hub`, the CLI and the server use unless told otherwise: the one the validation
+# split chose (benchmarks/tune_router.py, results/tune_router.json).
+DEFAULT_ROUTER = "task"
 
 
 def make_router(name: str, registry: Registry, options: RouterOptions | None = None) -> Router:

@@ -16,12 +16,16 @@ from router.arrow import ArrowConfig
 class Routing:
     """adapters[i] gets weights[i]; `scores` are the router's raw similarities or
     probabilities (for logs), in the same order. `per_token`, when set, says the adapters
-    are gated per token inside the pass (Arrow) and `weights` are only their prior."""
+    are gated per token inside the pass (Arrow) and `weights` are only their prior.
+    `confidence` is the router's own measure of fit (the task router's top score), and
+    `note` says why a routing is empty or shrunk (e.g. no adapter fits the prompt)."""
 
     adapters: tuple[str, ...] = ()
     weights: tuple[float, ...] = ()
     scores: tuple[float, ...] = field(default=(), compare=False)
     per_token: ArrowConfig | None = None
+    confidence: float | None = field(default=None, compare=False)
+    note: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
         if len(self.adapters) != len(self.weights):
@@ -40,23 +44,31 @@ class Routing:
             tuple(self.adapters[i] for i in order),
             tuple(self.weights[i] / total for i in order),
             tuple(self.scores[i] for i in order) if self.scores else (),
+            confidence=self.confidence,
+            note=self.note,
         )
 
     def to_json(self) -> dict:
         per_token = (
             {"per_token": {"router": "arrow", **asdict(self.per_token)}} if self.per_token else {}
         )
-        return per_token | {
-            "adapters": [
-                {"name": n, "weight": w, **({"score": s} if self.scores else {})}
-                for n, w, s in zip(
-                    self.adapters,
-                    self.weights,
-                    self.scores or [None] * len(self.adapters),
-                    strict=True,
-                )
-            ]
-        }
+        told = {"confidence": self.confidence} if self.confidence is not None else {}
+        told |= {"note": self.note} if self.note else {}
+        return (
+            per_token
+            | told
+            | {
+                "adapters": [
+                    {"name": n, "weight": w, **({"score": s} if self.scores else {})}
+                    for n, w, s in zip(
+                        self.adapters,
+                        self.weights,
+                        self.scores or [None] * len(self.adapters),
+                        strict=True,
+                    )
+                ]
+            }
+        )
 
     @classmethod
     def from_json(cls, data: dict) -> Routing:
@@ -68,6 +80,8 @@ class Routing:
             tuple(float(a["weight"]) for a in items),
             scores if len(scores) == len(items) else (),
             ArrowConfig(per_token["k"], per_token["temperature"]) if per_token else None,
+            data.get("confidence"),
+            data.get("note", ""),
         )
 
 

@@ -4,6 +4,7 @@ and the results.json schema."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,7 @@ REVERSE = Task(
     TaskKind.generative,
     tuple(
         Example(f"Reverse the word: {w}", targets=(w[::-1],))
-        for w in ["abc", "moon", "star", "tree", "lamp", "fish"]
+        for w in ["abc", "moon", "star", "tree", "lamp", "fish", "wolf", "rain", "sand"]
     ),
 )
 COLOR = Task(
@@ -34,7 +35,9 @@ COLOR = Task(
     TaskKind.multiple_choice,
     tuple(
         Example(f"What color is {x}?", options=("red", "blue", "green"), answer=i % 3)
-        for i, x in enumerate(["the sky", "grass", "blood", "the sea", "a leaf", "fire"])
+        for i, x in enumerate(
+            ["the sky", "grass", "blood", "the sea", "a leaf", "fire", "coal", "snow", "a lime"]
+        )
     ),
 )
 
@@ -90,7 +93,14 @@ def test_ood_never_uses_the_excluded_adapter(hub: Hub) -> None:
     own = {"reverse": "reverse-lora", "color": "color-lora"}
     assert "oracle" not in res["summary"]
     used = [r for r in res["routings"] if r["method"] != "base"]
-    assert {r["method"] for r in used} == {"selection", "mixture", "fusion", "uniform", "arrow"}
+    assert {r["method"] for r in used} == {
+        "selection",
+        "mixture",
+        "fusion",
+        "auto",
+        "uniform",
+        "arrow",
+    }
     assert all(own[r["task"]] not in r["adapters"] for r in used)
 
 
@@ -132,17 +142,53 @@ def test_fewshot_learns_from_shots_apart_from_the_prompts_and_excludes_own_adapt
     )
     res = evaluate(hub, [REVERSE, COLOR], cfg, progress=False)
     assert res["fewshot"]["candidates"] == ["extra-lora"]  # own-task adapters are left out
-    assert set(res["summary"]) == {"base", "uniform", "mixture", "lorahub", "gated"}
+    assert set(res["summary"]) == {"base", "uniform", "auto", "lorahub", "gated"}
     for task in ("reverse", "color"):
         learned = res["fewshot"]["tasks"][task]
         assert set(learned["lorahub"]["weights"]) == {"extra-lora"}
+        assert learned["lorahub"]["starts"]["uniform"] == [1.0]
         assert len(learned["gated"]["shots"]) == 2
         prompts = {r["prompt"] for r in res["routings"] if r["task"] == task}
         assert len(prompts) == 3 and not prompts & set(learned["lorahub"]["shots"])
         assert res["tasks"][task]["lorahub"][next(iter(res["tasks"][task]["lorahub"]))]["n"] == 3
-    used = [r for r in res["routings"] if r["method"] in ("mixture", "uniform")]
+    used = [r for r in res["routings"] if r["method"] in ("auto", "uniform")]
     assert all(r["adapters"] == ["extra-lora"] for r in used if r["method"] == "uniform")
     assert all(f"{r['task']}-lora" not in r["adapters"] for r in used)
+
+
+def test_prompts_come_from_the_asked_split_and_alike_routings_are_scored_once(
+    hub: Hub, monkeypatch
+) -> None:
+    import lorahub.evaluate as ev
+
+    scored = []
+    real = ev._score_items
+    monkeypatch.setattr(
+        ev,
+        "_score_items",
+        lambda h, items, *a, **kw: scored.append(len(items)) or real(h, items, *a, **kw),
+    )
+    seen: dict = {}
+    cfg = EvalConfig(
+        protocol="iid",
+        k=1,
+        limit=3,
+        n_bootstrap=20,
+        max_new_tokens=4,
+        methods=("oracle", "selection", "auto"),
+    )
+    first = evaluate(hub, [REVERSE, COLOR], cfg, progress=False, seen=seen)
+    assert scored[0] == 6 and sum(scored[1:]) < 12  # selection and auto mostly route as oracle
+    scored.clear()
+    again = evaluate(hub, [REVERSE, COLOR], cfg, progress=False, seen=seen)
+    assert sum(scored) == 0 and again["tasks"] == first["tasks"]
+    fresh = evaluate(hub, [REVERSE, COLOR], cfg, progress=False)
+    assert fresh["tasks"] == first["tasks"]  # remembering changes nothing but the work
+    test = {r["prompt"] for r in first["routings"]}
+    want = {ex.input for t in (REVERSE, COLOR) for ex in t.splits(cfg.split).test}
+    assert test == want
+    val = evaluate(hub, [REVERSE, COLOR], replace(cfg, on="validation"), progress=False)
+    assert not {r["prompt"] for r in val["routings"]} & test
 
 
 def test_methods_must_fit_the_protocol() -> None:

@@ -161,6 +161,27 @@ def test_learning_never_returns_worse_than_no_composition(setup) -> None:
     assert result.objective == pytest.approx(zero, abs=1e-7)
 
 
+def test_learning_starts_from_the_best_start_and_never_returns_worse(setup) -> None:
+    """With a good start (uniform, the router's weights) among w = 0 and a bad one, the
+    search starts there: the result scores at most that start's objective, even when the
+    optimizer's moves are tiny."""
+    base, adapters = setup
+    n = len(adapters)
+    cfg = LoraHubConfig(steps=8, population=4, l1=0.0)
+    scorer = PopulationScorer(base, adapters, EXAMPLES, cfg.mode)
+    candidates = torch.tensor([[0.0] * n, [1.0 / n] * n, [1.5] * n])
+    losses = scorer.losses(candidates).tolist()
+    scorer.close()
+    result = learn_weights(
+        base, adapters, EXAMPLES, cfg, progress=False, starts=candidates[1:].tolist()
+    )
+    assert result.objective <= min(losses) + 1e-6
+    if result.objective >= min(losses) - cfg.tol:  # nothing better found: the best start back
+        assert result.weights == pytest.approx(candidates[losses.index(min(losses))].tolist())
+    with pytest.raises(ValueError, match="one per adapter"):
+        learn_weights(base, adapters, EXAMPLES, cfg, progress=False, starts=[[1.0]])
+
+
 # -- learned gating ---------------------------------------------------------------------------------
 
 

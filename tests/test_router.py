@@ -273,3 +273,75 @@ def test_arrow_routes_by_name_with_its_per_token_spec_and_exclusions(registry) -
     assert Routing.from_json(routes[0].to_json()) == routes[0]
     with pytest.raises(ValueError, match="choose from"):
         make_router("nope", registry)
+
+
+# -- task router ---------------------------------------------------------------------------------
+
+
+def test_task_router_fit_is_the_mean_of_each_adapters_nearest_examples(registry) -> None:
+    from sklearn.linear_model import LogisticRegression
+
+    from router import TaskRouter, TaskRouterConfig
+
+    router = TaskRouter(registry, TaskRouterConfig(neighbours=2, fit_threshold=-1.0, C=3.0))
+    prompts = list(QUERIES.values())
+    names, table, prob = router.scores(prompts)
+    emb = registry.embedder
+    q = emb.encode(prompts).astype(np.float64)
+    for j, name in enumerate(names):  # float64 oracle: top-2 cosines of the adapter's examples
+        ex = emb.encode(TASKS[name][:3]).astype(np.float64)
+        want = np.sort(q @ ex.T, axis=1)[:, -2:].mean(1)
+        np.testing.assert_allclose(table[:, j], want, atol=1e-5)
+    # the weights are a logistic regression's probabilities over the adapters' examples
+    X = np.concatenate([emb.encode(TASKS[n][:3]) for n in names])
+    y = np.repeat(np.arange(len(names)), 3)
+    oracle = LogisticRegression(C=3.0, max_iter=1000).fit(X, y).predict_proba(emb.encode(prompts))
+    np.testing.assert_allclose(prob, oracle, atol=1e-3)
+    routed = router.route(prompts, k=2)
+    for row, ((task, _), r) in enumerate(zip(QUERIES.items(), routed, strict=True)):
+        assert r.adapters[0] == task and r.confidence == pytest.approx(table[row].max())
+        assert sum(r.weights) == pytest.approx(1.0)
+        assert r.weights[0] / r.weights[1] == pytest.approx(
+            prob[row, names.index(r.adapters[0])] / prob[row, names.index(r.adapters[1])]
+        )
+
+
+def test_task_router_abstains_below_its_threshold_and_says_why(registry) -> None:
+    from router import TaskRouter, TaskRouterConfig, make_router
+    from router.routers import RouterOptions
+
+    always = TaskRouter(registry, TaskRouterConfig(fit_threshold=-1.0))
+    fits = always.route([QUERIES["arithmetic"], "zzqx vlorp"], k=1)
+    threshold = (fits[0].confidence + fits[1].confidence) / 2
+    assert fits[0].confidence > fits[1].confidence  # an in-domain prompt fits better
+    picky = make_router(
+        "task", registry, RouterOptions(task=TaskRouterConfig(fit_threshold=threshold))
+    )
+    kept, dropped = picky.route([QUERIES["arithmetic"], "zzqx vlorp"], k=1)
+    assert kept.adapters == ("arithmetic",)
+    assert dropped.adapters == () and "no adapter fits" in dropped.note
+    assert dropped.confidence == pytest.approx(fits[1].confidence)
+    again = Routing.from_json(dropped.to_json())
+    assert (again.note, again.confidence) == (dropped.note, dropped.confidence)
+    with pytest.raises(ValueError, match="fit_threshold"):
+        TaskRouterConfig(fit_threshold=2.0)
+
+
+def test_task_router_honours_exclusions_and_caches_example_embeddings(
+    registry, monkeypatch
+) -> None:
+    from router import TaskRouter, TaskRouterConfig
+
+    router = TaskRouter(registry, TaskRouterConfig(fit_threshold=-1.0))
+    prompts = [QUERIES["arithmetic"], QUERIES["sentiment"]]
+    out = router.route(prompts, k=3, exclude_each=[["arithmetic"], []])
+    assert "arithmetic" not in out[0].adapters and out[1].adapters[0] == "sentiment"
+    cached = sorted((registry.root / "cache").glob("examples-*.safetensors"))
+    assert len(cached) == len(TASKS)  # made at registration, shared with the mean embedding
+    assert len(list((registry.root / "cache").glob("task-router-*.safetensors"))) == 1
+    calls, original = [], registry.embedder.encode
+    monkeypatch.setattr(
+        registry.embedder, "encode", lambda texts: calls.append(len(texts)) or original(texts)
+    )
+    TaskRouter(registry, TaskRouterConfig(fit_threshold=-1.0)).route(prompts, k=1)
+    assert calls == [2]  # a new router embeds only the prompts: the rest comes from the cache

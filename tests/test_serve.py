@@ -27,7 +27,7 @@ from lorahub.models import BaseModel
 from lorahub.serve.app import ServeConfig, create_app
 from lorahub.serve.batching import BatchingConfig, BatchingEngine
 from registry import BaseModelInfo, LoraAdapter, LoraModule, Registry
-from router import Retriever, Routing
+from router import Retriever, Routing, TaskRouter, TaskRouterConfig
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
@@ -74,11 +74,12 @@ def registry_dir(tmp_path_factory: pytest.TempPathFactory, embedder) -> Path:
 
 @contextmanager
 def running_server(
-    registry_dir: Path, embedder, config: ServeConfig | None = None, **batching
+    registry_dir: Path, embedder, config: ServeConfig | None = None, router=Retriever, **batching
 ) -> Iterator[tuple[str, BatchingEngine]]:
-    """The app under uvicorn on 127.0.0.1 in a thread; its own model and registry handle."""
+    """The app under uvicorn on 127.0.0.1 in a thread; its own model and registry handle,
+    `router(registry)` routing."""
     reg = Registry(registry_dir, embedder=embedder)
-    hub = Hub(reg, tiny_base(), Retriever(reg))
+    hub = Hub(reg, tiny_base(), router(reg))
     engine = BatchingEngine(hub, BatchingConfig(**batching))
     try:
         with serving(create_app(hub, engine, config)) as url:
@@ -149,6 +150,36 @@ def test_chat_equals_hub_generate_streaming_or_not(server, reference, model, ext
         assert streamed == reply.choices[0].message.content
     if model.startswith("auto") and extra is None:
         assert report["router"] == "retriever" and report["adapters"][0]["score"] > 0
+
+
+def test_the_task_router_reports_its_confidence_and_abstains_when_nothing_fits(
+    registry_dir, embedder, reference
+) -> None:
+    fits = TaskRouter(reference.registry, TaskRouterConfig(fit_threshold=-1.0)).route(PROMPTS, 1)
+    scores = sorted(r.confidence for r in fits)
+    threshold = (scores[0] + scores[-1]) / 2  # some prompts fit, some do not
+
+    def task_router(reg: Registry) -> TaskRouter:
+        return TaskRouter(reg, TaskRouterConfig(fit_threshold=threshold))
+
+    config = ServeConfig(router="task")
+    with running_server(registry_dir, embedder, config, router=task_router) as (url, _):
+        c = client(url)
+        for prompt, fit in zip(PROMPTS, fits, strict=True):
+            raw = c.chat.completions.with_raw_response.create(
+                model="auto", messages=[{"role": "user", "content": prompt}], **GREEDY
+            )
+            reply = raw.parse()
+            report = reply.model_extra["loraplex"]
+            assert report["router"] == "task"
+            assert report["confidence"] == pytest.approx(fit.confidence, abs=1e-5)
+            if fit.confidence < threshold:  # nothing fits: the base model answers, and says so
+                assert report["adapters"] == [] and "no adapter fits" in report["note"]
+                want = reference.generate([prompt], compose="none", max_new_tokens=10)[0].text
+            else:
+                assert report["adapters"][0]["name"] == fit.adapters[0]
+                want = hub_text(reference, prompt, report)
+            assert reply.choices[0].message.content.strip() == want
 
 
 def test_completions_equal_chat_with_one_user_turn(server) -> None:

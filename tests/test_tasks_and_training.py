@@ -7,6 +7,7 @@ import functools
 import http.server
 import json
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,11 +17,14 @@ from conftest import char_tokenizer, tiny_llama
 from composition import Composer
 from lorahub.models import BaseModel
 from lorahub.tasks import (
+    SPLITS,
     Example,
+    SplitConfig,
     Task,
     TaskError,
     TaskKind,
     dev_tasks,
+    example_id,
     fetch_bigbench,
     load_jsonl,
     load_task,
@@ -89,13 +93,31 @@ def test_only_dev_tasks_may_be_trained_on() -> None:
         assert dev_tasks() == {ln.strip() for ln in shared.read_text().splitlines() if ln.strip()}
 
 
-def test_split_holds_out_every_copy_of_a_test_input() -> None:
+@pytest.mark.parametrize("n", [12, 40, 700])
+def test_splits_are_disjoint_by_input_even_when_inputs_repeat(n: int) -> None:
     # BIG-bench logical_deduction repeats each puzzle: a copy in train would leak the answer
-    examples = tuple(Example(f"q{i % 7}", targets=(str(i),)) for i in range(40))
-    train, test = Task("dup", TaskKind.generative, examples).split(5, seed=1)
-    assert len(test) == 5 and train
-    assert not {ex.input for ex in train} & {ex.input for ex in test}
-    assert Task("dup", TaskKind.generative, examples).split(5, seed=1) == (train, test)
+    examples = tuple(Example(f"q{i % (n // 7 + 3)}", targets=(str(i),)) for i in range(n))
+    task = Task("dup", TaskKind.generative, examples)
+    cfg = SplitConfig(n_validation=5, n_test=6, max_train=20, seed=1)
+    splits = task.splits(cfg)
+    inputs = {name: [ex.input for ex in getattr(splits, name)] for name in SPLITS}
+    distinct = len({ex.input for ex in examples})
+    assert len(inputs["validation"]) == len(set(inputs["validation"])) <= min(5, distinct // 3)
+    assert len(inputs["test"]) == len(set(inputs["test"])) == min(6, distinct // 3)
+    assert inputs["train"] and len(inputs["train"]) <= 20
+    for a, b in [("train", "validation"), ("train", "test"), ("validation", "test")]:
+        assert not set(inputs[a]) & set(inputs[b]), (a, b)
+    ids = splits.ids()
+    assert ids["test"] == [example_id(ex) for ex in splits.test]
+    assert task.splits(cfg) == splits  # seeded
+    assert task.splits(replace(cfg, seed=2)) != splits
+
+
+def test_train_is_the_same_whatever_the_test_size_when_the_task_is_large() -> None:
+    # the zoo's adapters were trained before test was cut from the far end: train must not move
+    examples = tuple(Example(f"q{i}", targets=("a",)) for i in range(1000))
+    task = Task("big", TaskKind.generative, examples)
+    assert task.splits(SplitConfig(n_test=50)).train == task.splits(SplitConfig(n_test=30)).train
 
 
 def test_a_tampered_bigbench_sdist_is_refused(tmp_path: Path, monkeypatch) -> None:

@@ -1,6 +1,7 @@
 """The bundled zoo: every folder is a valid PEFT adapter carrying its own routing metadata
-and matching its manifest entry; measured here, on the held-out prompts the manifest keeps
-for the demo, the adapters answer far better than the base model."""
+and matching its manifest entry; its recorded train / validation / test splits share no
+example; measured here, on the test prompts the manifest keeps for the demo, the adapters
+answer far better than the base model."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ import json
 
 import pytest
 
-from lorahub.tasks import dev_tasks
+from lorahub.tasks import SPLITS, Example, dev_tasks, example_id
 from lorahub.zoo import ZOO_DIR
 from registry import load_source
 
 MANIFEST = ZOO_DIR / "manifest.json"
 ENTRIES = json.loads(MANIFEST.read_text()) if MANIFEST.exists() else []
+SPLIT_IDS = json.loads((ZOO_DIR / "splits.json").read_text()) if ENTRIES else {}
 KEYS = {
     "name",
     "task",
@@ -21,7 +23,10 @@ KEYS = {
     "base_metric",
     "adapter_metric",
     "n_train",
+    "n_validation",
     "n_test",
+    "validation",
+    "split",
     "steps",
     "lr",
     "loraplus_ratio",
@@ -41,6 +46,22 @@ def test_zoo_adapter_is_complete_and_matches_its_manifest(entry: dict) -> None:
     assert adapter.meta.task == entry["task"] and len(adapter.meta.examples) >= 8
     assert adapter.meta.prompt_format == "chat"  # trained on SmolLM2's chat template
     assert entry["demo"] and all(d["input"] not in adapter.meta.examples for d in entry["demo"])
+
+
+@pytest.mark.skipif(not ENTRIES, reason="the zoo has not been built yet")
+@pytest.mark.parametrize("entry", ENTRIES, ids=[e["name"] for e in ENTRIES])
+def test_no_example_is_in_two_splits_and_each_split_is_where_it_is_used(entry: dict) -> None:
+    ids = {name: SPLIT_IDS[entry["task"]][name] for name in SPLITS}
+    assert [len(ids[n]) for n in SPLITS] == [entry[f"n_{n}"] for n in SPLITS]
+    assert entry["n_test"] >= 30 and entry["n_validation"] >= 30
+    for a, b in [("train", "validation"), ("train", "test"), ("validation", "test")]:
+        assert not set(ids[a]) & set(ids[b]), f"{entry['task']}: {a} and {b} share examples"
+    adapter = load_source(str(ZOO_DIR / entry["name"]))
+    # the routing examples the adapter carries are train inputs; the demo's are test inputs
+    assert {example_id(Example(x)) for x in adapter.meta.examples} <= set(ids["train"])
+    assert {example_id(Example(d["input"])) for d in entry["demo"]} <= set(ids["test"])
+    # kept on validation: the adapter beat the base model there
+    assert entry["validation"]["adapter_metric"] > entry["validation"]["base_metric"]
 
 
 def test_zoo_fits_its_size_budget() -> None:

@@ -37,7 +37,7 @@ from lorahub.serve.engine import (
 )
 from lorahub.serve.grammar import Target, model_ids, resolve, servable
 from lorahub.serve.metrics import Metrics
-from router import Routing
+from router import DEFAULT_ROUTER, Routing
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class ServeConfig:
     k: int = 3
     max_tokens: int = 256
     api_key: str | None = None
-    router: str = "retriever"
+    router: str = DEFAULT_ROUTER
 
     def __post_init__(self) -> None:
         if self.compose == Compose.none or self.k <= 0 or self.max_tokens <= 0:
