@@ -26,9 +26,11 @@ from pathlib import Path
 import numpy as np
 from _common import RESULTS, print_table, target, write_result
 
+from composition import Mode
 from lorahub.evaluate import EvalConfig, evaluate
 from lorahub.gating import GateConfig
 from lorahub.hub import Hub
+from lorahub.learn import LoraHubConfig
 from lorahub.models import DEFAULT_MODEL
 from lorahub.report import write_report
 from lorahub.tasks import fetch_bigbench, load_task, require_dev_task
@@ -72,6 +74,9 @@ CONFUSABLE = {
 
 # 30 Adam steps fit per-token gates to 5 examples; a minute per task on 2 cores
 GATE = GateConfig(steps=30)
+# LoraHub in mixture mode: its uniform start is then exactly the `uniform` method's
+# composition, so the search can always keep what the uniform average does on the shots
+LORAHUB = LoraHubConfig(mode=Mode.mixture)
 
 
 def run_eval(hub: Hub, name: str, tasks: list[str], cfg: EvalConfig, out: Path, seen: dict) -> dict:
@@ -123,22 +128,22 @@ def issue_targets(runs: dict[str, dict], owners: dict[str, str]) -> list[dict]:
         unseen = runs["ood_unseen"]
         gain = _macro(unseen, "auto") - _macro(unseen, "uniform")
         targets.append(target("unseen_auto_minus_uniform", gain, 0.05, ">="))
-        harmless = lambda task: task in NO_HARM  # noqa: E731
-        targets.append(
-            target(
-                "no_harm_auto_minus_base",
-                _macro(unseen, "auto", harmless) - _macro(unseen, "base", harmless),
-                0.0,
-                ">=",
+        harmless = [task for task in unseen["tasks"] if task in NO_HARM]
+        if harmless:
+            targets.append(
+                target(
+                    "no_harm_auto_minus_base",
+                    _macro(unseen, "auto", harmless.__contains__)
+                    - _macro(unseen, "base", harmless.__contains__),
+                    0.0,
+                    ">=",
+                )
             )
-        )
-        worst = min(
-            _macro(unseen, "auto", lambda t, task=task: t == task)
-            - _macro(unseen, "base", lambda t, task=task: t == task)
-            for task in unseen["tasks"]
-            if task in NO_HARM
-        )
-        targets.append(target("no_harm_worst_task_vs_base", worst, -0.10, ">="))
+            worst = min(
+                _macro(unseen, "auto", task.__eq__) - _macro(unseen, "base", task.__eq__)
+                for task in harmless
+            )
+            targets.append(target("no_harm_worst_task_vs_base", worst, -0.10, ">="))
     if "fewshot" in runs and "lorahub" in runs["fewshot"]["summary"]:
         few = runs["fewshot"]
         gain = _macro(few, "lorahub") - _macro(few, "uniform")
@@ -160,7 +165,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=30, help="test prompts per task")
     ap.add_argument("--only", help="comma-separated runs (default: iid,ood_unseen,fewshot)")
     ap.add_argument("--quick", action="store_true", help="3 tasks, 4 prompts each")
-    ap.add_argument("--fewshot-methods", help="comma-separated (default: the protocol's)")
+    ap.add_argument("--methods", help="comma-separated, for every run asked (default: each run's)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         reg = Registry(Path(tmp) / "registry", embedder=SentenceEmbedder())
@@ -171,21 +176,22 @@ def main() -> None:
         for t in unseen:
             require_dev_task(t)  # fewshot tunes on them
         limit = args.limit
+        methods = tuple(args.methods.split(",")) if args.methods else None
         if args.quick:
             zoo_tasks, unseen, limit = zoo_tasks[:3], unseen[:3], 4
         fetch_bigbench(zoo_tasks + unseen)
         hub = Hub.open(registry=reg, base_model=DEFAULT_MODEL)  # the default router
         out = RESULTS / ("crosstask-quick" if args.quick else "crosstask")  # quick: gitignored
-        # fusion equals mixture on this zoo's multiple-choice tasks and Arrow is far below
-        # the routed methods in-distribution (committed runs before the clean splits), so
-        # iid leaves both out: the time goes to 30 test prompts per task instead
+        # 2 CPU cores buy 30 test prompts per task for the methods the targets and the
+        # baseline need; fusion (= mixture on this zoo's multiple-choice tasks), Arrow,
+        # uniform in iid and learned gates stay available through --methods
         runs = {
             "iid": (
                 zoo_tasks,
                 EvalConfig(
                     protocol="iid",
                     limit=limit,
-                    methods=("base", "oracle", "selection", "mixture", "auto", "uniform"),
+                    methods=methods or ("base", "oracle", "selection", "mixture", "auto"),
                 ),
             ),
             "ood": (zoo_tasks, EvalConfig(protocol="ood", limit=limit)),
@@ -194,7 +200,7 @@ def main() -> None:
                 EvalConfig(
                     protocol="ood",
                     limit=limit,
-                    methods=("base", "mixture", "auto", "uniform", "arrow"),
+                    methods=methods or ("base", "mixture", "auto", "uniform"),
                 ),
             ),
             "fewshot": (
@@ -203,7 +209,8 @@ def main() -> None:
                     protocol="fewshot",
                     limit=limit,
                     gate=GATE,
-                    methods=args.fewshot_methods.split(",") if args.fewshot_methods else None,
+                    lorahub=LORAHUB,
+                    methods=methods or ("base", "uniform", "auto", "lorahub"),
                 ),
             ),
         }

@@ -7,11 +7,11 @@
    several C, on all tasks and on the input-distinguishable ones.
 2. When nothing fits: the validation prompts of dev tasks outside the zoo (UNSEEN and
    NO_HARM) answered by the base model, by the task router's mixture (k=3, never
-   abstaining) and by the uniform mixture of all adapters; from those answers, every policy
-   "compose when the top score >= t, else <fallback>" is scored for t on a grid, fallback
-   base or uniform. A t is allowed only if >= 99% of zoo validation prompts score >= t
-   (in-zoo prompts keep their adapters) and no task loses > 10 points to the base model.
-   The best allowed policy (macro accuracy) is TaskRouterConfig's default.
+   abstaining) and by the uniform mixture of all adapters. From those answers every policy
+   "fit >= broad: the top k; abstain <= fit < broad: all adapters equally; fit < abstain:
+   the base model" is scored, both thresholds on a grid. A policy is allowed only if >= 99%
+   of zoo validation prompts keep their top k (fit >= broad) and no task loses > 10 points
+   to the base model; the best allowed (macro accuracy) is TaskRouterConfig's default.
 Writes results/tune_router.json; crosstask then reports the chosen router on test.
 """
 
@@ -62,35 +62,41 @@ def routing_top1(reg: Registry, zoo_tasks: list[str], owners: dict[str, str]) ->
     return out
 
 
-def choose_threshold(answers: list[dict], zoo_scores: np.ndarray) -> dict:
-    """The best allowed policy from per-prompt answers (see the module docstring)."""
+def choose_thresholds(answers: list[dict], zoo_fit: np.ndarray) -> dict:
+    """The best allowed policy from per-prompt answers: fit >= broad: the router's top k;
+    fit in [abstain, broad): all adapters equally; fit < abstain: the base model."""
     tasks = sorted({a["task"] for a in answers})
     grid = np.round(np.arange(0.0, 0.9, 0.01), 2)
+    fit = np.array([a["fit"] for a in answers])
+    by_task = {t: np.array([a["task"] == t for a in answers]) for t in tasks}
+    right = {m: np.array([a[m] for a in answers], dtype=float) for m in ("base", "auto", "uniform")}
+    base = {t: right["base"][mask].mean() for t, mask in by_task.items()}
     rows = []
-    for fallback in ("base", "uniform"):
-        for t in grid:
-            per_task = {}
-            for task in tasks:
-                mine = [a for a in answers if a["task"] == task]
-                right = [a["auto"] if a["score"] >= t else a[fallback] for a in mine]
-                per_task[task] = (float(np.mean(right)), float(np.mean([a["base"] for a in mine])))
-            kept = float((zoo_scores >= t).mean())
-            worst = min(acc - base for acc, base in per_task.values())
+    for abstain in grid:
+        for broad in grid[grid >= abstain]:
+            chosen = np.where(
+                fit >= broad,
+                right["auto"],
+                np.where(fit >= abstain, right["uniform"], right["base"]),
+            )
+            per_task = {t: float(chosen[mask].mean()) for t, mask in by_task.items()}
+            kept = float((zoo_fit >= broad).mean())
+            worst = min(per_task[t] - base[t] for t in tasks)
             rows.append(
                 {
-                    "fallback": fallback,
-                    "threshold": float(t),
-                    "accuracy": float(np.mean([acc for acc, _ in per_task.values()])),
+                    "fit_threshold": float(abstain),
+                    "broad_threshold": float(broad),
+                    "accuracy": float(np.mean(list(per_task.values()))),
                     "zoo_kept": kept,
-                    "worst_vs_base": worst,
-                    "allowed": kept >= IN_ZOO_KEPT and worst >= -MAX_LOSS,
+                    "worst_vs_base": float(worst),
+                    "allowed": bool(kept >= IN_ZOO_KEPT and worst >= -MAX_LOSS),
                 }
             )
     allowed = [r for r in rows if r["allowed"]]
-    # ties go to the lower threshold: abstain no more than needed
-    best = max(allowed, key=lambda r: (r["accuracy"], -r["threshold"])) if allowed else None
-    never = next(r for r in rows if r["fallback"] == "base" and r["threshold"] == 0.0)
-    return {"best": best, "never_abstain": never, "grid": rows}
+    # ties go to the lowest thresholds: abstain and broaden no more than needed
+    best = max(allowed, key=lambda r: (r["accuracy"], -r["fit_threshold"], -r["broad_threshold"]))
+    never = rows[0]  # both thresholds 0: always the top k
+    return {"best": best, "never_abstain": never, "allowed": len(allowed), "of": len(rows)}
 
 
 def main() -> None:
@@ -113,9 +119,9 @@ def main() -> None:
         print_table([{"router": k, **v} for k, v in routing.items()], ["router", "top1", "n"])
         best_c = max(CS, key=lambda c: routing[f"task_C{c:g}"]["top1"])
 
-        never_abstains = TaskRouterConfig(C=best_c, fit_threshold=-1.0)
+        never_abstains = TaskRouterConfig(C=best_c, fit_threshold=-1.0, broad_threshold=-1.0)
         zoo_prompts = [ex.input for t in zoo_tasks for ex in load_task(t).splits().validation]
-        zoo_scores = TaskRouter(reg, never_abstains).scores(zoo_prompts)[1].max(axis=1)
+        zoo_fit = TaskRouter(reg, never_abstains).scores(zoo_prompts)[1].max(axis=1)
 
         hub = Hub.open(
             registry=reg,
@@ -132,8 +138,8 @@ def main() -> None:
             item = by_item.setdefault((r["task"], r["prompt"]), {"task": r["task"]})
             item[r["method"]] = r["right"]
             if r["method"] == "auto":
-                item["score"] = r["confidence"]
-        choice = choose_threshold(list(by_item.values()), zoo_scores)
+                item["fit"] = r["confidence"]
+        choice = choose_thresholds(list(by_item.values()), zoo_fit)
         print(f"C {best_c}; best policy {choice['best']}")
         print(f"never abstaining: {choice['never_abstain']}")
         config = {
@@ -151,7 +157,9 @@ def main() -> None:
             "outside": results["summary"],
             "outside_tasks": results["tasks"],
             "threshold": choice,
-            "zoo_validation_scores": np.percentile(zoo_scores, [0, 1, 5, 50]).tolist(),
+            "zoo_validation_fit_percentiles_0_1_5_50": np.percentile(
+                zoo_fit, [0, 1, 5, 50]
+            ).tolist(),
         }
         write_result("tune_router", config, out, [], quick=args.quick)
         hub.close()

@@ -61,6 +61,7 @@ ZOO_TASKS = [
     "word_unscrambling",
     # spares, for adapters that fail to beat the base model
     "color/hcl",
+    "arithmetic/3_digit_multiplication",
     "cs_algorithms/valid_parentheses",
     "linguistic_mappings/de_past_tense_regular_json",
     # long inputs, ~12 min each to train on 2 cores

@@ -11,9 +11,13 @@ Two things are read from those sets:
 - whether any adapter fits at all: the mean cosine of the prompt's `neighbours` nearest
   examples of the best adapter. A classifier gives some class a high probability even for
   a prompt unlike every task; nearness to real examples does not. That is
-  `Routing.confidence`, and below `fit_threshold` (chosen on validation) the routing is
+  `Routing.confidence`. Below `fit_threshold` (chosen on validation) the routing is
   empty, the base model answers, and `Routing.note` says why: adapters that do not fit an
-  input can only make the base model's answer worse.
+  input can only make the base model's answer worse. Between `fit_threshold` and
+  `broad_threshold` the router is unsure which adapter fits: asked for a mixture (k > 1),
+  it mixes its whole pool with equal weights instead of betting on the top k (the uniform
+  average is the strongest data-free composition on tasks near, but not in, the zoo);
+  asked for one adapter (selection), it still picks one.
 """
 
 from __future__ import annotations
@@ -34,19 +38,23 @@ from router.routing import Routing
 @dataclass(frozen=True)
 class TaskRouterConfig:
     """k: adapters per prompt; neighbours: nearest examples of an adapter averaged into its
-    fit; fit_threshold: fit below which no adapter is used (-1 = always compose); C: the
-    classifier's inverse regularization."""
+    fit; fit_threshold: fit below which no adapter is used (-1 = always compose);
+    broad_threshold: fit below which all adapters are mixed equally when the caller asks for
+    more than one (<= fit_threshold: never); C: the classifier's inverse regularization."""
 
+    # chosen on validation prompts only (benchmarks/tune_router.py, results/tune_router.json)
     k: int = 3
     neighbours: int = 5
-    fit_threshold: float = 0.0
-    C: float = 10.0
+    fit_threshold: float = 0.49
+    broad_threshold: float = 0.64
+    C: float = 100.0
 
     def __post_init__(self) -> None:
         if self.k <= 0 or self.neighbours <= 0:
             raise ValueError(f"k and neighbours must be positive, got {self.k}, {self.neighbours}")
-        if not -1.0 <= self.fit_threshold <= 1.0:
-            raise ValueError(f"fit_threshold is a cosine in [-1, 1], got {self.fit_threshold}")
+        for name in ("fit_threshold", "broad_threshold"):
+            if not -1.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} is a cosine in [-1, 1], got {getattr(self, name)}")
         if self.C <= 0:
             raise ValueError(f"C must be > 0, got {self.C}")
 
@@ -153,6 +161,15 @@ class TaskRouter:
             return Routing(
                 confidence=best,
                 note=f"no adapter fits: best fit {best:.3f} < {self.config.fit_threshold:.3f}",
+            )
+        if best < self.config.broad_threshold and k > 1:
+            return Routing(
+                tuple(names[j] for j in allowed),
+                tuple([1.0 / len(allowed)] * len(allowed)),
+                tuple(float(prob[j]) for j in allowed),
+                confidence=best,
+                note=f"unsure: best fit {best:.3f} < {self.config.broad_threshold:.3f}, "
+                "all adapters mixed equally",
             )
         top = sorted(allowed, key=lambda j: -prob[j])[:k]
         total = float(prob[top].sum()) or 1.0

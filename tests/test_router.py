@@ -283,7 +283,9 @@ def test_task_router_fit_is_the_mean_of_each_adapters_nearest_examples(registry)
 
     from router import TaskRouter, TaskRouterConfig
 
-    router = TaskRouter(registry, TaskRouterConfig(neighbours=2, fit_threshold=-1.0, C=3.0))
+    router = TaskRouter(
+        registry, TaskRouterConfig(neighbours=2, fit_threshold=-1.0, broad_threshold=-1.0, C=3.0)
+    )
     prompts = list(QUERIES.values())
     names, table, prob = router.scores(prompts)
     emb = registry.embedder
@@ -323,6 +325,16 @@ def test_task_router_abstains_below_its_threshold_and_says_why(registry) -> None
     assert dropped.confidence == pytest.approx(fits[1].confidence)
     again = Routing.from_json(dropped.to_json())
     assert (again.note, again.confidence) == (dropped.note, dropped.confidence)
+    unsure = make_router(
+        "task",
+        registry,
+        RouterOptions(task=TaskRouterConfig(fit_threshold=-1.0, broad_threshold=threshold)),
+    )
+    kept, broad = unsure.route([QUERIES["arithmetic"], "zzqx vlorp"], k=2)
+    assert kept.adapters[0] == "arithmetic" and len(kept.adapters) == 2  # sure: the top k
+    assert set(broad.adapters) == set(TASKS) and "unsure" in broad.note  # unsure: all, equally
+    assert broad.weights == pytest.approx([1 / len(TASKS)] * len(TASKS))
+    assert len(unsure.route(["zzqx vlorp"], k=1)[0].adapters) == 1  # selection picks one
     with pytest.raises(ValueError, match="fit_threshold"):
         TaskRouterConfig(fit_threshold=2.0)
 
@@ -332,7 +344,7 @@ def test_task_router_honours_exclusions_and_caches_example_embeddings(
 ) -> None:
     from router import TaskRouter, TaskRouterConfig
 
-    router = TaskRouter(registry, TaskRouterConfig(fit_threshold=-1.0))
+    router = TaskRouter(registry, TaskRouterConfig(fit_threshold=-1.0, broad_threshold=-1.0))
     prompts = [QUERIES["arithmetic"], QUERIES["sentiment"]]
     out = router.route(prompts, k=3, exclude_each=[["arithmetic"], []])
     assert "arithmetic" not in out[0].adapters and out[1].adapters[0] == "sentiment"

@@ -160,7 +160,7 @@ def test_the_task_router_reports_its_confidence_and_abstains_when_nothing_fits(
     threshold = (scores[0] + scores[-1]) / 2  # some prompts fit, some do not
 
     def task_router(reg: Registry) -> TaskRouter:
-        return TaskRouter(reg, TaskRouterConfig(fit_threshold=threshold))
+        return TaskRouter(reg, TaskRouterConfig(fit_threshold=threshold, broad_threshold=-1.0))
 
     config = ServeConfig(router="task")
     with running_server(registry_dir, embedder, config, router=task_router) as (url, _):
@@ -180,6 +180,9 @@ def test_the_task_router_reports_its_confidence_and_abstains_when_nothing_fits(
                 assert report["adapters"][0]["name"] == fit.adapters[0]
                 want = hub_text(reference, prompt, report)
             assert reply.choices[0].message.content.strip() == want
+        scraped = httpx.get(f"{url}/metrics").text
+        abstained = sum(f.confidence < threshold for f in fits)
+        assert f"loraplex_routed_to_base_total {float(abstained)}" in scraped
 
 
 def test_completions_equal_chat_with_one_user_turn(server) -> None:

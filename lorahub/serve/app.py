@@ -191,6 +191,8 @@ def create_app(hub: Hub, engine: Engine, config: ServeConfig | None = None) -> F
         )
         for name in routing.adapters:
             metrics.routed.labels(name).inc()
+        if target.routing is None and not routing.adapters:
+            metrics.base_only.inc()
         return _Prepared(request, target, req.model, report)
 
     async def generate(http: Request, kind: type[p.ChatRequest] | type[p.CompletionRequest]):

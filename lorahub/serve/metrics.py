@@ -18,6 +18,11 @@ class Metrics:
         self.routed = Counter(
             "loraplex_adapter_routed", "Requests that applied each adapter", ["adapter"], registry=r
         )
+        self.base_only = Counter(
+            "loraplex_routed_to_base",
+            "Auto requests the router answered with the base model (no adapter fits)",
+            registry=r,
+        )
         self.queue = Gauge("loraplex_queue_depth", "Requests waiting for a row", registry=r)
         self.running = Gauge("loraplex_running_rows", "Rows decoding now", registry=r)
         self.batch = Histogram(
