@@ -34,7 +34,7 @@ from lorahub.learn import LoraHubConfig
 from lorahub.models import DEFAULT_MODEL
 from lorahub.report import write_report
 from lorahub.tasks import fetch_bigbench, load_task, require_dev_task
-from lorahub.zoo import register_zoo
+from lorahub.zoo import read_manifest, register_zoo
 from registry import Registry
 from router import SentenceEmbedder
 
@@ -128,22 +128,24 @@ def issue_targets(runs: dict[str, dict], owners: dict[str, str]) -> list[dict]:
         unseen = runs["ood_unseen"]
         gain = _macro(unseen, "auto") - _macro(unseen, "uniform")
         targets.append(target("unseen_auto_minus_uniform", gain, 0.05, ">="))
-        harmless = [task for task in unseen["tasks"] if task in NO_HARM]
-        if harmless:
-            targets.append(
-                target(
-                    "no_harm_auto_minus_base",
-                    _macro(unseen, "auto", harmless.__contains__)
-                    - _macro(unseen, "base", harmless.__contains__),
-                    0.0,
-                    ">=",
-                )
+        # no harm, over NO_HARM (chosen on validation: base >= 0.5 there) and, as the issue
+        # words it, over the unseen tasks where the base model scores >= 0.5 on test
+        test_good = [t for t in unseen["tasks"] if _macro(unseen, "base", t.__eq__) >= 0.5]
+        for label, tasks in (
+            ("", [t for t in unseen["tasks"] if t in NO_HARM]),
+            ("_test_base_ge_0.5", test_good),
+        ):
+            if not tasks:
+                continue
+            gain = _macro(unseen, "auto", tasks.__contains__) - _macro(
+                unseen, "base", tasks.__contains__
             )
+            targets.append(target(f"no_harm_auto_minus_base{label}", gain, 0.0, ">="))
             worst = min(
                 _macro(unseen, "auto", task.__eq__) - _macro(unseen, "base", task.__eq__)
-                for task in harmless
+                for task in tasks
             )
-            targets.append(target("no_harm_worst_task_vs_base", worst, -0.10, ">="))
+            targets.append(target(f"no_harm_worst_task_vs_base{label}", worst, -0.10, ">="))
     if "fewshot" in runs and "lorahub" in runs["fewshot"]["summary"]:
         few = runs["fewshot"]
         gain = _macro(few, "lorahub") - _macro(few, "uniform")
@@ -165,20 +167,28 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=30, help="test prompts per task")
     ap.add_argument("--only", help="comma-separated runs (default: iid,ood_unseen,fewshot)")
     ap.add_argument("--quick", action="store_true", help="3 tasks, 4 prompts each")
+    ap.add_argument(
+        "--summary-only", action="store_true", help="rewrite summary.json from the runs on disk"
+    )
     ap.add_argument("--methods", help="comma-separated, for every run asked (default: each run's)")
     args = ap.parse_args()
+    manifest = read_manifest()
+    zoo_tasks = [e["task"] for e in manifest]
+    owners = {e["task"]: e["name"] for e in manifest}
+    unseen = [t for t in UNSEEN + NO_HARM if t not in zoo_tasks]
+    for t in unseen:
+        require_dev_task(t)  # fewshot tunes on them
+    limit = args.limit
+    methods = tuple(args.methods.split(",")) if args.methods else None
+    if args.quick:
+        zoo_tasks, unseen, limit = zoo_tasks[:3], unseen[:3], 4
+    config = {"limit": limit, "zoo_tasks": zoo_tasks, "unseen_tasks": unseen, "quick": args.quick}
+    if args.summary_only:
+        write_summary(config, owners, args.quick)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         reg = Registry(Path(tmp) / "registry", embedder=SentenceEmbedder())
-        manifest = register_zoo(reg)
-        zoo_tasks = [e["task"] for e in manifest]
-        owners = {e["task"]: e["name"] for e in manifest}
-        unseen = [t for t in UNSEEN + NO_HARM if t not in zoo_tasks]
-        for t in unseen:
-            require_dev_task(t)  # fewshot tunes on them
-        limit = args.limit
-        methods = tuple(args.methods.split(",")) if args.methods else None
-        if args.quick:
-            zoo_tasks, unseen, limit = zoo_tasks[:3], unseen[:3], 4
+        register_zoo(reg)
         fetch_bigbench(zoo_tasks + unseen)
         hub = Hub.open(registry=reg, base_model=DEFAULT_MODEL)  # the default router
         out = RESULTS / ("crosstask-quick" if args.quick else "crosstask")  # quick: gitignored
@@ -215,12 +225,6 @@ def main() -> None:
             ),
         }
         wanted = args.only.split(",") if args.only else ["iid", "ood_unseen", "fewshot"]
-        config = {
-            "limit": limit,
-            "zoo_tasks": zoo_tasks,
-            "unseen_tasks": unseen,
-            "quick": args.quick,
-        }
         seen: dict = {}  # (prompt, routing) -> right: methods that route alike score once
         for name in wanted:  # the summary is rewritten after every run
             tasks, cfg = runs[name]
