@@ -124,6 +124,11 @@ def issue_targets(runs: dict[str, dict], owners: dict[str, str]) -> list[dict]:
             targets.append(target(f"iid_auto_over_oracle{label}", ratio, 1.0, ">="))
             top1 = _routing_top1(iid, "auto", keep)
             targets.append(target(f"iid_auto_routing_top1{label}", top1, 0.95, ">="))
+    if "ood" in runs:  # zoo prompts, each one's own adapter excluded
+        ood = runs["ood"]
+        for other in ("base", "uniform"):
+            gain = _macro(ood, "auto") - _macro(ood, other)
+            targets.append(target(f"ood_auto_minus_{other}", gain, 0.0, ">"))
     if "ood_unseen" in runs:
         unseen = runs["ood_unseen"]
         gain = _macro(unseen, "auto") - _macro(unseen, "uniform")
@@ -204,7 +209,14 @@ def main() -> None:
                     methods=methods or ("base", "oracle", "selection", "mixture", "auto"),
                 ),
             ),
-            "ood": (zoo_tasks, EvalConfig(protocol="ood", limit=limit)),
+            "ood": (
+                zoo_tasks,
+                EvalConfig(
+                    protocol="ood",
+                    limit=limit,
+                    methods=methods or ("base", "selection", "mixture", "auto", "uniform"),
+                ),
+            ),
             "ood_unseen": (
                 unseen,
                 EvalConfig(

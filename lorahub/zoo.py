@@ -75,7 +75,7 @@ class ZooConfig:
     split: SplitConfig = field(default_factory=SplitConfig)
     # train inputs stored with each adapter for routing: the task router's classifier
     # separates the zoo's distinguishable tasks on validation 90% / 94% / 95% of the time
-    # with 24 / 128 / 256 of them (benchmarks/tune_router.py)
+    # with 24 / 128 / 256 of them (a one-off sweep on the validation split, C = 10)
     n_routing_examples: int = 256
     n_demo: int = 4  # held-out prompts kept in the manifest for the demo
     max_adapters: int = 24  # 24 x 0.94 MB stays under the 25 MB budget
