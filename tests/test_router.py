@@ -357,3 +357,14 @@ def test_task_router_honours_exclusions_and_caches_example_embeddings(
     )
     TaskRouter(registry, TaskRouterConfig(fit_threshold=-1.0)).route(prompts, k=1)
     assert calls == [2]  # a new router embeds only the prompts: the rest comes from the cache
+
+
+def test_task_router_with_one_or_no_adapter(tmp_path: Path, embedder) -> None:
+    from router import TaskRouter, TaskRouterConfig
+
+    with Registry(tmp_path, embedder=embedder) as reg:
+        router = TaskRouter(reg, TaskRouterConfig(fit_threshold=-1.0, broad_threshold=-1.0))
+        assert router.route(["What is 8 plus 13?"])[0].adapters == ()
+        reg.register(tiny_adapter(0), name="math", examples=TASKS["arithmetic"][:3])
+        (only,) = router.route(["What is 8 plus 13?"], k=3)
+        assert only.adapters == ("math",) and only.weights == (1.0,) and only.confidence > 0
