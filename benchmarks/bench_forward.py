@@ -22,6 +22,7 @@ from _common import print_table, smollm_config, target, write_result
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from composition import Composer
+from lorahub.models import cache_arg, output_cache
 from registry import BaseModelInfo, LoraAdapter, LoraModule, write_peft_folder
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -54,11 +55,11 @@ def prefill(model: torch.nn.Module, ids: torch.Tensor, **kw: object) -> float:
 
 def decode(model: torch.nn.Module, ids: torch.Tensor, steps: int, **kw: object) -> float:
     out = model(input_ids=ids, use_cache=True, **kw)
-    cache, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    cache, tok = output_cache(out), out.logits[:, -1:].argmax(-1)
     start = time.perf_counter()
     for _ in range(steps):
-        out = model(input_ids=tok, past_key_values=cache, use_cache=True, **kw)
-        cache, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        out = model(input_ids=tok, use_cache=True, **cache_arg(model, cache), **kw)
+        cache, tok = output_cache(out), out.logits[:, -1:].argmax(-1)
     return time.perf_counter() - start
 
 

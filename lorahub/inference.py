@@ -6,71 +6,18 @@ runs in one batched forward pass under `applied.rows(chunk)`.
 
 from __future__ import annotations
 
-import math
 import re
 import string
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
 from lorahub.applied import NOTHING, Applied
-from lorahub.models import BaseModel
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """How to pick tokens, as OpenAI clients name it: greedy at temperature 0 (the default);
-    else softmax(logits / temperature) restricted to the top_p nucleus. `stop` strings end
-    the text before them; `seed` makes sampling repeatable; no end-of-sequence token before
-    `min_new_tokens` (vLLM's min_tokens; benchmarks use it for answers of equal length)."""
-
-    max_new_tokens: int = 32
-    temperature: float = 0.0
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    min_new_tokens: int = 0
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens <= 0:
-            raise ValueError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
-        if not (math.isfinite(self.temperature) and 0.0 <= self.temperature <= 2.0):
-            raise ValueError(f"temperature must be in [0, 2], got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if any(not s for s in self.stop):
-            raise ValueError("stop strings must not be empty")
-        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
-            raise ValueError(
-                f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}"
-            )
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
-    def hf_kwargs(self) -> dict:
-        """The same choice as `transformers.generate` arguments."""
-        lengths = {"max_new_tokens": self.max_new_tokens, "min_new_tokens": self.min_new_tokens}
-        if self.greedy:
-            return {**lengths, "do_sample": False}
-        return {
-            **lengths,
-            "do_sample": True,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "top_k": 0,
-        }
-
-
-def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
-    """The text before the first stop string, and whether one was found."""
-    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
+from lorahub.decoding import RowOutput, Sampling, cut_at_stop
+from lorahub.models import BaseModel, cache_arg, output_cache
 
 
 @torch.inference_mode()
@@ -104,15 +51,47 @@ def generate(
             max_length=max_prompt_tokens,
             add_special_tokens=base.is_seq2seq,
         )
-        if sampling.seed is not None:
-            torch.manual_seed(sampling.seed)
         with applied.rows(rows):
-            ids = base.model.generate(**enc, **sampling.hf_kwargs(), pad_token_id=tok.pad_token_id)
-        new = ids if base.is_seq2seq else ids[:, enc["input_ids"].shape[1] :]
-        answers = tok.batch_decode(new, skip_special_tokens=True)
+            answers = (_generate_seq2seq if base.is_seq2seq else decode)(base, enc, sampling)
         for i, text in zip(rows.tolist(), answers, strict=True):
-            out[i] = cut_at_stop(text, sampling.stop)[0].strip()
+            out[i] = text.strip()
     return out
+
+
+def decode(base: BaseModel, enc: dict[str, Tensor], sampling: Sampling) -> list[str]:
+    """Left-padded prompts (enc: input_ids, attention_mask (b, t)) -> each row's text, token
+    by token through `RowOutput`: the server's engine draws, stops and holds back end of
+    sequence exactly so, so a seeded sample here equals the server's."""
+    outs = [RowOutput(base.tokenizer, sampling, base.eos_ids, None) for _ in enc["input_ids"]]
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = None
+    live = list(range(len(outs)))
+    while live:
+        out = base.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+            **cache_arg(base.model, cache),
+        )
+        cache, logits = output_cache(out), out.logits[:, -1].float()
+        live = [i for i in live if outs[i].push(logits[i]).finish is None]
+        last = [o.ids[-1] for o in outs]  # finished rows repeat their last token, unread
+        ids = torch.tensor(last)[:, None]
+        mask = torch.cat([mask, torch.ones_like(ids)], 1)
+        positions = mask.sum(1, keepdim=True) - 1
+    return [o.sent for o in outs]
+
+
+def _generate_seq2seq(base: BaseModel, enc: dict[str, Tensor], sampling: Sampling) -> list[str]:
+    if sampling.seed is not None:
+        torch.manual_seed(sampling.seed)
+    tok = base.tokenizer
+    ids = base.model.generate(**enc, **sampling.hf_kwargs(), pad_token_id=tok.pad_token_id)
+    answers = tok.batch_decode(ids, skip_special_tokens=True)
+    return [cut_at_stop(text, sampling.stop)[0] for text in answers]
 
 
 def by_length(lengths: Sequence[int], batch_size: int) -> list[Tensor]:
@@ -182,7 +161,7 @@ def _score_causal(base: BaseModel, prompts: list[str], options, context) -> list
         )
     first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (P, V): each option's 1st token
     owner = torch.tensor([i for i, _ in pairs])
-    cache = out.past_key_values
+    cache = output_cache(out)
     cache.batch_select_indices(owner)  # one cached prompt per (prompt, option) row
     length = max(1, *(len(a) for _, a in pairs))
     cont = torch.full((len(pairs), length), tok.pad_token_id)
@@ -198,7 +177,7 @@ def _score_causal(base: BaseModel, prompts: list[str], options, context) -> list
             input_ids=cont,
             attention_mask=torch.cat([mask[owner], cont_mask], dim=1),
             position_ids=mask.sum(1)[owner, None] + torch.arange(length),
-            past_key_values=cache,
+            **cache_arg(base.model, cache),
         ).logits
     logp = torch.cat([first[owner, None], torch.log_softmax(logits[:, :-1].float(), dim=-1)], 1)
     keep = labels != -100

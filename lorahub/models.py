@@ -9,10 +9,12 @@ are plain `from_pretrained` calls.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -26,6 +28,24 @@ from transformers import (
 )
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+@cache
+def _cache_keyword(model_class: type) -> str:
+    params = inspect.signature(model_class.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_arg(model: torch.nn.Module, kv_cache: object) -> dict[str, object]:
+    """`{keyword: kv_cache}` for `model(...)`: transformers renamed `past_key_values` to
+    `cache` (5.2x; the old name goes in 5.40), and pyproject allows both sides."""
+    return {_cache_keyword(type(model)): kv_cache}
+
+
+def output_cache(out: object) -> object:
+    """The KV cache a forward returned, under either name."""
+    found = getattr(out, "cache", None)
+    return found if found is not None else out.past_key_values
 
 
 def loraplex_home() -> Path:
@@ -85,6 +105,15 @@ class BaseModel:
         """How `format_prompt` shapes a prompt: "chat" (the chat template) or "plain"."""
         has_template = getattr(self.tokenizer, "chat_template", None)
         return "chat" if has_template and not self.is_seq2seq else "plain"
+
+    @property
+    def eos_ids(self) -> set[int]:
+        """Every token id that ends a generated sequence."""
+        eos = self.model.generation_config.eos_token_id
+        ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids
 
     def format_prompt(self, text: str) -> str:
         """The chat template around one user turn, when the tokenizer has one."""

@@ -5,84 +5,133 @@ Why a scheduler of our own rather than transformers' continuous-batching manager
 manager packs requests' tokens into paged attention and owns the forward call, so the
 composer could only see one flat token stream per step; mapping every packed token back to
 its request's gate row, per module, per step, would tie us to its private layout. Here the
-running batch is a left-padded `DynamicCache` (lorahub.serve.kv): a request that arrives
-while others decode is prefilled (with its own composition) and joins the batch before the
-next decode step; a finished or abandoned row leaves at once; every forward pass runs under
-`Applied.rows`, so selection, mixture and fusion rows share it.
+running batch is a left-padded `DynamicCache` (lorahub.serve.kv).
 
-Adapters are stacked for the composer as requests need them and stay stacked (up to
-`max_adapters`, least recently used dropped first), so a steady mix of adapters costs no
-re-stacking.
+A request's life: waiting -> admitted (prefilling) -> running (decoding) -> ended. Each step
+runs at most `prefill_tokens` prompt tokens of prefill, then one decode token for every
+running row:
+- prompts that fit the budget are prefilled together in one left-padded pass, in order;
+- a longer prompt is prefilled in chunks of the budget, one chunk a step, in its own cache,
+  so a 7k-token prompt delays the rows around it by one chunk a step, not by all of it;
+- a prefilled row joins the running batch and gets its first token.
+Admission bounds memory in tokens: rows are padded to the longest, so the engine admits a
+request only while (rows) x (longest prompt + max_tokens) stays within `max_kv_tokens`.
+
+The contract (engine.py): every request ends exactly once; a failure (an adapter that does
+not load or fit, a step that raises, NaN logits) ends only the requests it concerns, and
+the engine's state changes only after the work that needs it succeeded. The pieces:
+scheduling here, output processing in `lorahub.decoding.RowOutput`, adapters in
+`lorahub.serve.stack.AdapterStack`.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from transformers import DynamicCache
 
-from composition import Composer, Mode
+from composition import Mode
 from lorahub.applied import NOTHING, Applied
-from lorahub.hub import Hub
-from lorahub.inference import cut_at_stop
+from lorahub.decoding import RowOutput
+from lorahub.hub import Hub, _fits
+from lorahub.models import cache_arg
 from lorahub.serve import kv
 from lorahub.serve.engine import (
     Event,
     GenerationRequest,
     QueueFullError,
+    RequestError,
     check_capability,
 )
-from lorahub.serve.sampling import next_token
+from lorahub.serve.stack import AdapterKey, AdapterStack, StackError
+from registry import AdapterError, AdapterNotFoundError, LoraAdapter
 
 log = logging.getLogger("loraplex.serve")
 
 
 @dataclass(frozen=True)
 class BatchingConfig:
-    """max_batch: rows decoding at once; max_queue: requests waiting beyond those (then
-    429); max_adapters: adapters kept stacked for the composer; prefill_tokens: prompt
-    tokens prefilled per step (at least one prompt), so a burst of arrivals is admitted a
-    few at a time between decode steps instead of stalling every running row (vLLM's
-    max_num_batched_tokens plays this part)."""
+    """max_batch: rows admitted at once (prefilling or decoding); max_queue: requests
+    waiting beyond those (then 429); max_adapters: adapters kept stacked for the composer;
+    prefill_tokens: prompt tokens prefilled per step (vLLM's max_num_batched_tokens plays
+    this part); max_kv_tokens: cache positions held at once, rows x padded width (SmolLM2
+    in float32: about 46 KB each, so 65,536 is about 3 GB)."""
 
     max_batch: int = 32
     max_queue: int = 256
     max_adapters: int = 64
-    prefill_tokens: int = 1024
+    prefill_tokens: int = 512
+    max_kv_tokens: int = 65536
 
     def __post_init__(self) -> None:
-        if min(self.max_batch, self.max_queue, self.max_adapters, self.prefill_tokens) <= 0:
+        limits = (self.max_batch, self.max_queue, self.max_adapters, self.prefill_tokens)
+        if min(*limits, self.max_kv_tokens) <= 0:
             raise ValueError(f"batching limits must be positive: {self}")
 
 
 class _Row:
-    """One request while it is queued or decoding."""
+    """One request from submit to its one terminal event."""
 
-    def __init__(self, request: GenerationRequest, emit: Callable[[Event], None]) -> None:
+    def __init__(
+        self,
+        request: GenerationRequest,
+        emit: Callable[[Event], None],
+        keys: dict[AdapterKey, float],
+        out: RowOutput,
+    ) -> None:
         self.request = request
-        self.emit = emit
-        self.ids: list[int] = []
-        self.sent = ""  # text already emitted
+        self.keys = keys  # the routing over exact adapter versions
+        self.out = out
+        self.applied = {"sha256": {k.name: k.sha256 for k in keys}} if keys else {}
         self.cancelled = False
-        self.applied: dict = {}  # the composer applies the routing itself
-        seed = request.sampling.seed
-        self.generator = torch.Generator()
-        self.generator.manual_seed(seed if seed is not None else torch.seed())
+        self.ended = False
+        self.prefilled = 0  # prompt tokens already in `cache` (a prompt prefilled in chunks)
+        self.cache: DynamicCache | None = None
+        self._emit = emit
+
+    @property
+    def prompt(self) -> tuple[int, ...]:
+        return self.request.prompt_ids
+
+    @property
+    def reserve(self) -> int:
+        """The most cache positions this row can come to need."""
+        return len(self.prompt) + self.request.sampling.max_new_tokens
 
     def cancel(self) -> None:
         self.cancelled = True
 
+    def send(self, event: Event) -> None:
+        """A token event, unless the request already ended."""
+        if not self.ended:
+            self._deliver(event)
+
+    def end(self, event: Event) -> None:
+        """The request's terminal event: the first one counts, later ones are dropped."""
+        if not self.ended:
+            self.ended = True
+            self._deliver(event)
+
+    def fail(self, message: str, status: int = 500, code: str = "generation_failed") -> None:
+        self.end(Event("error", error=message, status=status, code=code))
+
+    def _deliver(self, event: Event) -> None:
+        try:
+            self._emit(event)
+        except Exception:  # the listener is gone (its event loop closed): nobody to tell
+            self.cancelled = True
+
 
 class BatchingEngine:
-    """See the module docstring. Thread-safe `submit`; the decode loop runs on its own
-    thread from `start()` until `stop()` has drained the queue."""
+    """See the module docstring. Thread-safe `submit`, `cancel`, `stats`; the loop runs on
+    its own thread from `start()` until `stop()` has finished what was queued."""
 
     def __init__(self, hub: Hub, config: BatchingConfig | None = None) -> None:
         if hub.base.is_seq2seq:
@@ -91,14 +140,14 @@ class BatchingEngine:
         self.model = hub.base.model
         self.config = config or BatchingConfig()
         self.tokenizer = hub.base.tokenizer
-        self.eos = _eos_ids(hub)
-        self.on_step: Callable[[int, int], None] | None = None  # (batch size, queue depth)
+        self.eos = hub.base.eos_ids
+        self.on_step: Callable[[int, int], None] | None = None  # (running rows, waiting)
+        self.stack = AdapterStack(self.model, self._load, _why_unfit, self.config.max_adapters)
         self._waiting: deque[_Row] = deque()
-        self._running: list[_Row] = []
+        self._prefilling: list[_Row] = []  # admitted, prompt not yet all in a cache
+        self._running: list[_Row] = []  # decoding; their cache rows, in this order
         self._cache: DynamicCache | None = None
         self._mask: Tensor | None = None  # (rows, columns) of the cache
-        self._stacked: OrderedDict[str, None] = OrderedDict()  # adapter names, LRU order
-        self._composer: Composer | None = None
         # The decode steps' composition stays open while the running rows do not change,
         # so the per-row factors are built once per batch rather than once per step.
         self._block: ExitStack | None = None
@@ -119,13 +168,14 @@ class BatchingEngine:
         if self._thread is not None:
             self._thread.join()
         self._close_block()
-        if self._composer is not None:
-            self._composer.detach()
-            self._composer = None
+        self.stack.close()
 
     def submit(self, request: GenerationRequest, emit: Callable[[Event], None]) -> _Row:
         check_capability("transformers", request)
-        row = _Row(request, emit)
+        self._check(request)
+        keys = self._keys(request)
+        s = request.sampling
+        row = _Row(request, emit, keys, RowOutput(self.tokenizer, s, self.eos, request.logprobs))
         with self._lock:
             if self._stopping:
                 raise QueueFullError("the server is shutting down")
@@ -136,140 +186,254 @@ class BatchingEngine:
         return row
 
     def stats(self) -> dict:
-        return {"running": len(self._running), "waiting": len(self._waiting)}
+        with self._lock:
+            return {
+                "running": len(self._running),
+                "waiting": len(self._waiting),
+                "prefilling": len(self._prefilling),
+                "kv_tokens": self._kv_tokens(),
+            }
+
+    # -- checks at submit: the client's mistakes, before anything is queued ---------------------
+    def _check(self, request: GenerationRequest) -> None:
+        c = self.config
+        if not request.prompt_ids:
+            raise RequestError("the prompt is empty after tokenization", "empty_prompt")
+        need = len(request.prompt_ids) + request.sampling.max_new_tokens
+        if need > c.max_kv_tokens:
+            raise RequestError(
+                f"the prompt's {len(request.prompt_ids)} tokens + max_tokens "
+                f"{request.sampling.max_new_tokens} exceed this server's token budget of "
+                f"{c.max_kv_tokens}",
+                "context_length_exceeded",
+            )
+        if len(request.routing.adapters) > c.max_adapters:
+            raise RequestError(
+                f"{len(request.routing.adapters)} adapters in one request; this server "
+                f"stacks at most {c.max_adapters}",
+                "too_many_adapters",
+            )
+
+    def _keys(self, request: GenerationRequest) -> dict[AdapterKey, float]:
+        """The routing over the adapters' registered versions now (what will be applied)."""
+        keys = {}
+        for name, weight in request.routing.as_dict().items():
+            try:
+                record = self.hub.registry.get(name)
+            except AdapterNotFoundError:
+                raise RequestError(
+                    f"the adapter {name!r} is not registered (removed?)", "model_not_found", 404
+                ) from None
+            if record.base_model.name not in self.hub.base_models:
+                raise RequestError(
+                    f"the adapter {name!r} was made for {record.base_model.name!r}, not for "
+                    f"this server's {self.hub.base.name!r}",
+                    "adapter_incompatible",
+                )
+            keys[AdapterKey(name, record.sha256)] = weight
+        return keys
+
+    def _load(self, key: AdapterKey) -> LoraAdapter:
+        adapter = self.hub.registry.load(key.name)
+        if adapter.sha256() != key.sha256:
+            raise AdapterError("replaced in the registry after the request was routed to it")
+        return adapter
 
     # -- the loop ------------------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
             with self._lock:
-                while not (self._waiting or self._running or self._stopping):
+                while not (self._waiting or self._prefilling or self._running or self._stopping):
                     self._lock.wait()
-                if self._stopping and not (self._waiting or self._running):
+                if self._stopping and not (self._waiting or self._prefilling or self._running):
                     return
-                joiners = self._admit()
-            try:
-                self._step([r for r in joiners if not r.cancelled])
-            except Exception as e:  # a bug or an out-of-memory: fail this step's rows only
-                log.exception("engine step failed")
-                for row in [*joiners, *self._running]:
-                    row.emit(Event("error", error=f"generation failed: {e}"))
-                self._close_block()
-                self._running, self._cache, self._mask = [], None, None
+                self._admit()
+            self._step()
             if self.on_step is not None:
                 self.on_step(len(self._running), len(self._waiting))
 
-    def _admit(self) -> list[_Row]:
-        """Waiting rows that join this step: free rows, within the prefill token budget."""
-        joiners, tokens = [], 0
-        free = self.config.max_batch - len(self._running)
-        while self._waiting and len(joiners) < free:
-            n = len(self._waiting[0].request.prompt_ids)
-            if joiners and tokens + n > self.config.prefill_tokens:
-                break
-            joiners.append(self._waiting.popleft())
-            tokens += n
-        return joiners
+    def _admit(self) -> None:
+        """Waiting rows, in order, while rows, the token budget and the stack allow."""
+        c = self.config
+        while self._waiting:
+            row = self._waiting[0]
+            if row.cancelled:
+                self._waiting.popleft().fail("cancelled", 499, "cancelled")
+                continue
+            rows = [*self._running, *self._prefilling, row]
+            keys = {k for r in rows for k in r.keys}
+            widest = max(r.reserve for r in rows)
+            if len(rows) > c.max_batch or len(rows) * widest > c.max_kv_tokens:
+                return
+            if len(keys) > c.max_adapters and len(rows) > 1:
+                return
+            self._prefilling.append(self._waiting.popleft())
 
     @torch.inference_mode()
-    def _step(self, joiners: list[_Row]) -> None:
-        if joiners:
-            self._prefill(joiners)
+    def _step(self) -> None:
+        self._drop_cancelled()
+        group, chunked = self._prefill_work()
+        if group or chunked:
+            self._close_block()
+            group, chunked = self._stack_for(group, chunked)
+        if group:
+            self._contain(group, self._prefill_group, group)
+        if chunked is not None:
+            self._contain([chunked], self._prefill_chunk, chunked)
         if self._running:
-            self._decode()
+            self._contain(self._running, self._decode)
 
-    def _prefill(self, rows: list[_Row]) -> None:
-        """The joiners' prompts in one left-padded pass, each with its composition; their
-        first tokens; then their cache rows join the running batch."""
-        self._close_block()
-        self._stack({n for r in [*self._running, *rows] for n in r.request.routing.adapters})
-        width = max(len(r.request.prompt_ids) for r in rows)
+    def _contain(self, rows: list[_Row], work: Callable, *args) -> None:
+        """Run one forward's work; if it raises, only `rows` fail and the engine stays
+        consistent (failed running rows leave the batch, their cache with them)."""
+        try:
+            work(*args)
+        except Exception as e:  # a bug or out-of-memory: the rows in this forward fail
+            log.exception("engine step failed")
+            self._close_block()
+            for row in rows:
+                row.fail(f"generation failed: {type(e).__name__}")
+            self._prefilling = [r for r in self._prefilling if not r.ended]
+            if any(r.ended for r in self._running):
+                self._drop([i for i, r in enumerate(self._running) if r.ended])
+
+    def _prefill_work(self) -> tuple[list[_Row], _Row | None]:
+        """This step's prefill: prompts that fit the budget together (in order), and one
+        chunk of the first longer prompt."""
+        budget = self.config.prefill_tokens
+        group, used = [], 0
+        for row in self._prefilling:
+            if not row.prefilled and used + len(row.prompt) <= budget:
+                group.append(row)
+                used += len(row.prompt)
+        chunked = next((r for r in self._prefilling if len(r.prompt) > budget), None)
+        return group, chunked
+
+    def _stack_for(self, group: list[_Row], chunked: _Row | None) -> tuple[list[_Row], _Row | None]:
+        """Stack the adapters of the running rows and this step's prefill; a request whose
+        adapter cannot be loaded or stacked fails alone, and the rest go on."""
+        while True:
+            live = [r for r in [*group, chunked] if r is not None and not r.ended]
+            try:
+                self.stack.ensure({k for r in [*self._running, *live] for k in r.keys})
+                break
+            except StackError as e:
+                if not any(k in r.keys for r in live for k in e.bad):  # never loop forever
+                    e.bad.update({k: str(e) for r in live for k in r.keys})
+                for row in live:
+                    bad = [f"{k.name}: {why}" for k, why in e.bad.items() if k in row.keys]
+                    if bad:
+                        row.fail(f"adapter failed: {'; '.join(bad)}", 500, "adapter_failed")
+                self._prefilling = [r for r in self._prefilling if not r.ended]
+        group = [r for r in group if not r.ended]
+        return group, chunked if chunked is not None and not chunked.ended else None
+
+    def _prefill_group(self, rows: list[_Row]) -> None:
+        """Whole prompts in one left-padded pass, each with its composition."""
+        width = max(len(r.prompt) for r in rows)
         ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, r in enumerate(rows):
-            n = len(r.request.prompt_ids)
-            ids[i, width - n :], mask[i, width - n :] = torch.tensor(r.request.prompt_ids), 1
+            ids[i, width - len(r.prompt) :], mask[i, width - len(r.prompt) :] = (
+                torch.tensor(r.prompt),
+                1,
+            )
         cache = DynamicCache()
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = self._forward(rows, ids, mask, positions, cache)
+        self._join(rows, cache, mask, logits)
+
+    def _prefill_chunk(self, row: _Row) -> None:
+        """The next `prefill_tokens` of one long prompt, in the row's own cache."""
+        start = row.prefilled
+        end = min(len(row.prompt), start + self.config.prefill_tokens)
+        ids = torch.tensor([row.prompt[start:end]])
+        mask = torch.ones((1, end), dtype=torch.long)
+        cache = row.cache if row.cache is not None else DynamicCache()
+        logits = self._forward([row], ids, mask, torch.arange(start, end)[None], cache)
+        row.cache, row.prefilled = cache, end
+        if end == len(row.prompt):
+            row.cache = None
+            self._join([row], cache, mask, logits)
+
+    def _forward(
+        self, rows: list[_Row], ids: Tensor, mask: Tensor, positions: Tensor, cache: DynamicCache
+    ) -> Tensor:
+        """One prefill pass under these rows' compositions -> last logits (rows, V)."""
         with self._applied(rows).rows(torch.arange(len(rows))):
             out = self.model(
                 input_ids=ids,
                 attention_mask=mask,
-                position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                past_key_values=cache,
+                position_ids=positions,
                 use_cache=True,
                 logits_to_keep=1,
+                **cache_arg(self.model, cache),
             )
+        return out.logits[:, -1].float()
+
+    def _join(self, rows: list[_Row], cache: DynamicCache, mask: Tensor, logits: Tensor) -> None:
+        """Prefilled rows join the running batch with their first token."""
         self._cache, self._mask = kv.join(self._cache, self._mask, cache, mask)
+        self._prefilling = [r for r in self._prefilling if r not in rows]
         self._running.extend(rows)
-        self._advance(out.logits[:, -1].float(), offset=len(self._running) - len(rows))
+        self._advance(logits, offset=len(self._running) - len(rows))
 
     def _decode(self) -> None:
         """One token for every running row."""
         rows = self._running
-        self._mask = torch.cat([self._mask, torch.ones((len(rows), 1), dtype=torch.long)], 1)
-        last = torch.tensor([[r.ids[-1]] for r in rows])
+        mask = torch.cat([self._mask, torch.ones((len(rows), 1), dtype=torch.long)], 1)
+        last = torch.tensor([[r.out.ids[-1]] for r in rows])
         self._open_block(rows)
         out = self.model(
             input_ids=last,
-            attention_mask=self._mask,
-            position_ids=self._mask.sum(1, keepdim=True) - 1,
-            past_key_values=self._cache,
+            attention_mask=mask,
+            position_ids=mask.sum(1, keepdim=True) - 1,
             use_cache=True,
+            **cache_arg(self.model, self._cache),
         )
+        self._mask = mask
         self._advance(out.logits[:, -1].float(), offset=0)
 
     def _advance(self, logits: Tensor, offset: int) -> None:
-        """Sample a token for running rows offset.. from logits (rows, V); emit; drop the
-        rows that finished, failed or were abandoned."""
-        done = set()
+        """A token for running rows offset.. from logits (rows, V); drop the rows that
+        finished, failed or were abandoned."""
         for i, row_logits in enumerate(logits):
             row = self._running[offset + i]
-            if row.cancelled:
-                done.add(offset + i)
-            elif not torch.isfinite(row_logits).all():
-                row.emit(Event("error", error="the composed model produced NaN or Inf"))
-                done.add(offset + i)
-            elif self._emit_token(row, row_logits):
-                done.add(offset + i)
-        for r in self._running:  # abandoned rows that did not take part in this pass
-            if r.cancelled:
-                done.add(self._running.index(r))
-        if done:
-            stay = [i for i in range(len(self._running)) if i not in done]
-            self._running = [self._running[i] for i in stay]
-            if stay:
-                self._cache, self._mask = kv.keep(self._cache, self._mask, torch.tensor(stay))
-            else:
-                self._cache, self._mask = None, None
+            if row.cancelled or row.ended:
+                continue
+            if not torch.isfinite(row_logits).all():
+                row.fail("the composed model produced NaN or Inf")
+                continue
+            step = row.out.push(row_logits)
+            row.send(
+                Event("token", text=step.text, token_ids=(step.token,), logprobs=step.logprobs)
+            )
+            if step.finish:
+                usage = {"prompt_tokens": len(row.prompt), "completion_tokens": len(row.out.ids)}
+                row.end(Event("done", finish_reason=step.finish, usage=usage))
+        self._drop_cancelled()
 
-    def _emit_token(self, row: _Row, logits: Tensor) -> bool:
-        """Add one sampled token to `row` and emit what it makes visible; True if done."""
-        s = row.request.sampling
-        if len(row.ids) < s.min_new_tokens:
-            logits = logits.clone()
-            logits[list(self.eos)] = float("-inf")
-        token = next_token(logits, s.temperature, s.top_p, row.generator)
-        row.ids.append(token)
-        text = self.tokenizer.decode(row.ids, skip_special_tokens=True)
-        text, stopped = cut_at_stop(text, s.stop)
-        finish = (
-            "stop"
-            if stopped or token in self.eos
-            else "length"
-            if len(row.ids) >= s.max_new_tokens
-            else None
-        )
-        visible = text if finish else _settled(text, s.stop)
-        delta = visible[len(row.sent) :] if visible.startswith(row.sent) else ""
-        row.sent += delta
-        logprobs = _logprobs(self.tokenizer, logits, token, row.request.logprobs)
-        row.emit(Event("token", text=delta, token_ids=(token,), logprobs=logprobs))
-        if finish:
-            usage = {
-                "prompt_tokens": len(row.request.prompt_ids),
-                "completion_tokens": len(row.ids),
-            }
-            row.emit(Event("done", finish_reason=finish, usage=usage))
-        return finish is not None
+    def _drop_cancelled(self) -> None:
+        """Cancelled requests end; ended rows leave the batch and the prefill."""
+        for row in [*self._running, *self._prefilling]:
+            if row.cancelled:
+                row.fail("cancelled", 499, "cancelled")
+        self._prefilling = [r for r in self._prefilling if not r.ended]
+        self._drop([i for i, r in enumerate(self._running) if r.ended])
+
+    def _drop(self, gone: list[int]) -> None:
+        if not gone:
+            return
+        stay = [i for i in range(len(self._running)) if i not in set(gone)]
+        self._running = [self._running[i] for i in stay]
+        if stay:
+            self._cache, self._mask = kv.keep(self._cache, self._mask, torch.tensor(stay))
+        else:
+            self._cache, self._mask = None, None
+
+    def _kv_tokens(self) -> int:
+        running = 0 if self._mask is None else self._mask.numel()
+        return running + sum(r.prefilled for r in self._prefilling)
 
     # -- composition ---------------------------------------------------------------------------
     def _open_block(self, rows: list[_Row]) -> None:
@@ -278,74 +442,27 @@ class BatchingEngine:
         if self._block is not None and key == self._block_rows:
             return
         self._close_block()
-        self._block = ExitStack()
-        self._block.enter_context(self._applied(rows).rows(torch.arange(len(rows))))
-        self._block_rows = key
+        block = ExitStack()
+        block.enter_context(self._applied(rows).rows(torch.arange(len(rows))))
+        self._block, self._block_rows = block, key
 
     def _close_block(self) -> None:
         if self._block is not None:
-            self._block.close()
-            self._block, self._block_rows = None, ()
-
-    def _stack(self, needed: set[str]) -> None:
-        """Make sure the composer holds `needed` (re-stacking only when it does not)."""
-        for name in needed:
-            if name in self._stacked:
-                self._stacked.move_to_end(name)
-        missing = [n for n in sorted(needed) if n not in self._stacked]
-        if not missing:
-            return
-        for name in missing:
-            self._stacked[name] = None
-        while len(self._stacked) > max(self.config.max_adapters, len(needed)):
-            oldest = next(n for n in self._stacked if n not in needed)
-            del self._stacked[oldest]
-        if self._composer is not None:
-            self._composer.detach()
-        names = list(self._stacked)
-        adapters = [self.hub.adapters.get(n) for n in names]
-        self._composer = Composer.attach(self.model, adapters, names)
+            block, self._block, self._block_rows = self._block, None, ()
+            block.close()
 
     def _applied(self, rows: list[_Row]) -> Applied:
-        """These rows' compositions over the stacked adapters, per pass (never merged into
-        the weights: the batch changes every step)."""
-        if self._composer is None or not any(r.request.routing.adapters for r in rows):
+        """These rows' compositions over the stack, per pass (never merged into the
+        weights: the batch changes every step)."""
+        if not any(r.keys for r in rows):
             return NOTHING
-        gates = self._composer.gates_for([r.request.routing.as_dict() for r in rows])
+        gates = self.stack.gates([r.keys for r in rows])
         modes = tuple(Mode(r.request.mode) for r in rows)
-        return Applied(self._composer, gates, modes, merge=False)
+        return Applied(self.stack.composer, gates, modes, merge=False)
 
 
-def _eos_ids(hub: Hub) -> set[int]:
-    eos = hub.base.model.generation_config.eos_token_id
-    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    if hub.base.tokenizer.eos_token_id is not None:
-        ids.add(hub.base.tokenizer.eos_token_id)
-    return ids
-
-
-def _settled(text: str, stop: tuple[str, ...]) -> str:
-    """What can be shown before the row ends: not a trailing incomplete character, and
-    not a tail that may still become a stop string."""
-    text = text.rstrip("\ufffd")
-    hold = max((k for s in stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-    return text[: len(text) - hold]
-
-
-def _logprobs(tokenizer, logits: Tensor, token: int, top: int | None) -> tuple[dict, ...]:
-    """The chosen token's log-probability and the `top` most likely alternatives."""
-    if top is None:
-        return ()
-    logp = torch.log_softmax(logits, dim=-1)
-    values, ids = logp.topk(top) if top else (logp[:0], logp[:0].long())
-    alternatives = [
-        {"token": tokenizer.decode([int(i)]), "logprob": float(v)}
-        for v, i in zip(values, ids, strict=True)
-    ]
-    return (
-        {
-            "token": tokenizer.decode([token]),
-            "logprob": float(logp[token]),
-            "top_logprobs": alternatives,
-        },
-    )
+def _why_unfit(model: nn.Module, adapter: LoraAdapter) -> str | None:
+    shapes = {name: (m.lora_A.shape[1], m.lora_B.shape[0]) for name, m in adapter.modules.items()}
+    if _fits(model, shapes):
+        return None
+    return f"its modules do not fit this model (made for {adapter.base_model.name!r})"

@@ -3,7 +3,9 @@ batcher (`lorahub.serve.batching`) or, later, vLLM replicas behind a gateway.
 
 A request is already resolved: prompt token ids, the routing to apply and its composer
 mode, and how to sample. The engine answers through `emit`, called from its own thread
-with `Event`s: any number of `token`s, then exactly one `done` or `error`."""
+with `Event`s: any number of `token`s, then exactly one `done` or `error` — also when the
+request is cancelled (an `error` with code "cancelled") or another request's fault breaks
+a step. A failure never changes what any other request gets."""
 
 from __future__ import annotations
 
@@ -20,8 +22,19 @@ class QueueFullError(RuntimeError):
     """The engine's queue is full; the client should retry later (HTTP 429)."""
 
 
-class UnsupportedCompositionError(ValueError):
+class RequestError(ValueError):
+    """The request cannot be served as asked: the client's to fix (HTTP `status`, `code`)."""
+
+    def __init__(self, message: str, code: str = "invalid_request", status: int = 400) -> None:
+        super().__init__(message)
+        self.code, self.status = code, status
+
+
+class UnsupportedCompositionError(RequestError):
     """The engine cannot apply this composition (HTTP 400 unsupported_composition)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "unsupported_composition")
 
 
 @dataclass(frozen=True)
@@ -43,6 +56,8 @@ class Event:
     finish_reason: str | None = None  # done: "stop" or "length"
     usage: dict[str, int] = field(default_factory=dict)  # done: prompt / completion tokens
     error: str = ""  # error: what went wrong (this request alone)
+    status: int = 500  # error: 4xx when the request was at fault, 5xx when the server was
+    code: str = "generation_failed"  # error: a machine-readable reason
 
 
 # What each engine applies; anything else is refused (400 unsupported_composition), never
@@ -90,7 +105,8 @@ class Engine(Protocol):
         """Finish what is queued and running, then stop."""
 
     def submit(self, request: GenerationRequest, emit: Callable[[Event], None]) -> Handle:
-        """Queue a request; raises QueueFullError or UnsupportedCompositionError."""
+        """Queue a request; raises QueueFullError, or RequestError (the client's mistake,
+        e.g. UnsupportedCompositionError)."""
 
     def stats(self) -> dict:
         """{"running", "waiting", ...}: requests being answered and queued (and, for a
