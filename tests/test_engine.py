@@ -174,9 +174,8 @@ def test_client_mistakes_are_refused_at_submit(registry: Registry) -> None:
         assert [ev.kind for ev in run(eng, request(eng, "hi")).terminal] == ["done"]
 
 
-def test_a_step_that_raises_ends_its_requests_once_and_spares_the_others(
-    registry: Registry,
-) -> None:
+def test_a_prompt_whose_prefill_raises_fails_alone(registry: Registry) -> None:
+    """Both prompts are prefilled in one pass, which raises: each is retried alone."""
     with engine(registry, start=False) as eng:
         poison = eng.tokenizer("~", add_special_tokens=False)["input_ids"][0]
 
@@ -184,22 +183,17 @@ def test_a_step_that_raises_ends_its_requests_once_and_spares_the_others(
             if (kwargs["input_ids"] == poison).any():
                 raise RuntimeError("injected fault")
 
-        eng.start()
-        alone = run(eng, request(eng, "Count to three.", {"mood": 1.0}, max_new_tokens=12)).text
         hook = eng.model.register_forward_pre_hook(explode, with_kwargs=True)
-        try:
-            calm, bad = Listener(), Listener()
-            eng.submit(request(eng, "Count to three.", {"mood": 1.0}, max_new_tokens=12), calm)
-            eng.submit(request(eng, "~~~", {"math": 1.0}), bad)
-            assert [ev.kind for ev in bad.wait().terminal] == ["error"]
-            assert calm.wait().text == alone
-            assert [ev.kind for ev in calm.terminal] == ["done"]
-        finally:
-            hook.remove()
-        assert (
-            run(eng, request(eng, "Count to three.", {"mood": 1.0}, max_new_tokens=12)).text
-            == alone
-        )
+        calm, bad = Listener(), Listener()
+        eng.submit(request(eng, "Count to three.", {"mood": 1.0}, max_new_tokens=12), calm)
+        eng.submit(request(eng, "~~~", {"math": 1.0}), bad)
+        eng.start()
+        assert [ev.kind for ev in bad.wait().terminal] == ["error"]
+        assert [ev.kind for ev in calm.wait().terminal] == ["done"]
+        hook.remove()
+        alone = run(eng, request(eng, "Count to three.", {"mood": 1.0}, max_new_tokens=12))
+        assert calm.text == alone.text
+        assert run(eng, request(eng, "~~~", {"math": 1.0})).terminal[0].kind == "done"
 
 
 def test_cancelled_requests_end_once_and_free_their_row(registry: Registry) -> None:

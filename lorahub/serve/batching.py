@@ -277,25 +277,29 @@ class BatchingEngine:
             self._close_block()
             group, chunked = self._stack_for(group, chunked)
         if group:
-            self._contain(group, self._prefill_group, group)
+            self._prefill_group(group)
         if chunked is not None:
             self._contain([chunked], self._prefill_chunk, chunked)
         if self._running:
             self._contain(self._running, self._decode)
 
     def _contain(self, rows: list[_Row], work: Callable, *args) -> None:
-        """Run one forward's work; if it raises, only `rows` fail and the engine stays
-        consistent (failed running rows leave the batch, their cache with them)."""
+        """Run one forward's work; if it raises, only `rows` fail."""
         try:
             work(*args)
         except Exception as e:  # a bug or out-of-memory: the rows in this forward fail
-            log.exception("engine step failed")
-            self._close_block()
-            for row in rows:
-                row.fail(f"generation failed: {type(e).__name__}")
-            self._prefilling = [r for r in self._prefilling if not r.ended]
-            if any(r.ended for r in self._running):
-                self._drop([i for i, r in enumerate(self._running) if r.ended])
+            self._failed(rows, e)
+
+    def _failed(self, rows: list[_Row], e: Exception) -> None:
+        """`rows` end with an error; the engine stays consistent (failed running rows leave
+        the batch, their cache with them)."""
+        log.error("engine step failed for %d request(s)", len(rows), exc_info=e)
+        self._close_block()
+        for row in rows:
+            row.fail(f"generation failed: {type(e).__name__}")
+        self._prefilling = [r for r in self._prefilling if not r.ended]
+        if any(r.ended for r in self._running):
+            self._drop([i for i, r in enumerate(self._running) if r.ended])
 
     def _prefill_work(self) -> tuple[list[_Row], _Row | None]:
         """This step's prefill: prompts that fit the budget together (in order), and one
@@ -329,7 +333,21 @@ class BatchingEngine:
         return group, chunked if chunked is not None and not chunked.ended else None
 
     def _prefill_group(self, rows: list[_Row]) -> None:
-        """Whole prompts in one left-padded pass, each with its composition."""
+        """Whole prompts in one left-padded pass, each with its composition. If the pass
+        raises, each prompt is tried alone, so one prompt's fault fails that prompt only."""
+        try:
+            prefilled = self._whole_prompts(rows)
+        except Exception as e:
+            if len(rows) == 1:
+                self._failed(rows, e)
+                return
+            log.warning("a prefill of %d prompts failed; trying each alone", len(rows))
+            for row in rows:
+                self._prefill_group([row])
+            return
+        self._contain(rows, self._join, rows, *prefilled)
+
+    def _whole_prompts(self, rows: list[_Row]) -> tuple[DynamicCache, Tensor, Tensor]:
         width = max(len(r.prompt) for r in rows)
         ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -340,8 +358,7 @@ class BatchingEngine:
             )
         cache = DynamicCache()
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = self._forward(rows, ids, mask, positions, cache)
-        self._join(rows, cache, mask, logits)
+        return cache, mask, self._forward(rows, ids, mask, positions, cache)
 
     def _prefill_chunk(self, row: _Row) -> None:
         """The next `prefill_tokens` of one long prompt, in the row's own cache."""
