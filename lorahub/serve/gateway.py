@@ -21,17 +21,18 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
+from lorahub.decoding import cut_at_stop, settled
 from lorahub.hub import Hub
 from lorahub.serve.engine import (
     Event,
     GenerationRequest,
     QueueFullError,
+    RequestError,
     UnsupportedCompositionError,
     check_capability,
 )
@@ -45,14 +46,17 @@ class GatewayConfig:
     """upstreams: vLLM OpenAI servers (http://host:port). max_lora_rank: the replicas'
     --max-lora-rank (compositions above it are compressed, or refused when exact). busy:
     in-flight requests past which a request leaves its adapter's replica for the
-    least-loaded one. max_queue: requests in flight in all, past which 429."""
+    least-loaded one. max_queue: requests in flight in all, past which 429. A replica that
+    is down (or never answered) is probed again after retry_after seconds, the wait
+    doubling up to max_retry_after while it stays down."""
 
     upstreams: tuple[str, ...]
     folders: Path
     max_lora_rank: int = 16
     busy: int = 16
     max_queue: int = 1024
-    retry_after: float = 5.0
+    retry_after: float = 1.0
+    max_retry_after: float = 30.0
     timeout: float = 600.0
 
     def __post_init__(self) -> None:
@@ -61,34 +65,37 @@ class GatewayConfig:
         for url in self.upstreams:
             if not url.startswith(("http://", "https://")):
                 raise ValueError(f"upstream {url!r} is not an http(s) URL")
+        if not 0 < self.retry_after <= self.max_retry_after:
+            raise ValueError("retry_after must be positive and at most max_retry_after")
 
 
 @dataclass
 class Upstream:
     url: str
-    model: str = ""  # the base model id it serves (from its /v1/models)
+    model: str = ""  # the base model id it serves (from its /v1/models); "" until described
+    max_model_len: int | None = None  # its context (prompt + answer), from its /v1/models
     named: set[str] = field(default_factory=set)  # adapters it serves by name (--lora-modules)
+    up: bool = False  # described, and no failure since
     in_flight: int = 0
     loaded: set[str] = field(default_factory=set)
     used: set[str] = field(default_factory=set)  # model names it was asked for
-    down_since: float | None = None
+    next_probe: float = 0.0  # monotonic time of the next probe while down
+    backoff: float = 0.0  # the wait after the next failed probe
     served: int = 0
     failures: int = 0
 
-    def up(self, now: float, retry_after: float) -> bool:
-        return self.down_since is None or now - self.down_since >= retry_after
-
 
 class _Handle:
-    def __init__(self, applied: dict) -> None:
+    def __init__(self, applied: dict, loop: asyncio.AbstractEventLoop) -> None:
         self.applied = applied
-        self.future: Future | None = None
-        self.cancelled = False
+        self._loop = loop
+        self.task: asyncio.Task | None = None
 
     def cancel(self) -> None:
-        self.cancelled = True
-        if self.future is not None:
-            self.future.cancel()
+        """The client went away: the request ends with a "cancelled" error and its replica
+        stream is closed (vLLM then aborts it)."""
+        if self.task is not None:
+            self._loop.call_soon_threadsafe(self.task.cancel)
 
 
 class VllmGateway:
@@ -106,6 +113,8 @@ class VllmGateway:
             target=self._loop.run_forever, name="loraplex-gateway", daemon=True
         )
         self._client: httpx.AsyncClient | None = None
+        self._prober: asyncio.Task | None = None
+        self._wake: asyncio.Event | None = None
         self._in_flight = 0
         self._idle = threading.Condition()
         self._stopping = False
@@ -119,24 +128,39 @@ class VllmGateway:
         with self._idle:
             self._stopping = True
             self._idle.wait_for(lambda: self._in_flight == 0)
-        asyncio.run_coroutine_threadsafe(self._client.aclose(), self._loop).result()
+        asyncio.run_coroutine_threadsafe(self._close(), self._loop).result()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
 
     def submit(self, request: GenerationRequest, emit: Callable[[Event], None]) -> _Handle:
+        """Blocks while a composition's adapter is first built: call it off event loops."""
         check_capability("vllm", request)
-        materialized = self._materialize(request)  # may refuse (400) before anything is sent
+        self._check_context(request)
+        made = self._materialize(request)  # may refuse (400) before anything is sent
         with self._idle:
-            if self._stopping:
-                raise QueueFullError("the server is shutting down")
-            if self._in_flight >= self.config.max_queue:
-                raise QueueFullError(f"{self._in_flight} requests are already in flight")
-            self._in_flight += 1
-        handle = _Handle(_applied(materialized))
-        handle.future = asyncio.run_coroutine_threadsafe(
-            self._run(request, materialized, emit, handle), self._loop
-        )
-        handle.future.add_done_callback(lambda _: self._finished())
+            refused = (
+                "the server is shutting down"
+                if self._stopping
+                else f"{self._in_flight} requests are already in flight"
+                if self._in_flight >= self.config.max_queue
+                else None
+            )
+            if refused is None:
+                self._in_flight += 1
+        if refused is not None:
+            if made is not None:
+                self.folders.release(made.name)
+            raise QueueFullError(refused)
+        handle = _Handle(_applied(made), self._loop)
+        ready = threading.Event()
+
+        def start() -> None:
+            handle.task = self._loop.create_task(self._serve(request, made, emit))
+            handle.task.add_done_callback(lambda task: self._finished(task, made, emit))
+            ready.set()
+
+        self._loop.call_soon_threadsafe(start)
+        ready.wait()
         return handle
 
     def stats(self) -> dict:
@@ -146,7 +170,7 @@ class VllmGateway:
             "upstreams": [
                 {
                     "url": u.url,
-                    "up": u.down_since is None,
+                    "up": u.up,
                     "in_flight": u.in_flight,
                     "loaded": len(u.loaded),
                     "served": u.served,
@@ -156,55 +180,61 @@ class VllmGateway:
             ],
         }
 
-    # -- internals -------------------------------------------------------------------------------
-    def _finished(self) -> None:
-        with self._idle:
-            self._in_flight -= 1
-            self._idle.notify_all()
-        if self.on_step is not None:
-            self.on_step(self._in_flight, 0)
-
+    # -- replicas --------------------------------------------------------------------------------
     async def _connect(self) -> None:
         self._client = httpx.AsyncClient(timeout=httpx.Timeout(self.config.timeout, connect=5.0))
-        for u in self.upstreams:
-            await self._describe(u)
+        self._wake = asyncio.Event()
+        await asyncio.gather(*(self._describe(u) for u in self.upstreams))
+        self._prober = asyncio.create_task(self._probe_down_replicas())
+
+    async def _close(self) -> None:
+        self._prober.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._prober
+        await self._client.aclose()
 
     async def _describe(self, u: Upstream) -> None:
-        """The replica's base model id; a replica that does not answer starts down."""
+        """The replica's base model id, context and named adapters; a replica that does not
+        answer is down until a later probe succeeds."""
         try:
-            r = await self._client.get(f"{u.url}/v1/models")
+            r = await self._client.get(f"{u.url}/v1/models", timeout=10.0)
             r.raise_for_status()
             data = r.json()["data"]
-            u.model = next(m["id"] for m in data if not m.get("parent"))
+            base = next(m for m in data if not m.get("parent"))
+            u.model, u.max_model_len = base["id"], base.get("max_model_len")
             u.named = {m["id"] for m in data if m.get("parent")}
-            u.down_since = None
-        except (httpx.HTTPError, KeyError, StopIteration, ValueError) as e:
+        except (httpx.HTTPError, KeyError, StopIteration, TypeError, ValueError) as e:
             log.warning("upstream %s unavailable: %s", u.url, e)
-            u.down_since = time.monotonic()
+            self._mark_down(u)
+            return
+        if not u.up:
+            u.loaded.clear()  # a replica that comes back holds nothing we loaded
+        u.up, u.backoff = True, self.config.retry_after
 
-    def _materialize(self, request: GenerationRequest) -> Materialized | None:
-        """The one adapter this request's composition becomes (None: the base model)."""
-        routing = request.routing
-        if not routing.adapters:
-            return None
-        adapters = [self.hub.adapters.get(n) for n in routing.adapters]
-        try:
-            made, evicted = self.folders.get(
-                adapters, routing.weights, request.mode, self.config.max_lora_rank, request.exact
-            )
-        except RankLimitError as e:
-            raise UnsupportedCompositionError(str(e)) from None
-        for name in evicted:
-            asyncio.run_coroutine_threadsafe(self._unload(name), self._loop)
-        return made
+    def _mark_down(self, u: Upstream) -> None:
+        if u.up or not u.backoff:
+            u.backoff = self.config.retry_after
+        u.up = False
+        u.loaded.clear()  # a restarted replica holds nothing
+        u.next_probe = time.monotonic() + u.backoff
+        u.backoff = min(2 * u.backoff, self.config.max_retry_after)
+        self._wake.set()
+
+    async def _probe_down_replicas(self) -> None:
+        """Describe each down replica again when its wait is over (with backoff)."""
+        while True:
+            now = time.monotonic()
+            due = [u for u in self.upstreams if not u.up and u.next_probe <= now]
+            await asyncio.gather(*(self._describe(u) for u in due))
+            waits = [u.next_probe - time.monotonic() for u in self.upstreams if not u.up]
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), max(0.01, min(waits, default=3600)))
 
     def choose(self, key: str, exclude: set[str]) -> Upstream | None:
         """Rendezvous hashing on `key` among the replicas that are up; the least-loaded one
         when the chosen one is busy."""
-        now = time.monotonic()
-        live = [
-            u for u in self.upstreams if u.url not in exclude and u.up(now, self.config.retry_after)
-        ]
+        live = [u for u in self.upstreams if u.up and u.url not in exclude]
         if not live:
             return None
         best = max(live, key=lambda u: hashlib.sha256(f"{key}|{u.url}".encode()).digest())
@@ -212,54 +242,109 @@ class VllmGateway:
             return min(live, key=lambda u: u.in_flight)
         return best
 
-    async def _run(
-        self,
-        request: GenerationRequest,
-        made: Materialized | None,
-        emit: Callable[[Event], None],
-        handle: _Handle,
+    def _check_context(self, request: GenerationRequest) -> None:
+        """The replicas' own context (vLLM's --max-model-len), not the model config's."""
+        limits = [u.max_model_len for u in self.upstreams if u.up and u.max_model_len]
+        if not limits:
+            return
+        need = len(request.prompt_ids) + request.sampling.max_new_tokens
+        if need > min(limits):
+            raise RequestError(
+                f"the prompt's {len(request.prompt_ids)} tokens + max_tokens "
+                f"{request.sampling.max_new_tokens} exceed the served context of {min(limits)}",
+                "context_length_exceeded",
+            )
+
+    # -- one request -----------------------------------------------------------------------------
+    def _materialize(self, request: GenerationRequest) -> Materialized | None:
+        """The one adapter this request's composition becomes (None: the base model), pinned
+        until the request ends."""
+        routing = request.routing
+        if not routing.adapters:
+            return None
+        adapters = [self.hub.adapters.get(n) for n in routing.adapters]
+        try:
+            made, evicted = self.folders.get(
+                adapters,
+                routing.weights,
+                request.mode,
+                self.config.max_lora_rank,
+                request.exact,
+                pin=True,
+            )
+        except RankLimitError as e:
+            raise UnsupportedCompositionError(str(e)) from None
+        for name in evicted:
+            asyncio.run_coroutine_threadsafe(self._unload(name), self._loop)
+        return made
+
+    async def _serve(
+        self, request: GenerationRequest, made: Materialized | None, emit: Callable[[Event], None]
     ) -> None:
-        generated: list[int] = []
+        """Answer one request; whatever happens, it ends with exactly one done or error."""
+        try:
+            end = await self._answer(request, made, emit)
+        except asyncio.CancelledError:
+            end = _CANCELLED
+        except Exception as e:  # a gateway bug: it fails this request alone
+            log.exception("gateway request failed")
+            end = Event("error", error=f"the gateway failed: {type(e).__name__}")
+        emit(end)
+
+    def _finished(
+        self, task: asyncio.Task, made: Materialized | None, emit: Callable[[Event], None]
+    ) -> None:
+        if task.cancelled():  # before it ever ran: `_serve` could not say so
+            emit(_CANCELLED)
+        if made is not None:
+            self.folders.release(made.name)
+        with self._idle:
+            self._in_flight -= 1
+            self._idle.notify_all()
+        if self.on_step is not None:
+            self.on_step(self._in_flight, 0)
+
+    async def _answer(
+        self, request: GenerationRequest, made: Materialized | None, emit: Callable[[Event], None]
+    ) -> Event:
+        """Stream from the replica that holds this composition; a replica that fails is
+        marked down and the answer continues on another from the tokens it already has."""
+        out = _Answer(self.hub.base.tokenizer, request.sampling.stop)
         tried: set[str] = set()
-        text_so_far = ""
         key = made.name if made else "base"
-        while True:
-            u = self.choose(key, tried)
-            if u is None:
-                emit(Event("error", error="no vLLM replica is available"))
-                return
+        stale = 0  # replicas that did not know a model we thought they had
+        while (u := self.choose(key, tried)) is not None:
+            model = self._model_on(u, request, made)
+            u.in_flight += 1
             try:
-                u.in_flight += 1
-                model = self._model_on(u, request, made)
                 u.used.add(model)
                 if made is not None and model == made.name and made.name not in u.loaded:
                     await self._load(u, made)
-                finish, text_so_far = await self._stream(
-                    u, request, model, generated, text_so_far, emit, handle
-                )
+                finish = await self._stream(u, request, model, out, emit)
                 u.served += 1
                 usage = {
                     "prompt_tokens": len(request.prompt_ids),
-                    "completion_tokens": len(generated),
+                    "completion_tokens": len(out.ids),
                 }
-                emit(Event("done", finish_reason=finish, usage=usage))
-                return
-            except (httpx.TransportError, httpx.HTTPStatusError, _UpstreamFailed) as e:
-                if isinstance(e, httpx.HTTPStatusError) and e.response.status_code < 500:
-                    emit(
-                        Event(
-                            "error", error=f"upstream refused the request: {e.response.text[:300]}"
-                        )
-                    )
-                    return
+                return Event("done", finish_reason=finish, usage=usage)
+            except _Refused as e:
+                if e.status == 404 and not stale:  # it lost what we loaded (or restarted)
+                    stale += 1
+                    u.loaded.discard(model)
+                    await self._describe(u)
+                    continue
+                return e.event()
+            except (httpx.TransportError, _UpstreamFailed) as e:
                 log.warning("upstream %s failed (%s); retrying elsewhere", u.url, e)
                 u.failures += 1
-                u.down_since = time.monotonic()
-                u.loaded.clear()  # a restarted replica holds nothing
+                self._mark_down(u)
                 tried.add(u.url)
                 self.retries += 1
             finally:
                 u.in_flight -= 1
+        return Event(
+            "error", error="no vLLM replica is available", status=503, code="upstream_unavailable"
+        )
 
     @staticmethod
     def _model_on(u: Upstream, request: GenerationRequest, made: Materialized | None) -> str:
@@ -278,8 +363,11 @@ class VllmGateway:
             f"{u.url}/v1/load_lora_adapter",
             json={"lora_name": made.name, "lora_path": str(made.path)},
         )
-        if r.status_code >= 400 and "already" not in r.text:
+        if r.status_code >= 500:
             raise _UpstreamFailed(f"loading {made.name}: {r.status_code} {r.text[:200]}")
+        if r.status_code >= 400 and "already" not in r.text:
+            # the composition, not the client's request, is at fault: a server error
+            raise _Refused(r.status_code, f"loading the composed adapter: {_message(r)}", 502)
         u.loaded.add(made.name)
 
     async def _unload(self, name: str) -> None:
@@ -296,22 +384,20 @@ class VllmGateway:
         u: Upstream,
         request: GenerationRequest,
         model: str,
-        generated: list[int],
-        text_so_far: str,
+        out: _Answer,
         emit: Callable[[Event], None],
-        handle: _Handle,
-    ) -> tuple[str, str]:
-        """Stream the rest of the answer from `u`, continuing after `generated` (a retry);
-        returns (finish reason, text so far)."""
+    ) -> str:
+        """Stream the rest of the answer from `u`, continuing after the tokens `out` already
+        has (a retry); returns the finish reason. Stop strings are the gateway's to find
+        (in the text of every replica's tokens), so the replicas get none."""
         s = request.sampling
         body = {
             "model": model,
-            "prompt": [*request.prompt_ids, *generated],
-            "max_tokens": s.max_new_tokens - len(generated),
-            "min_tokens": max(0, s.min_new_tokens - len(generated)),
+            "prompt": [*request.prompt_ids, *out.ids],
+            "max_tokens": s.max_new_tokens - len(out.ids),
+            "min_tokens": max(0, s.min_new_tokens - len(out.ids)),
             "temperature": s.temperature,
             "top_p": s.top_p,
-            "stop": list(s.stop),
             "seed": s.seed,
             "stream": True,
             "return_token_ids": True,
@@ -319,29 +405,54 @@ class VllmGateway:
         }
         if request.logprobs is not None:
             body["logprobs"] = request.logprobs
-        finish = None
         async with self._client.stream("POST", f"{u.url}/v1/completions", json=body) as r:
-            r.raise_for_status()
+            if r.status_code >= 400:
+                await r.aread()
+                if r.status_code >= 500:
+                    raise _UpstreamFailed(f"{r.status_code} {r.text[:300]}")
+                raise _Refused(r.status_code, _message(r))
             async for line in r.aiter_lines():
-                if handle.cancelled:
-                    raise asyncio.CancelledError
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 chunk = _json(line.removeprefix("data: "))
                 if "error" in chunk:
                     raise _UpstreamFailed(str(chunk["error"])[:300])
                 for choice in chunk.get("choices", []):
-                    ids = choice.get("token_ids") or []
-                    generated.extend(ids)
-                    text = choice.get("text", "")
-                    text_so_far += text
-                    emit(
-                        Event("token", text=text, token_ids=tuple(ids), logprobs=_logprobs(choice))
-                    )
-                    finish = choice.get("finish_reason") or finish
-        if finish is None:
-            raise _UpstreamFailed("the stream ended without a finish reason")
-        return finish, text_so_far
+                    ids = tuple(choice.get("token_ids") or ())
+                    text, finish = out.push(ids, choice.get("finish_reason"))
+                    emit(Event("token", text=text, token_ids=ids, logprobs=_logprobs(choice)))
+                    if finish is not None:
+                        return finish
+        raise _UpstreamFailed("the stream ended without a finish reason")
+
+
+class _Answer:
+    """An answer's tokens and visible text, whichever replicas made them: the text is
+    decoded from all its tokens, cut at the first stop string and, until the answer ends,
+    held back where it may still become a stop string or is an incomplete character, so a
+    retry continues exactly where the last replica broke off and a stop string that spans
+    the break is found."""
+
+    def __init__(self, tokenizer, stop: tuple[str, ...]) -> None:
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self.ids: list[int] = []
+        self.sent = ""
+
+    def push(self, ids: tuple[int, ...], finish: str | None) -> tuple[str, str | None]:
+        """The replica's next tokens (and its finish reason, if any) -> (the newly visible
+        text, the answer's finish reason once it ends)."""
+        if finish not in (None, "stop", "length"):
+            raise _UpstreamFailed(f"the replica ended the answer with {finish!r}")
+        self.ids.extend(ids)
+        text, stopped = cut_at_stop(
+            self.tokenizer.decode(self.ids, skip_special_tokens=True), self.stop
+        )
+        finish = "stop" if stopped else finish
+        visible = text if finish else settled(text, self.stop)
+        delta = visible[len(self.sent) :] if visible.startswith(self.sent) else ""
+        self.sent += delta
+        return delta, finish
 
 
 def _applied(made: Materialized | None) -> dict:
@@ -357,8 +468,37 @@ def _applied(made: Materialized | None) -> dict:
     }
 
 
+_CANCELLED = Event("error", error="the request was cancelled", status=499, code="cancelled")
+
+
 class _UpstreamFailed(RuntimeError):
-    pass
+    """The replica failed (down, 5xx, a broken stream): retry on another."""
+
+
+class _Refused(RuntimeError):
+    """The replica answered 4xx: the request ends with its message. A 400 (the replica
+    judged the request's parameters) is the client's to fix; anything else is ours."""
+
+    def __init__(self, status: int, message: str, client_status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.client_status = client_status or (400 if status in (400, 413, 422) else 502)
+
+    def event(self) -> Event:
+        return Event(
+            "error",
+            error=f"the vLLM replica refused the request ({self.status}): {self}",
+            status=self.client_status,
+            code="upstream_refused",
+        )
+
+
+def _message(r: httpx.Response) -> str:
+    """The error message in a replica's reply (OpenAI's envelope), else its text."""
+    try:
+        return str(r.json()["error"]["message"])[:500]
+    except (ValueError, KeyError, TypeError):
+        return r.text[:500]
 
 
 def _json(text: str) -> dict:

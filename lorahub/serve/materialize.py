@@ -21,7 +21,9 @@ import json
 import os
 import shutil
 import threading
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,7 +88,11 @@ def compose_one(
 
 
 class AdapterFolders:
-    """The bounded on-disk cache of materialized compositions (least recently used go)."""
+    """The bounded on-disk cache of materialized compositions (least recently used go).
+
+    A folder in use is pinned (`get(..., pin=True)` until `release`) and never evicted; one
+    build per composition however many requests ask for it at once, and builds of different
+    compositions run side by side."""
 
     def __init__(self, root: Path, max_entries: int = 256, step: float = 1e-3) -> None:
         if max_entries <= 0 or step <= 0:
@@ -95,7 +101,10 @@ class AdapterFolders:
         self.root.mkdir(parents=True, exist_ok=True)
         self.max_entries = max_entries
         self.step = step
+        self.builds = 0  # folders written (the others were found built)
         self._lock = threading.Lock()
+        self._pins: Counter[str] = Counter()
+        self._building: dict[str, Future] = {}
 
     def get(
         self,
@@ -104,35 +113,77 @@ class AdapterFolders:
         mode: Mode,
         max_rank: int,
         exact: bool = False,
+        pin: bool = False,
     ) -> tuple[Materialized, list[str]]:
         """The folder for this composition (built once), and the names evicted to make
-        room (engines unload those)."""
+        room (engines unload those). Blocks while it is built: call it off event loops."""
         applied = quantize(weights, self.step)
         base = adapters[0].base_model.name
         key = composition_key(base, [a.sha256() for a in adapters], applied, mode, max_rank)
         name = f"lx-{key}"
         folder = self.root / name
-        info_path = folder / "loraplex.json"
+        while True:
+            self._build_once(
+                name, applied, lambda: compose_one(adapters, applied, mode, max_rank, exact)
+            )
+            with self._lock:
+                if not (folder / "loraplex.json").exists():  # evicted since: build it again
+                    continue
+                os.utime(folder)
+                info = json.loads((folder / "loraplex.json").read_text())
+                if exact and info["rel_error"] > 0:  # built earlier for a request that allowed it
+                    raise RankLimitError(
+                        f"the exact composition exceeds the engine's rank limit {max_rank}; "
+                        "drop loraplex.exact to accept the svd compression"
+                    )
+                if pin:
+                    self._pins[name] += 1
+                evicted = self._evict(keep=name)
+            made = Materialized(
+                name, folder, tuple(info["weights"]), info["rank"], info["rel_error"]
+            )
+            return made, evicted
+
+    def release(self, name: str) -> None:
+        """Unpin a folder `get(..., pin=True)` returned (evictable again)."""
         with self._lock:
-            if not info_path.exists():
-                adapter, error = compose_one(adapters, applied, mode, max_rank, exact)
-                tmp = self.root / f".{name}.{os.getpid()}.{threading.get_ident()}"
-                write_peft_folder(adapter, tmp)
-                info = {"weights": applied, "rank": adapter.rank, "rel_error": error}
-                (tmp / "loraplex.json").write_text(json.dumps(info))
+            self._pins[name] -= 1
+            if self._pins[name] <= 0:
+                del self._pins[name]
+
+    def _build_once(
+        self,
+        name: str,
+        applied: tuple[float, ...],
+        compose: Callable[[], tuple[LoraAdapter, float]],
+    ) -> None:
+        """Write the folder unless it exists; a caller that finds it being built waits for
+        that build (and builds it itself should that one fail: it may have asked for
+        exactness this caller does not need)."""
+        folder = self.root / name
+        while True:
+            with self._lock:
+                if (folder / "loraplex.json").exists():
+                    return
+                running = self._building.get(name)
+                if running is None:
+                    running = self._building[name] = Future()
+                    break
+            running.result()  # never raises: a failed build is the builder's to report
+        try:
+            adapter, error = compose()
+            tmp = self.root / f".{name}.{os.getpid()}.{threading.get_ident()}"
+            write_peft_folder(adapter, tmp)
+            info = {"weights": applied, "rank": adapter.rank, "rel_error": error}
+            (tmp / "loraplex.json").write_text(json.dumps(info))
+            with self._lock:
                 shutil.rmtree(folder, ignore_errors=True)
                 os.replace(tmp, folder)
-            os.utime(folder)
-            info = json.loads(info_path.read_text())
-            if exact and info["rel_error"] > 0:  # built earlier for a request that allowed it
-                raise RankLimitError(
-                    f"the exact composition exceeds the engine's rank limit {max_rank}; drop "
-                    "loraplex.exact to accept the svd compression"
-                )
-            evicted = self._evict(keep=name)
-        return Materialized(
-            name, folder, tuple(info["weights"]), info["rank"], info["rel_error"]
-        ), evicted
+                self.builds += 1
+        finally:
+            with self._lock:
+                del self._building[name]
+            running.set_result(None)
 
     def _evict(self, keep: str) -> list[str]:
         folders = sorted(
@@ -141,7 +192,7 @@ class AdapterFolders:
         )
         evicted = []
         for old in folders[: max(0, len(folders) - self.max_entries)]:
-            if old.name != keep:
+            if old.name != keep and old.name not in self._pins:
                 shutil.rmtree(old, ignore_errors=True)
                 evicted.append(old.name)
         return evicted
