@@ -289,13 +289,18 @@ class VllmGateway:
         except Exception as e:  # a gateway bug: it fails this request alone
             log.exception("gateway request failed")
             end = Event("error", error=f"the gateway failed: {type(e).__name__}")
+        self._settle(made)
         emit(end)
 
     def _finished(
         self, task: asyncio.Task, made: Materialized | None, emit: Callable[[Event], None]
     ) -> None:
-        if task.cancelled():  # before it ever ran: `_serve` could not say so
+        if task.cancelled():  # before it ever ran: `_serve` could not end it
+            self._settle(made)
             emit(_CANCELLED)
+
+    def _settle(self, made: Materialized | None) -> None:
+        """A request is over: its folder evictable again, one less in flight."""
         if made is not None:
             self.folders.release(made.name)
         with self._idle:
