@@ -8,7 +8,13 @@ prompt's token ids to `/v1/completions`, so formatting and tokenization are the 
 engine's. Replicas are chosen by rendezvous hashing on the composed adapter's name (the one
 that holds it), moving to the least-loaded replica when that one is busy. A replica that
 fails is marked down and the request continues on another from the tokens it already has
-(generation is idempotent); a down replica is probed again after `retry_after` seconds.
+(generation is idempotent); the gateway, not the replicas, turns tokens into text and finds
+stop strings, so the text runs on across the break. A replica that is down, or was at
+start, is probed in the background (backoff from `retry_after`) and used again once its
+`/v1/models` answers; requests never go to one that has not been described. A replica's
+4xx ends the request with its message (400 when it judged the request's parameters).
+Composing runs in `submit`'s thread (call it off event loops), once per composition, and a
+composed adapter in use is never evicted.
 """
 
 from __future__ import annotations
