@@ -40,14 +40,17 @@ def refusing_replica(model: str, status: int, message: str, max_model_len: int =
     )
 
 
-class CuttingProxy:
+class FaultyProxy:
     """Forwards everything to a real replica; once `arm(n)`ed, the next completion stream
     (through any proxy sharing this `cut` budget) is broken off after its first n tokens,
-    as a replica that dies mid-answer breaks it."""
+    as a replica that dies mid-answer breaks it; while `refusing`, completions are answered
+    400 (a replica that judges well-formed requests wrong)."""
 
     def __init__(self, target: str, cut: dict | None = None) -> None:
         self.target = target.rstrip("/")
         self.cut = cut if cut is not None else {"after": None, "done": threading.Event()}
+        self.refusing = False
+        self.refused = 0
         self.app = Starlette(routes=[Route("/{path:path}", self._forward, methods=["GET", "POST"])])
 
     def arm(self, after_tokens: int) -> None:
@@ -55,6 +58,10 @@ class CuttingProxy:
         self.cut["after"] = after_tokens
 
     async def _forward(self, request: Request) -> Response:
+        if self.refusing and request.url.path == "/v1/completions":
+            self.refused += 1
+            error = {"message": "refused by the test", "type": "BadRequestError", "code": 400}
+            return JSONResponse({"error": error}, status_code=400)
         client = httpx.AsyncClient(timeout=600)
         upstream = client.build_request(
             request.method,
