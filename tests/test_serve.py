@@ -110,6 +110,7 @@ def client(url: str, **kw) -> openai.OpenAI:
 
 
 GREEDY = {"temperature": 0, "max_tokens": 10}
+JSON = {"content-type": "application/json"}
 
 
 def hub_text(hub: Hub, prompt: str, report: dict) -> str:
@@ -379,7 +380,7 @@ BAD = {
 def test_client_mistakes_are_4xx_in_the_openai_shape(server, case: str) -> None:
     url, _ = server
     body, status, param = BAD[case]
-    r = httpx.post(f"{url}/v1/chat/completions", content=body, timeout=30)
+    r = httpx.post(f"{url}/v1/chat/completions", content=body, headers=JSON, timeout=30)
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
@@ -501,7 +502,8 @@ def test_metrics_count_requests_tokens_and_routing(server) -> None:
         "loraplex_tokens_total",
         "loraplex_batch_size_bucket",
         "loraplex_time_to_first_token_seconds_bucket",
-        "loraplex_queue_depth",
+        "loraplex_engine_waiting",
+        "loraplex_engine_running",
     ):
         assert name in text
 

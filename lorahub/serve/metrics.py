@@ -3,16 +3,40 @@ process, as in tests, do not collide)."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+UNMATCHED = "unmatched"  # the endpoint label of every path no route matches
+
+
+class EngineGauges(Collector):
+    """Every numeric entry of the engine's `stats()` ("running", "waiting", "prefilling",
+    ...) as a gauge `loraplex_engine_<name>`, read when scraped."""
+
+    def __init__(self, stats: Callable[[], dict]) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        for name, value in self.stats().items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                yield GaugeMetricFamily(
+                    f"loraplex_engine_{name}", f"The engine's {name!r} now", value
+                )
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, engine: object | None = None) -> None:
+        """`engine`: anything with `stats()`, exported as gauges."""
         r = self.registry = CollectorRegistry()
         self.requests = Counter(
-            "loraplex_requests", "HTTP requests answered", ["endpoint", "status"], registry=r
+            "loraplex_requests",
+            "HTTP requests answered, by route template (unknown paths: 'unmatched')",
+            ["endpoint", "status"],
+            registry=r,
         )
         self.tokens = Counter("loraplex_tokens", "Tokens processed", ["kind"], registry=r)
         self.routed = Counter(
@@ -23,8 +47,6 @@ class Metrics:
             "Auto requests the router answered with the base model (no adapter fits)",
             registry=r,
         )
-        self.queue = Gauge("loraplex_queue_depth", "Requests waiting for a row", registry=r)
-        self.running = Gauge("loraplex_running_rows", "Rows decoding now", registry=r)
         self.batch = Histogram(
             "loraplex_batch_size",
             "Rows per decode step",
@@ -44,12 +66,13 @@ class Metrics:
             "loraplex_inter_token_seconds", "Time between tokens", buckets=LATENCY, registry=r
         )
 
+        if engine is not None:
+            r.register(EngineGauges(engine.stats))
+
     def on_step(self, batch: int, waiting: int) -> None:
         """The engine's report after each step (called from its thread)."""
         if batch:
             self.batch.observe(batch)
-        self.running.set(batch)
-        self.queue.set(waiting)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

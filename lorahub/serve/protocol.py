@@ -12,12 +12,16 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0)]
+Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]  # what a torch generator takes
+
+# Typed fields, no coercion ("8" is not 8, "yes" is not true), no NaN or Infinity.
+STRICT = ConfigDict(strict=True, allow_inf_nan=False)
 
 
 class LoraplexOptions(BaseModel):
     """`extra_body={"loraplex": {...}}`: k adapters for `auto`, or an explicit mixture."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(**STRICT, extra="forbid")
     k: Annotated[int, Field(ge=1, le=64)] | None = None
     adapters: dict[str, float] | None = None
     exact: bool = False  # refuse a composition the engine could only approximate
@@ -31,6 +35,7 @@ class LoraplexOptions(BaseModel):
 
 
 class StreamOptions(BaseModel):
+    model_config = STRICT
     include_usage: bool = False
 
 
@@ -38,7 +43,7 @@ class _Common(BaseModel):
     """Fields both endpoints share. Unknown fields are ignored, as OpenAI's API does; the
     ones we cannot honour are refused by name (`refuse_unsupported`)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(**STRICT, extra="allow")
     model: str
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     temperature: Temperature | None = None
@@ -47,22 +52,18 @@ class _Common(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     min_tokens: Annotated[int, Field(ge=0)] = 0  # vLLM's extra: no end of sequence before
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     loraplex: LoraplexOptions = Field(default_factory=LoraplexOptions)
 
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, v: str | list[str] | None) -> list[str] | None:
-        stops = [v] if isinstance(v, str) else v
-        if stops is not None and (len(stops) > 4 or any(not s for s in stops)):
-            raise ValueError("stop takes up to 4 non-empty strings")
-        return stops
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or ())
 
 
 class Message(BaseModel):
+    model_config = STRICT
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict[str, Any]]
 
@@ -81,6 +82,9 @@ class ChatRequest(_Common):
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
 
+    def texts(self) -> list[str]:
+        return [m.text() for m in self.messages]
+
 
 class CompletionRequest(_Common):
     prompt: str | list[str]
@@ -94,16 +98,54 @@ class CompletionRequest(_Common):
             raise ValueError("one prompt per request (send a list of one, or a string)")
         return prompts[0]
 
+    def texts(self) -> list[str]:
+        return [self.text()]
+
+
+# OpenAI fields we cannot honour -> the values that ask for nothing (null always does).
+# Any other value is refused by name (400), never silently ignored; `user`, `metadata` and
+# other fields that change nothing in the answer are ignored, as OpenAI's API does.
+UNSUPPORTED: dict[str, tuple[object, ...]] = {
+    "n": (1,),
+    "best_of": (1,),
+    "presence_penalty": (0, 0.0),
+    "frequency_penalty": (0, 0.0),
+    "logit_bias": ({},),
+    "tools": ([],),
+    "tool_choice": ("none",),
+    "parallel_tool_calls": (),
+    "functions": ([],),
+    "function_call": ("none",),
+    "response_format": ({"type": "text"},),
+    "echo": (False,),
+    "suffix": (),
+    "audio": (),
+    "modalities": (["text"],),
+    "prediction": (),
+    "web_search_options": (),
+    "reasoning_effort": (),
+    "top_k": (-1, 0),
+    "repetition_penalty": (1, 1.0),
+    "guided_json": (),
+    "guided_regex": (),
+    "guided_choice": (),
+    "guided_grammar": (),
+}
+
 
 def refuse_unsupported(req: _Common) -> None:
-    """ValueError naming the first field set to something we cannot do."""
-    if req.n != 1:
-        raise ValueError("n: only n=1 is supported; send several requests instead")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(req, name):
-            raise ValueError(f"{name}: not supported (send 0 or leave it out)")
-    if isinstance(req, CompletionRequest) and (req.echo or req.suffix):
-        raise ValueError("echo and suffix are not supported")
+    """A 400 naming the first field set to something we cannot do."""
+    fields = {**(req.model_extra or {}), **{k: getattr(req, k) for k in type(req).model_fields}}
+    for name, harmless in UNSUPPORTED.items():
+        value = fields.get(name)
+        if value is not None and not any(_same(value, h) for h in harmless):
+            raise APIError(
+                400, f"{name}: not supported by this server (leave it out)", name, "unsupported"
+            )
+
+
+def _same(value: object, harmless: object) -> bool:
+    return type(value) is type(harmless) and value == harmless
 
 
 # -- errors --------------------------------------------------------------------------------

@@ -1,0 +1,78 @@
+"""The SSE encoder: an engine's events for one request as OpenAI's stream of `data:` chunks.
+(Chat) the role first with the routing report, a chunk per visible text, `finish_reason`
+last, the usage chunk when asked for, then `data: [DONE]`; an error ends the stream with
+an error chunk in the OpenAI envelope."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from lorahub.serve import protocol as p
+from lorahub.serve.engine import Event
+
+
+def sse(body: dict) -> str:
+    return f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
+
+
+DONE = "data: [DONE]\n\n"
+
+
+@dataclass(frozen=True)
+class StreamShape:
+    """What the chunks look like: chat or completion, this response's id and model name,
+    whether logprobs and the usage chunk were asked for."""
+
+    chat: bool
+    rid: str
+    model: str
+    report: dict
+    logprobs: bool
+    include_usage: bool
+
+    def text_chunk(self, text: str, finish: str | None, logprobs: list | None) -> str:
+        if self.chat:
+            delta = {"content": text} if text or not finish else {}
+            return sse(p.chat_chunk(self.rid, self.model, delta, finish, logprobs))
+        return sse(p.completion_chunk(self.rid, self.model, text, finish, logprobs))
+
+    def first(self) -> list[str]:
+        if not self.chat:
+            return []
+        role = {"role": "assistant", "content": ""}
+        return [
+            sse({**p.chat_chunk(self.rid, self.model, role, None, None), "loraplex": self.report})
+        ]
+
+    def usage(self, usage: dict) -> str:
+        obj = "chat.completion.chunk" if self.chat else "text_completion"
+        return sse(p.usage_chunk(self.rid, obj, self.model, usage))
+
+
+async def encode(
+    shape: StreamShape,
+    events: asyncio.Queue[Event],
+    on_event: Callable[[Event], None],
+    error_body: Callable[[Event], dict],
+) -> AsyncIterator[str]:
+    """The chunks of one request, until its terminal event. `on_event` sees every event
+    (timing); `error_body` turns an error event into the envelope sent."""
+    for chunk in shape.first():
+        yield chunk
+    while True:
+        ev = await events.get()
+        on_event(ev)
+        if ev.kind == "error":
+            yield sse(error_body(ev))
+            break
+        if ev.kind == "token" and (ev.text or (ev.logprobs and shape.logprobs)):
+            yield shape.text_chunk(ev.text, None, list(ev.logprobs) if shape.logprobs else None)
+        if ev.kind == "done":
+            yield shape.text_chunk("", ev.finish_reason, None)
+            if shape.include_usage:
+                yield shape.usage(ev.usage)
+            break
+    yield DONE
