@@ -1,0 +1,320 @@
+"""Open world: does `auto` know when no adapter fits?
+
+    python benchmarks/openworld.py split         # results/openworld/split.json
+    python benchmarks/openworld.py background    # router/data/background.jsonl (tuning half)
+    python benchmarks/openworld.py diagnose      # results/openworld/diagnostic.json
+
+Every dev task without a zoo adapter, less crosstask's UNSEEN (tasks near the zoo, kept as
+their own group), is "no adapter fits" traffic. A seeded shuffle splits those tasks BY TASK
+into a tuning half (the router's background examples and every threshold come from it) and
+a reporting half (only reported, with the everyday chat prompts of data/everyday.jsonl).
+
+`diagnose` ranks candidate decision scores by AUROC of "this prompt belongs to a zoo
+adapter's task" against other tasks' prompts, embeddings only. On the tuning half the
+background is fitted on one fold of tasks and scored on the other (2 folds, by task), zoo
+prompts from validation; on the reporting half the background is all tuning-half tasks,
+prompts from test and the everyday set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from _common import RESULTS, machine, print_table
+from crosstask import UNSEEN
+
+from lorahub.models import loraplex_home
+from lorahub.tasks import dev_tasks, fetch_bigbench, load_task
+from lorahub.zoo import read_manifest, register_zoo
+from registry import Registry
+from registry.embedding import examples_key
+from router import SentenceEmbedder
+from router.background import BACKGROUND_PATH, background_texts, truncate
+from router.classifier import fit_linear, softmax_rows
+from router.task import adapter_fit
+
+SPLIT = RESULTS / "openworld" / "split.json"
+EVERYDAY = Path(__file__).parent / "data" / "everyday.jsonl"
+SEED = 0
+PER_TASK_BACKGROUND = 16  # train inputs per tuning-half task shipped as background
+PER_TASK_PROMPTS = 20  # prompts per task scored in the diagnostic
+REGISTRY = loraplex_home() / "openworld-registry"  # the zoo, registered once
+
+
+def make_split(seed: int = SEED) -> dict:
+    """Dev tasks with no zoo adapter, less UNSEEN, halved by task after a seeded shuffle."""
+    zoo = {e["task"] for e in read_manifest()}
+    pool = sorted(dev_tasks() - zoo - set(UNSEEN))
+    random.Random(seed).shuffle(pool)
+    half = len(pool) // 2
+    return {
+        "seed": seed,
+        "rule": "sorted(dev tasks - zoo tasks - crosstask.UNSEEN), random.Random(seed)"
+        ".shuffle, first half tuning, rest reporting",
+        "tuning": sorted(pool[:half]),
+        "reporting": sorted(pool[half:]),
+        "unseen": list(UNSEEN),
+        "zoo": sorted(zoo),
+    }
+
+
+def read_split() -> dict:
+    return json.loads(SPLIT.read_text())
+
+
+def read_everyday() -> list[dict]:
+    return [json.loads(ln) for ln in EVERYDAY.read_text().splitlines() if ln.strip()]
+
+
+def write_background(split: dict) -> None:
+    """The first PER_TASK_BACKGROUND train inputs of every tuning-half task (BIG-bench,
+    Apache-2.0), one JSON object a line."""
+    fetch_bigbench(split["tuning"])
+    lines = [
+        json.dumps({"task": t, "input": truncate(ex.input)}, ensure_ascii=False)
+        for t in split["tuning"]
+        for ex in load_task(t).splits().train[:PER_TASK_BACKGROUND]
+    ]
+    BACKGROUND_PATH.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print(f"wrote {BACKGROUND_PATH}: {len(lines)} inputs from {len(split['tuning'])} tasks")
+
+
+# -- the diagnostic ---------------------------------------------------------------------------
+
+
+@dataclass
+class Zoo:
+    """The zoo as the router sees it: example vectors (A, M, d) with mask, its examples'
+    leave-one-out fits (A, M) for calibration and log lengths (A,)."""
+
+    names: list[str]
+    vectors: torch.Tensor
+    mask: torch.Tensor
+    labels: np.ndarray  # (N,) adapter index of each row of `flat`
+    flat: np.ndarray  # (N, d) every example vector
+    loo_fit: list[np.ndarray]
+    log_len: np.ndarray
+
+
+def embed(reg: Registry, texts: list[str]) -> np.ndarray:
+    """Unit vectors, cached in the registry by embedder and texts."""
+    key = examples_key(reg.embedder, texts)
+    made = reg.cached_tensors(
+        key, lambda: {"v": torch.from_numpy(np.asarray(reg.embedder.encode(texts), np.float32))}
+    )
+    return made["v"].numpy()
+
+
+def load_zoo(reg: Registry, neighbours: int = 5) -> Zoo:
+    recs = [r for r in reg.list() if r.meta.examples]
+    blocks = [reg.example_vectors(r.meta) for r in recs]
+    width = max(len(b) for b in blocks)
+    vectors = torch.zeros(len(blocks), width, blocks[0].shape[1])
+    mask = torch.zeros(len(blocks), width, dtype=torch.bool)
+    loo = []
+    for i, b in enumerate(blocks):
+        vectors[i, : len(b)] = torch.from_numpy(b)
+        mask[i, : len(b)] = True
+        sims = b @ b.T
+        np.fill_diagonal(sims, -np.inf)
+        loo.append(np.sort(np.sort(sims, axis=1)[:, -neighbours:].mean(1)))
+    log_len = np.array([np.median([np.log1p(len(t)) for t in r.meta.examples]) for r in recs])
+    labels = np.concatenate([np.full(len(b), i) for i, b in enumerate(blocks)])
+    return Zoo([r.name for r in recs], vectors, mask, labels, np.concatenate(blocks), loo, log_len)
+
+
+@dataclass
+class Context:
+    """What a candidate score may read: the zoo, background vectors, and two fitted
+    classifiers (adapters only; adapters + a `none` class on the background)."""
+
+    zoo: Zoo
+    background: np.ndarray
+    plain: tuple[np.ndarray, np.ndarray]
+    with_none: tuple[np.ndarray, np.ndarray]
+
+
+def make_context(zoo: Zoo, background: np.ndarray, C: float = 100.0) -> Context:
+    a = len(zoo.names)
+    X = np.concatenate([zoo.flat, background])
+    y = np.concatenate([zoo.labels, np.full(len(background), a)])
+    return Context(zoo, background, fit_linear(zoo.flat, zoo.labels, C), fit_linear(X, y, C))
+
+
+def _fit(ctx: Context, Q: np.ndarray) -> np.ndarray:
+    return adapter_fit(torch.from_numpy(Q), ctx.zoo.vectors, ctx.zoo.mask, 5).numpy()  # (P, A)
+
+
+def _probs(W: tuple[np.ndarray, np.ndarray], Q: np.ndarray) -> np.ndarray:
+    return softmax_rows(Q @ W[0].T + W[1])
+
+
+def score_fit(ctx: Context, Q: np.ndarray, texts: list[str]) -> np.ndarray:
+    return _fit(ctx, Q).max(1)
+
+
+def score_calibrated(ctx: Context, Q: np.ndarray, texts: list[str]) -> np.ndarray:
+    """max over adapters of the conformal p-value of the prompt's fit among that adapter's
+    own examples' leave-one-out fits."""
+    fit = _fit(ctx, Q)
+    p = [np.searchsorted(cal, fit[:, a]) / len(cal) for a, cal in enumerate(ctx.zoo.loo_fit)]
+    return np.stack(p, 1).max(1)
+
+
+def score_classifier(ctx: Context, Q: np.ndarray, texts: list[str]) -> np.ndarray:
+    return _probs(ctx.plain, Q).max(1)
+
+
+def score_none_class(ctx: Context, Q: np.ndarray, texts: list[str]) -> np.ndarray:
+    return 1.0 - _probs(ctx.with_none, Q)[:, -1]
+
+
+def score_background_margin(ctx: Context, Q: np.ndarray, texts: list[str]) -> np.ndarray:
+    """best adapter fit minus the fit to the nearest background examples."""
+    bg = (Q @ ctx.background.T).clip(-1, 1)
+    bg_fit = np.sort(bg, axis=1)[:, -5:].mean(1)
+    return _fit(ctx, Q).max(1) - bg_fit
+
+
+def score_agreement(ctx: Context, Q: np.ndarray, texts: list[str]) -> np.ndarray:
+    """fit, +1 when the classifier's and the fit's top adapters agree."""
+    fit = _fit(ctx, Q)
+    agree = fit.argmax(1) == _probs(ctx.plain, Q).argmax(1)
+    return fit.max(1) + agree
+
+
+def score_length(ctx: Context, Q: np.ndarray, texts: list[str]) -> np.ndarray:
+    """minus the log-length gap to the top adapter's median example length, plus fit."""
+    fit = _fit(ctx, Q)
+    gap = np.abs(np.log1p([len(t) for t in texts]) - ctx.zoo.log_len[fit.argmax(1)])
+    return fit.max(1) - 0.1 * gap
+
+
+CANDIDATES: dict[str, Callable[[Context, np.ndarray, list[str]], np.ndarray]] = {
+    "fit (today)": score_fit,
+    "calibrated fit (conformal p)": score_calibrated,
+    "classifier max prob": score_classifier,
+    "none class (1 - p_none)": score_none_class,
+    "background kNN margin": score_background_margin,
+    "fit + router agreement": score_agreement,
+    "fit - 0.1 length gap": score_length,
+}
+
+
+def prompts_of(tasks: list[str], split: str, n: int) -> dict[str, list[str]]:
+    return {t: [ex.input for ex in getattr(load_task(t).splits(), split)[:n]] for t in tasks}
+
+
+def background_of(tasks: list[str]) -> list[str]:
+    return [
+        truncate(ex.input)
+        for t in tasks
+        for ex in load_task(t).splits().train[:PER_TASK_BACKGROUND]
+    ]
+
+
+def auroc(pos: np.ndarray, neg: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    y = np.concatenate([np.ones(len(pos)), np.zeros(len(neg))])
+    return float(roc_auc_score(y, np.concatenate([pos, neg])))
+
+
+def evaluate_scores(
+    ctx: Context, pos: tuple[np.ndarray, list[str]], negs: dict[str, tuple[np.ndarray, list[str]]]
+) -> dict[str, dict]:
+    """Each candidate's AUROC of zoo prompts against each negative set, and its cost per
+    prompt after embedding (ms)."""
+    out = {}
+    for name, fn in CANDIDATES.items():
+        start = time.perf_counter()
+        p = fn(ctx, *pos)
+        ms = (time.perf_counter() - start) * 1000 / len(pos[1])
+        out[name] = {"ms_per_prompt": ms} | {
+            f"auroc_{k}": auroc(p, fn(ctx, *neg)) for k, neg in negs.items()
+        }
+    return out
+
+
+def diagnose(reg: Registry, split: dict) -> dict:
+    zoo = load_zoo(reg)
+    fetch_bigbench(split["tuning"] + split["reporting"] + split["zoo"] + split["unseen"])
+
+    def flat(groups: dict[str, list[str]]) -> tuple[np.ndarray, list[str]]:
+        texts = [p for ps in groups.values() for p in ps]
+        return embed(reg, texts), texts
+
+    n = PER_TASK_PROMPTS
+    tuning = list(split["tuning"])
+    random.Random(SEED).shuffle(tuning)
+    folds = [sorted(tuning[: len(tuning) // 2]), sorted(tuning[len(tuning) // 2 :])]
+    zoo_val = flat(prompts_of(split["zoo"], "validation", n))
+    unseen_val = flat(prompts_of(split["unseen"], "validation", n))
+    per_fold = []
+    for f in (0, 1):
+        ctx = make_context(zoo, embed(reg, background_of(folds[1 - f])))
+        negs = {"tuning": flat(prompts_of(folds[f], "validation", n)), "unseen": unseen_val}
+        per_fold.append(evaluate_scores(ctx, zoo_val, negs))
+    tuning_table = {
+        name: {k: float(np.mean([pf[name][k] for pf in per_fold])) for k in per_fold[0][name]}
+        for name in CANDIDATES
+    }
+    ctx = make_context(zoo, embed(reg, background_of(split["tuning"])))
+    everyday = [e["prompt"] for e in read_everyday()]
+    reporting_table = evaluate_scores(
+        ctx,
+        flat(prompts_of(split["zoo"], "test", n)),
+        {
+            "reporting": flat(prompts_of(split["reporting"], "test", n)),
+            "everyday": (embed(reg, everyday), everyday),
+            "unseen": flat(prompts_of(split["unseen"], "test", n)),
+        },
+    )
+    probe = everyday * 4
+    start = time.perf_counter()
+    reg.embedder.encode(probe)
+    embed_ms = 1000 * (time.perf_counter() - start) / len(probe)
+    return {"tuning": tuning_table, "reporting": reporting_table, "embed_ms_per_prompt": embed_ms}
+
+
+def open_registry() -> Registry:
+    reg = Registry(REGISTRY, embedder=SentenceEmbedder())
+    register_zoo(reg)
+    return reg
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("step", choices=["split", "background", "diagnose"])
+    args = ap.parse_args()
+    if args.step == "split":
+        SPLIT.parent.mkdir(parents=True, exist_ok=True)
+        SPLIT.write_text(json.dumps(make_split(), indent=1) + "\n")
+        print(f"wrote {SPLIT}")
+    elif args.step == "background":
+        write_background(read_split())
+    else:
+        reg = open_registry()
+        result = diagnose(reg, read_split())
+        for half, table in (("tuning", result["tuning"]), ("reporting", result["reporting"])):
+            print(f"-- {half} half")
+            print_table(
+                [{"score": k, **v} for k, v in table.items()],
+                ["score", *next(iter(table.values()))],
+            )
+        out = RESULTS / "openworld" / "diagnostic.json"
+        out.write_text(json.dumps({"machine": machine(), **result}, indent=1) + "\n")
+        print(f"wrote {out}")
+        reg.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+"""The background: example inputs of tasks no adapter was made for, so the task router can
+learn a `none` class (the base model answers) beside its adapters.
+
+The shipped set (`data/background.jsonl`) is BIG-bench (Apache-2.0): the first 16 train
+inputs of each task in the tuning half of the open-world split
+(benchmarks/results/openworld/split.json; written by `benchmarks/openworld.py background`).
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from pathlib import Path
+
+BACKGROUND_PATH = Path(__file__).parent / "data" / "background.jsonl"
+MAX_CHARS = 600  # MiniLM reads 256 word pieces; longer inputs only cost bytes
+
+
+def truncate(text: str) -> str:
+    return text[:MAX_CHARS]
+
+
+@cache
+def background_texts(path: Path = BACKGROUND_PATH) -> tuple[str, ...]:
+    """The background inputs of a JSONL file of {"task", "input"} objects."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return tuple(json.loads(ln)["input"] for ln in lines if ln.strip())
