@@ -248,6 +248,26 @@ def test_admission_keeps_the_cache_within_its_token_budget(registry: Registry) -
         assert first.tick("done") < second.tick("token")
 
 
+def test_a_long_request_decodes_in_its_own_lane_without_padding_the_short_ones(
+    registry: Registry,
+) -> None:
+    long_prompt = "A long question about many things. " * 3  # 105 tokens
+    with engine(registry, start=False) as eng:
+        seen = []
+        shorts = [Listener(on_token=lambda ev: seen.append(eng.stats())) for _ in range(3)]
+        twenty = {"max_new_tokens": 20, "min_new_tokens": 20}
+        eng.submit(request(eng, long_prompt, {"math": 1.0}, **twenty), Listener())
+        for i, listener in enumerate(shorts):
+            eng.submit(request(eng, f"Hi {i}", {"mood": 1.0}, **twenty), listener)
+        eng.start()
+        got = [s.wait().text for s in shorts]
+        alone = [request(eng, f"Hi {i}", {"mood": 1.0}, **twenty) for i in range(3)]
+        assert got == [run(eng, req).text for req in alone]
+    both = [s for s in seen if s["running"] == 4]
+    assert both and all(s["lanes"] == 2 for s in both)
+    assert all(s["kv_tokens"] < 2 * 125 for s in both)  # not 4 rows x 105-125 columns
+
+
 @pytest.mark.parametrize("stop", [(), ("e",)])
 def test_a_seeded_sample_equals_hub_generate(registry: Registry, stop: tuple[str, ...]) -> None:
     sampling = {"max_new_tokens": 12, "temperature": 0.9, "top_p": 0.95, "seed": 5, "stop": stop}

@@ -62,17 +62,19 @@ class BatchingConfig:
     waiting beyond those (then 429); max_adapters: adapters kept stacked for the composer;
     prefill_tokens: prompt tokens prefilled per step (vLLM's max_num_batched_tokens plays
     this part); max_kv_tokens: cache positions held at once, rows x padded width (SmolLM2
-    in float32: about 46 KB each, so 65,536 is about 3 GB)."""
+    in float32: about 46 KB each, so 65,536 is about 3 GB); max_lanes: groups of rows of
+    similar length decoded as separate passes (see _Lane)."""
 
     max_batch: int = 32
     max_queue: int = 256
     max_adapters: int = 64
     prefill_tokens: int = 512
     max_kv_tokens: int = 65536
+    max_lanes: int = 4
 
     def __post_init__(self) -> None:
-        limits = (self.max_batch, self.max_queue, self.max_adapters, self.prefill_tokens)
-        if min(*limits, self.max_kv_tokens) <= 0:
+        limits = (self.max_batch, self.max_queue, self.max_adapters, self.max_lanes)
+        if min(*limits, self.prefill_tokens, self.max_kv_tokens) <= 0:
             raise ValueError(f"batching limits must be positive: {self}")
 
 
@@ -129,6 +131,42 @@ class _Row:
             self.cancelled = True
 
 
+@dataclass(eq=False)
+class _Lane:
+    """Running rows of similar length and their left-padded cache (rows, columns): rows
+    are padded to their lane's longest, not to the longest of all, so one long request
+    does not inflate every other row's cache."""
+
+    rows: list[_Row]
+    cache: DynamicCache | None
+    mask: Tensor | None
+
+
+def _by_reserve(reserves: list[int]) -> list[list[int]]:
+    """Indices grouped so that reserves within a group stay within 2x of each other; each
+    group in index order."""
+    groups: list[list[int]] = []
+    for i in sorted(range(len(reserves)), key=reserves.__getitem__):
+        if groups and reserves[i] <= 2 * reserves[groups[-1][0]]:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return [sorted(g) for g in groups]
+
+
+def _place(lanes: list[_Lane], low: int, high: int, max_lanes: int) -> _Lane | None:
+    """The lane for rows reserving low..high positions: the first whose reserves stay
+    within 2x of each other with them; None for a new lane (while fewer than max_lanes,
+    else the lane whose longest reserve is nearest)."""
+    for lane in lanes:
+        reserves = [r.reserve for r in lane.rows]
+        if max(high, *reserves) <= 2 * min(low, *reserves):
+            return lane
+    if len(lanes) < max_lanes or not lanes:
+        return None
+    return min(lanes, key=lambda lane: abs(max(r.reserve for r in lane.rows) - high))
+
+
 class BatchingEngine:
     """See the module docstring. Thread-safe `submit`, `cancel`, `stats`; the loop runs on
     its own thread from `start()` until `stop()` has finished what was queued."""
@@ -145,9 +183,7 @@ class BatchingEngine:
         self.stack = AdapterStack(self.model, self._load, _why_unfit, self.config.max_adapters)
         self._waiting: deque[_Row] = deque()
         self._prefilling: list[_Row] = []  # admitted, prompt not yet all in a cache
-        self._running: list[_Row] = []  # decoding; their cache rows, in this order
-        self._cache: DynamicCache | None = None
-        self._mask: Tensor | None = None  # (rows, columns) of the cache
+        self._lanes: list[_Lane] = []  # the rows decoding, by length
         # The decode steps' composition stays open while the running rows do not change,
         # so the per-row factors are built once per batch rather than once per step.
         self._block: ExitStack | None = None
@@ -189,6 +225,7 @@ class BatchingEngine:
         with self._lock:
             return {
                 "running": len(self._running),
+                "lanes": len(self._lanes),
                 "waiting": len(self._waiting),
                 "prefilling": len(self._prefilling),
                 "kv_tokens": self._kv_tokens(),
@@ -262,8 +299,7 @@ class BatchingEngine:
                 continue
             rows = [*self._running, *self._prefilling, row]
             keys = {k for r in rows for k in r.keys}
-            widest = max(r.reserve for r in rows)
-            if len(rows) > c.max_batch or len(rows) * widest > c.max_kv_tokens:
+            if len(rows) > c.max_batch or self._reserved(row) > c.max_kv_tokens:
                 return
             if len(keys) > c.max_adapters and len(rows) > 1:
                 return
@@ -280,8 +316,9 @@ class BatchingEngine:
             self._prefill_group(group)
         if chunked is not None:
             self._contain([chunked], self._prefill_chunk, chunked)
-        if self._running:
-            self._contain(self._running, self._decode)
+        for lane in list(self._lanes):
+            if lane in self._lanes:  # not emptied by a cancellation meanwhile
+                self._contain(lane.rows, self._decode, lane)
 
     def _contain(self, rows: list[_Row], work: Callable, *args) -> None:
         """Run one forward's work; if it raises, only `rows` fail."""
@@ -298,8 +335,7 @@ class BatchingEngine:
         for row in rows:
             row.fail(f"generation failed: {type(e).__name__}")
         self._prefilling = [r for r in self._prefilling if not r.ended]
-        if any(r.ended for r in self._running):
-            self._drop([i for i, r in enumerate(self._running) if r.ended])
+        self._drop_ended()
 
     def _prefill_work(self) -> tuple[list[_Row], _Row | None]:
         """This step's prefill: prompts that fit the budget together (in order), and one
@@ -389,33 +425,48 @@ class BatchingEngine:
         return out.logits[:, -1].float()
 
     def _join(self, rows: list[_Row], cache: DynamicCache, mask: Tensor, logits: Tensor) -> None:
-        """Prefilled rows join the running batch with their first token."""
-        self._cache, self._mask = kv.join(self._cache, self._mask, cache, mask)
+        """Prefilled rows join lanes of their length with their first token."""
         self._prefilling = [r for r in self._prefilling if r not in rows]
-        self._running.extend(rows)
-        self._advance(logits, offset=len(self._running) - len(rows))
+        clusters = _by_reserve([r.reserve for r in rows])
+        for idx in clusters:
+            part = [rows[i] for i in idx]
+            if len(clusters) == 1:
+                part_cache, part_mask = cache, mask
+            else:
+                part_cache, part_mask = kv.select(cache, mask, torch.tensor(idx))
+            reserve = [r.reserve for r in part]
+            lane = _place(self._lanes, min(reserve), max(reserve), self.config.max_lanes)
+            if lane is None:
+                lane = _Lane(part, part_cache, part_mask)
+                self._lanes.append(lane)
+            else:
+                lane.cache, lane.mask = kv.join(lane.cache, lane.mask, part_cache, part_mask)
+                lane.rows.extend(part)
+            self._advance(lane, logits[idx], offset=len(lane.rows) - len(part))
 
-    def _decode(self) -> None:
-        """One token for every running row."""
-        rows = self._running
-        mask = torch.cat([self._mask, torch.ones((len(rows), 1), dtype=torch.long)], 1)
+    def _decode(self, lane: _Lane) -> None:
+        """One token for every row of a lane."""
+        rows = lane.rows
+        mask = torch.cat([lane.mask, torch.ones((len(rows), 1), dtype=torch.long)], 1)
         last = torch.tensor([[r.out.ids[-1]] for r in rows])
+        if len(self._lanes) > 1:  # one composition at a time: each lane opens its own
+            self._close_block()
         self._open_block(rows)
         out = self.model(
             input_ids=last,
             attention_mask=mask,
             position_ids=mask.sum(1, keepdim=True) - 1,
             use_cache=True,
-            **cache_arg(self.model, self._cache),
+            **cache_arg(self.model, lane.cache),
         )
-        self._mask = mask
-        self._advance(out.logits[:, -1].float(), offset=0)
+        lane.mask = mask
+        self._advance(lane, out.logits[:, -1].float(), offset=0)
 
-    def _advance(self, logits: Tensor, offset: int) -> None:
-        """A token for running rows offset.. from logits (rows, V); drop the rows that
+    def _advance(self, lane: _Lane, logits: Tensor, offset: int) -> None:
+        """A token for the lane's rows offset.. from logits (rows, V); drop the rows that
         finished, failed or were abandoned."""
         for i, row_logits in enumerate(logits):
-            row = self._running[offset + i]
+            row = lane.rows[offset + i]
             if row.cancelled or row.ended:
                 continue
             if not torch.isfinite(row_logits).all():
@@ -430,26 +481,41 @@ class BatchingEngine:
                 row.end(Event("done", finish_reason=step.finish, usage=usage))
         self._drop_cancelled()
 
+    @property
+    def _running(self) -> list[_Row]:
+        return [r for lane in self._lanes for r in lane.rows]
+
     def _drop_cancelled(self) -> None:
         """Cancelled requests end; ended rows leave the batch and the prefill."""
         for row in [*self._running, *self._prefilling]:
             if row.cancelled:
                 row.fail("cancelled", 499, "cancelled")
         self._prefilling = [r for r in self._prefilling if not r.ended]
-        self._drop([i for i, r in enumerate(self._running) if r.ended])
+        self._drop_ended()
 
-    def _drop(self, gone: list[int]) -> None:
-        if not gone:
-            return
-        stay = [i for i in range(len(self._running)) if i not in set(gone)]
-        self._running = [self._running[i] for i in stay]
-        if stay:
-            self._cache, self._mask = kv.keep(self._cache, self._mask, torch.tensor(stay))
-        else:
-            self._cache, self._mask = None, None
+    def _drop_ended(self) -> None:
+        for lane in self._lanes:
+            stay = [i for i, r in enumerate(lane.rows) if not r.ended]
+            if len(stay) < len(lane.rows):
+                lane.rows = [lane.rows[i] for i in stay]
+                if stay:
+                    lane.cache, lane.mask = kv.keep(lane.cache, lane.mask, torch.tensor(stay))
+        self._lanes = [lane for lane in self._lanes if lane.rows]
+
+    def _reserved(self, joining: _Row) -> int:
+        """Cache positions the admitted rows and `joining` can come to hold: each lane's
+        rows padded to its longest reserve, the prefilling rows placed as they would be."""
+        lanes = [_Lane(list(lane.rows), None, None) for lane in self._lanes]
+        for row in [*self._prefilling, joining]:
+            lane = _place(lanes, row.reserve, row.reserve, self.config.max_lanes)
+            if lane is None:
+                lanes.append(_Lane([row], None, None))
+            else:
+                lane.rows.append(row)
+        return sum(len(lane.rows) * max(r.reserve for r in lane.rows) for lane in lanes)
 
     def _kv_tokens(self) -> int:
-        running = 0 if self._mask is None else self._mask.numel()
+        running = sum(lane.mask.numel() for lane in self._lanes)
         return running + sum(r.prefilled for r in self._prefilling)
 
     # -- composition ---------------------------------------------------------------------------

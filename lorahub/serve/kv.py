@@ -49,3 +49,11 @@ def keep(cache: DynamicCache, mask: Tensor, rows: Tensor) -> tuple[DynamicCache,
         layer.keys = layer.keys[rows, :, start:]
         layer.values = layer.values[rows, :, start:]
     return cache, mask[:, start:]
+
+
+def select(cache: DynamicCache, mask: Tensor, rows: Tensor) -> tuple[DynamicCache, Tensor]:
+    """A new cache of only `rows` (a 1-D long tensor); `cache` is left as it was."""
+    out = DynamicCache()
+    for i, layer in enumerate(_layers(cache)):
+        out.update(layer.keys[rows], layer.values[rows], i)
+    return keep(out, mask[rows], torch.arange(len(rows)))
