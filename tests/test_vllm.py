@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -23,15 +24,18 @@ import httpx
 import pytest
 import torch
 from conftest import char_tokenizer, free_port, serving, tiny_llama
+from replica_faults import FaultyProxy
 
 from composition import Mode
+from lorahub.decoding import Sampling
 from lorahub.hub import Hub
 from lorahub.models import BaseModel, load_base_model
 from lorahub.serve.app import ServeConfig, create_app
 from lorahub.serve.batching import BatchingEngine
+from lorahub.serve.engine import GenerationRequest, RequestError
 from lorahub.serve.gateway import GatewayConfig, VllmGateway
 from registry import LoraAdapter, LoraModule, Registry
-from router import ArrowRouter, Retriever
+from router import ArrowRouter, Retriever, Routing
 
 VLLM_PYTHON = Path(
     os.environ.get("LORAPLEX_VLLM_PYTHON", Path(__file__).parents[1] / ".venv-vllm/bin/python")
@@ -42,6 +46,8 @@ pytestmark = pytest.mark.skipif(
 PROMPTS = [f"{w} {i}" for i, w in enumerate(["add", "copy", "say", "flip", "count"] * 5)]  # 25
 NAMES = ("alpha", "beta", "gamma")
 MAX_RANK = 16
+MAX_MODEL_LEN = 192  # below the model's 256 positions: the gateway must use the replicas'
+DEADLINE = 600.0  # seconds: for waits on events that do come, however loaded the machine
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +89,10 @@ def world(tmp_path_factory: pytest.TempPathFactory, embedder) -> dict:
     return {"root": root, "model": root / "model", "registry": reg_dir, "export": root / "export"}
 
 
-def start_vllm(model: Path, log: Path, extra: list[str] = ()) -> tuple[subprocess.Popen, str]:
-    port = free_port()
+def start_vllm(
+    model: Path, log: Path, extra: list[str] = (), port: int | None = None
+) -> tuple[subprocess.Popen, str]:
+    port = port or free_port()
     env = {
         **os.environ,
         "VLLM_CPU_KVCACHE_SPACE": "1",
@@ -102,7 +110,8 @@ def start_vllm(model: Path, log: Path, extra: list[str] = ()) -> tuple[subproces
         "--max-lora-rank",
         str(MAX_RANK),
     ]
-    cmd += ["--max-loras", "4", "--dtype", "float32", "--enforce-eager", "--max-model-len", "256"]
+    cmd += ["--max-loras", "4", "--dtype", "float32", "--enforce-eager"]
+    cmd += ["--max-model-len", str(MAX_MODEL_LEN)]
     cmd += ["--gpu-memory-utilization", "0.3", *extra]
     out = log.open("w")
     proc = subprocess.Popen(
@@ -292,13 +301,90 @@ def test_requests_for_one_adapter_stay_on_one_replica(gateway) -> None:
     assert [u["up"] for u in health["upstreams"]] == [True, True]
 
 
-def test_killing_a_replica_mid_run_loses_no_request(gateway, replicas) -> None:
-    """Last: it kills a replica. 16 streams over every adapter; one replica dies while they
-    run; every request still ends with the text it has when sent alone."""
+def test_the_context_is_the_replicas_not_the_model_configs(gateway) -> None:
+    _, engine = gateway
+    prompt = tuple(range(5, 15))
+
+    def request(tokens: int) -> GenerationRequest:
+        return GenerationRequest(prompt, Routing(), Mode.mixture, Sampling(tokens))
+
+    with pytest.raises(RequestError, match=f"context of {MAX_MODEL_LEN}") as refused:
+        engine.submit(request(MAX_MODEL_LEN - len(prompt) + 1), lambda ev: None)
+    assert refused.value.code == "context_length_exceeded" and refused.value.status == 400
+    ended, events = threading.Event(), []
+
+    def emit(ev) -> None:
+        events.append(ev)
+        if ev.kind != "token":
+            ended.set()
+
+    engine.submit(request(MAX_MODEL_LEN - len(prompt)), emit)  # exactly the context: served
+    assert ended.wait(DEADLINE) and events[-1].kind == "done", events[-1]
+
+
+def test_an_adapter_a_replica_lost_is_loaded_again(gateway) -> None:
+    """vLLM answers 404 for an adapter it no longer holds (unloaded behind the gateway's
+    back): the gateway loads it again instead of waiting forever on the refusal."""
+    url, engine = gateway
+    extra = {"loraplex": {"adapters": {"alpha": 0.55, "beta": 0.45}}}
+    first = complete(url, "auto:mixture", "say 7", extra)
+    name = first["loraplex"]["applied"]["adapter"]
+    (holder,) = [u for u in engine.upstreams if name in u.loaded]
+    r = httpx.post(f"{holder.url}/v1/unload_lora_adapter", json={"lora_name": name}, timeout=60)
+    assert r.status_code == 200, r.text
+    again = complete(url, "auto:mixture", "say 7", extra)
+    assert again["choices"][0]["text"] == first["choices"][0]["text"] and name in holder.loaded
+
+
+@pytest.fixture(scope="module")
+def cutting(world: dict, replicas, embedder) -> Iterator[tuple[str, VllmGateway, FaultyProxy]]:
+    """A gateway whose replicas sit behind proxies that can break one answer after exactly
+    n tokens (the shared cut goes to whichever replica streams next)."""
+    first = FaultyProxy(replicas[0][1])
+    proxies = [first, FaultyProxy(replicas[1][1], first.cut)]
+    reg = Registry(world["registry"], embedder=embedder)
+    hub = Hub(reg, tiny_base(world, False), Retriever(reg))
+    with serving(proxies[0].app) as p0, serving(proxies[1].app) as p1:
+        config = GatewayConfig((p0, p1), world["root"] / "folders-cut", MAX_RANK, retry_after=0.2)
+        engine = VllmGateway(hub, config)
+        with serving(create_app(hub, engine)) as url:
+            yield url, engine, proxies[0]
+    reg.close()
+
+
+def test_a_break_mid_answer_continues_exactly_and_finds_a_stop_across_it(cutting) -> None:
+    url, engine, proxy = cutting
+    at = 10  # the answer breaks off after its first 10 tokens (characters here)
+    full = {"min_tokens": 40}
+    want = complete(url, "alpha", "copy 3", full, tokens=40)["choices"][0]
+    text = want["text"]
+    retries = engine.retries
+    proxy.arm(at)
+    broken = complete(url, "alpha", "copy 3", full, tokens=40)["choices"][0]
+    assert proxy.cut["done"].is_set() and engine.retries == retries + 1
+    assert broken["text"] == text or differs_at_a_near_tie(want, broken["text"]), (broken, text)
+    # a stop string whose first characters came from the replica that broke off
+    start = next(i for i in range(at - 3, at) if text.find(text[i : i + 4]) == i)
+    proxy.arm(at)
+    stopped = complete(url, "alpha", "copy 3", {**full, "stop": [text[start : start + 4]]}, 40)
+    assert proxy.cut["done"].is_set() and engine.retries == retries + 2
+    choice = stopped["choices"][0]
+    assert (choice["text"], choice["finish_reason"]) == (text[:start], "stop")
+
+
+def test_killing_a_replica_mid_run_loses_no_request(gateway, replicas, world) -> None:
+    """Last: it kills a replica (and starts it again). 16 streams over every adapter; the
+    replica that holds most of them is frozen, so its requests are certainly in flight
+    there, then killed; every request still ends with the text it has when sent alone, and
+    the gateway takes the replica back once it answers again."""
     url, engine = gateway
     jobs = [(NAMES[i % 3], PROMPTS[i]) for i in range(16)]
     full = {"min_tokens": 60}  # every answer runs its 60 tokens
+    served = [u.served for u in engine.upstreams]
     alone = [complete(url, m, p, full, tokens=60)["choices"][0] for m, p in jobs]
+    gained = [u.served - before for u, before in zip(engine.upstreams, served, strict=True)]
+    at = gained.index(max(gained))  # rendezvous hashing: it gets the same jobs again
+    victim, (proc, victim_url) = engine.upstreams[at], replicas[at]
 
     def stream(job: tuple[str, str]) -> tuple[str, str]:
         body = {
@@ -310,7 +396,7 @@ def test_killing_a_replica_mid_run_loses_no_request(gateway, replicas) -> None:
             **full,
         }
         text, finish = [], None
-        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=300) as r:
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=DEADLINE) as r:
             for line in r.iter_lines():
                 if line.startswith("data: {"):
                     choice = json.loads(line[6:])["choices"][0]
@@ -318,18 +404,34 @@ def test_killing_a_replica_mid_run_loses_no_request(gateway, replicas) -> None:
                     finish = choice["finish_reason"] or finish
         return "".join(text), finish
 
+    os.killpg(proc.pid, signal.SIGSTOP)  # its requests cannot finish before the kill
     with ThreadPoolExecutor(16) as pool:
         futures = [pool.submit(stream, job) for job in jobs]
-        deadline = time.monotonic() + 60
-        while not any(u.in_flight for u in engine.upstreams if u.url == replicas[0][1]):
-            assert time.monotonic() < deadline
+        deadline = time.monotonic() + DEADLINE
+        while victim.in_flight < 1:
+            assert time.monotonic() < deadline, "no request reached the frozen replica"
             time.sleep(0.01)
-        stop(replicas[0][0])
+        stop(proc)
         results = [f.result() for f in futures]
     assert all(finish == "length" for _, finish in results)
     for (text, _), want in zip(results, alone, strict=True):
-        # a retried request continues on another replica from a prefill of what it had:
-        # float32 paths differ, so a difference may only start at a near-tie
+        # a retried request runs again on another replica: float32 paths differ, so a
+        # difference may only start at a near-tie
         assert text == want["text"] or differs_at_a_near_tie(want, text), (text, want["text"])
     assert engine.retries >= 1
-    assert not httpx.get(f"{url}/health", timeout=10).json()["upstreams"][0]["up"]
+    assert not httpx.get(f"{url}/health", timeout=60).json()["upstreams"][at]["up"]
+    # the replica comes back on its address: probed again, described, used again
+    port = int(victim_url.rsplit(":", 1)[1])
+    extra = ["--lora-modules", *(world["export"] / "lora-modules.txt").read_text().split()[1:]]
+    log = world["root"] / f"vllm{at}-again.log"
+    proc, _ = start_vllm(world["model"], log, extra if at == 1 else [], port=port)
+    replicas[at] = (proc, victim_url)  # the fixture stops it
+    wait_up(proc, victim_url, log, DEADLINE)
+    deadline = time.monotonic() + DEADLINE
+    while not victim.up:
+        assert time.monotonic() < deadline, "the restarted replica was never taken back"
+        time.sleep(0.05)
+    before = victim.served
+    for m, p in jobs:
+        complete(url, m, p, tokens=4)
+    assert victim.served > before
