@@ -120,6 +120,7 @@ class VllmGateway:
         )
         self._client: httpx.AsyncClient | None = None
         self._prober: asyncio.Task | None = None
+        self._tasks: set[asyncio.Task] = set()  # the loop holds tasks weakly
         self._wake: asyncio.Event | None = None
         self._in_flight = 0
         self._idle = threading.Condition()
@@ -162,6 +163,7 @@ class VllmGateway:
 
         def start() -> None:
             handle.task = self._loop.create_task(self._serve(request, made, emit))
+            self._tasks.add(handle.task)
             handle.task.add_done_callback(lambda task: self._finished(task, made, emit))
             ready.set()
 
@@ -301,6 +303,7 @@ class VllmGateway:
     def _finished(
         self, task: asyncio.Task, made: Materialized | None, emit: Callable[[Event], None]
     ) -> None:
+        self._tasks.discard(task)
         if task.cancelled():  # before it ever ran: `_serve` could not end it
             self._settle(made)
             emit(_CANCELLED)
