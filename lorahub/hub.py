@@ -27,7 +27,15 @@ from lorahub import inference
 from lorahub.applied import NOTHING, Applied, attached
 from lorahub.inference import Sampling
 from lorahub.models import DEFAULT_MODEL, BaseModel, load_base_model, loraplex_home
-from registry import AdapterCache, AdapterError, BaseModelMismatchError, Embedder, Registry
+from registry import (
+    AdapterCache,
+    AdapterError,
+    AdapterNotFoundError,
+    AdapterRecord,
+    BaseModelMismatchError,
+    Embedder,
+    Registry,
+)
 from router import (
     DEFAULT_ROUTER,
     Router,
@@ -37,6 +45,8 @@ from router import (
     arrow_gate,
     make_router,
 )
+
+_ROUTE_ATTEMPTS = 3  # routings re-made when the registry changed under the router
 
 
 class Compose(StrEnum):
@@ -72,6 +82,10 @@ class Answer:
     routing: Routing
 
 
+def _bases(records: dict[str, AdapterRecord]) -> list[str]:
+    return sorted({r.base_model.name for r in records.values()})
+
+
 def _fits(model: nn.Module, shapes: dict[str, tuple[int, int]]) -> bool:
     """Does every module of these shapes exist in `model` with the same (d_in, d_out)?"""
     for name, (d_in, d_out) in shapes.items():
@@ -88,19 +102,79 @@ def _fits(model: nn.Module, shapes: dict[str, tuple[int, int]]) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class Catalogue:
+    """The registry as this hub's model sees it at one registry generation: `usable`
+    holds the adapters whose every module fits the loaded model, `unfit` the rest."""
+
+    generation: int
+    usable: dict[str, AdapterRecord]
+    unfit: dict[str, AdapterRecord]
+
+    @property
+    def base_models(self) -> list[str]:
+        """Base-model names with at least one usable adapter."""
+        return sorted({r.base_model.name for r in self.usable.values()})
+
+
 class Hub:
-    """A base model, a registry of adapters for it, and a router (any `Router`)."""
+    """A base model, a registry of adapters for it, and a router (any `Router`). What it
+    routes to and serves is read from the registry as it is now (`catalogue()`), so
+    adapters registered, replaced or removed while it runs count at once."""
 
     def __init__(self, registry: Registry, base: BaseModel, router: Router) -> None:
         self.registry = registry
         self.base = base
         self.router = router
         self.adapters = AdapterCache(registry)
-        self.base_models = self._compatible_base_models()
-        # adapters made for other base models: excluded from every routing
-        self._unfit = tuple(
-            r.name for r in registry.list() if r.base_model.name not in self.base_models
-        )
+        self._fits: dict[str, bool] = {}  # sha256 -> fits the loaded model (content decides)
+        self._catalogue: Catalogue | None = None
+        view = self.catalogue()
+        if view.unfit and not view.usable:
+            raise BaseModelMismatchError(
+                f"none of the registry's adapters fit {self.base.name!r}: they were made for "
+                f"{_bases(view.unfit)} (module names or shapes differ)"
+            )
+        if view.unfit:
+            warnings.warn(
+                f"adapters for {_bases(view.unfit)} do not fit {self.base.name!r} "
+                "and are never chosen",
+                stacklevel=2,
+            )
+
+    def catalogue(self) -> Catalogue:
+        """The current catalogue split into usable and unfit adapters: one indexed read
+        while nothing changed, a re-read after any write by any process."""
+        view, generation = self._catalogue, self.registry.generation()
+        if view is not None and view.generation == generation:
+            return view
+        usable, unfit = {}, {}
+        for rec in self.registry.list():  # may be newer than `generation`: re-read next call
+            if rec.sha256 not in self._fits:
+                shapes = self.registry.adapter_shapes(rec.name)
+                self._fits[rec.sha256] = bool(shapes) and _fits(self.base.model, shapes)
+            (usable if self._fits[rec.sha256] else unfit)[rec.name] = rec
+        self._catalogue = view = Catalogue(generation, usable, unfit)
+        return view
+
+    @property
+    def base_models(self) -> list[str]:
+        """Base-model names with at least one adapter that fits the loaded model, now."""
+        return self.catalogue().base_models
+
+    def usable(self, name: str) -> AdapterRecord:
+        """The record of adapter `name` as registered now (its sha256 says which weights),
+        if it fits the loaded model; else AdapterNotFoundError or BaseModelMismatchError."""
+        view = self.catalogue()
+        if name in view.usable:
+            return view.usable[name]
+        if name in view.unfit:
+            rec = view.unfit[name]
+            raise BaseModelMismatchError(
+                f"the adapter {name!r} was made for {rec.base_model.name!r}; its modules do "
+                f"not fit {self.base.name!r}"
+            )
+        raise AdapterNotFoundError(f"no adapter named {name!r} in {self.registry.root}")
 
     @classmethod
     def open(
@@ -122,24 +196,6 @@ class Hub:
         )
         return cls(registry, base, make_router(router, registry, router_options))
 
-    def _compatible_base_models(self) -> list[str]:
-        """Base-model names in the registry whose adapters fit the loaded model (checked on
-        module shapes, before any generation)."""
-        names = {r.base_model.name for r in self.registry.list()}
-        fit = sorted(n for n in names if _fits(self.base.model, self.registry.shapes(n)))
-        if names and not fit:
-            raise BaseModelMismatchError(
-                f"none of the registry's adapters fit {self.base.name!r}: they were made for "
-                f"{sorted(names)} (module names or shapes differ)"
-            )
-        if len(fit) < len(names):
-            warnings.warn(
-                f"adapters for {sorted(names - set(fit))} do not fit {self.base.name!r} "
-                "and are never chosen",
-                stacklevel=3,
-            )
-        return fit
-
     # -- routing ------------------------------------------------------------------------------
     def route(
         self,
@@ -152,16 +208,25 @@ class Hub:
         """One Routing per prompt from the hub's router; `exclude` drops adapters for every
         prompt, `exclude_each[i]` for prompt i only."""
         n_adapters, _ = COMPOSE[compose_choice(compose)]
-        if n_adapters == 0 or not self.base_models:
-            return [Routing()] * len(prompts)
         if exclude_each is not None and len(exclude_each) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(exclude_each)} exclusion lists")
-        banned = (*exclude, *self._unfit)
-        each = [(*banned, *(exclude_each[i] if exclude_each else ())) for i in range(len(prompts))]
-        routings = self.router.route(prompts, n_adapters or k, exclude_each=each)
-        if Compose(compose) == Compose.fusion and any(r.per_token for r in routings):
-            raise ValueError("fusion averages parameters per prompt; a per-token router cannot")
-        return routings
+        view = self.catalogue()
+        for _ in range(_ROUTE_ATTEMPTS):
+            if n_adapters == 0 or not view.usable:
+                return [Routing()] * len(prompts)
+            banned = (*exclude, *view.unfit)
+            each = [
+                (*banned, *(exclude_each[i] if exclude_each else ())) for i in range(len(prompts))
+            ]
+            routings = self.router.route(prompts, n_adapters or k, exclude_each=each)
+            if Compose(compose) == Compose.fusion and any(r.per_token for r in routings):
+                raise ValueError("fusion averages parameters per prompt; a per-token router cannot")
+            # the router read the registry itself: a write since `view` may have added an
+            # unfit adapter or removed a routed one, so check against the catalogue now
+            view = self.catalogue()
+            if all(n in view.usable for r in routings for n in r.adapters):
+                return routings
+        raise AdapterError("the registry kept changing while routing; try again")
 
     @contextmanager
     def composed(

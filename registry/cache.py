@@ -1,8 +1,12 @@
-"""A bounded in-memory cache of loaded adapters."""
+"""A bounded in-memory cache of loaded adapters, keyed by content (sha256), never by name:
+an adapter replaced under its name while a process runs is a cache miss, not stale
+weights."""
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
+from dataclasses import replace
 
 from registry.adapter import LoraAdapter
 from registry.store import Registry
@@ -16,15 +20,25 @@ class AdapterCache:
         self.registry = registry
         self.max_bytes = max_bytes
         self._items: OrderedDict[str, LoraAdapter] = OrderedDict()
+        self._lock = threading.Lock()  # a server reads it from several threads
 
     def get(self, name: str) -> LoraAdapter:
-        if name in self._items:
-            self._items.move_to_end(name)
-            return self._items[name]
-        adapter = self.registry.load(name)
-        self._items[name] = adapter
-        while self.nbytes > self.max_bytes and len(self._items) > 1:
-            self._items.popitem(last=False)
+        """The adapter registered as `name` now (one catalogue read when cached)."""
+        rec = self.registry.get(name)
+        with self._lock:
+            cached = self._items.get(rec.sha256)
+            if cached is not None:
+                self._items.move_to_end(rec.sha256)
+        if cached is not None:
+            if (cached.base_model, cached.meta) == (rec.base_model, rec.meta):
+                return cached
+            # the same content registered under another name (or its metadata since changed)
+            return replace(cached, base_model=rec.base_model, meta=rec.meta)
+        adapter = self.registry.load(name, sha256=rec.sha256)
+        with self._lock:
+            self._items[rec.sha256] = adapter
+            while self.nbytes > self.max_bytes and len(self._items) > 1:
+                self._items.popitem(last=False)
         return adapter
 
     def __len__(self) -> int:

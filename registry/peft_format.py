@@ -171,6 +171,27 @@ def read_safetensors(path: Path, limits: Limits) -> tuple[dict[str, Tensor], dic
     return tensors, meta
 
 
+def module_shapes(path: Path) -> dict[str, tuple[int, int]]:
+    """Module -> (d_in, d_out) of a PEFT safetensors file, from its header alone (no
+    tensor is read)."""
+    shapes: dict[str, list[int]] = {}
+    try:
+        with safe_open(path, framework="pt") as f:
+            names = f.keys()  # a safe_open handle is not iterable
+            for key in names:
+                m = _KEY.match(key)
+                if m is not None:
+                    shape = f.get_slice(key).get_shape()  # A: (r, d_in), B: (d_out, r)
+                    dims = shapes.setdefault(m["module"].removeprefix(_PREFIX), [0, 0])
+                    if m["ab"] == "A":
+                        dims[0] = shape[1]
+                    else:
+                        dims[1] = shape[0]
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise AdapterFormatError(f"{path}: not a readable safetensors file: {e}") from None
+    return {name: (dims[0], dims[1]) for name, dims in shapes.items()}
+
+
 def read_legacy_bin(path: Path, limits: Limits) -> dict[str, Tensor]:
     """Legacy `adapter_model.bin`: tensors only, never code (`weights_only=True`)."""
     check_size(path.stat().st_size, limits)

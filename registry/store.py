@@ -20,6 +20,7 @@ import re
 import sqlite3
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,6 +41,7 @@ from registry.errors import (
     IntegrityError,
 )
 from registry.index import IndexKind, VectorIndex
+from registry.migrations import migrate
 from registry.peft_format import (
     adapter_from_tensors,
     header_metadata,
@@ -78,24 +80,16 @@ class Registry:
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
-        self._db.executescript(f"BEGIN IMMEDIATE; {SCHEMA} COMMIT;")
         self._index: VectorIndex | None = None
-        self._migrate_module_shapes()
-
-    def _migrate_module_shapes(self) -> None:
-        """Registries before 0.2 kept one `module_shapes` row per base model, which
-        outlived the adapters that made it; shapes now belong to each adapter's row."""
-        old = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'module_shapes'"
-        if self._db.execute(old).fetchone() is None:
-            return
-        with self._write() as db:
-            for rec in self.list():
-                shapes = self.load(rec.name, verify=False).shapes()
-                db.executemany(
-                    "INSERT OR IGNORE INTO adapter_modules VALUES (?,?,?,?)",
-                    [(rec.id, m, d_in, d_out) for m, (d_in, d_out) in shapes.items()],
-                )
-            db.execute("DROP TABLE module_shapes")
+        with self._write() as db:  # one transaction: two processes opening at once are safe
+            for statement in filter(str.strip, SCHEMA.split(";")):
+                db.execute(statement)
+            skipped = migrate(db, self.blob_path)
+        if skipped:
+            warnings.warn(
+                f"{self.root}: {'; '.join(skipped)}; `loraplex doctor` reports these",
+                stacklevel=2,
+            )
 
     @property
     def _db(self) -> sqlite3.Connection:
@@ -171,9 +165,16 @@ class Registry:
             raise IntegrityError(f"malformed sha256 {sha256!r} in the catalogue")
         return self.root / "blobs" / sha256[:2] / f"{sha256}.safetensors"
 
-    def load(self, name: str, verify: bool = True) -> LoraAdapter:
-        """The adapter's weights, read from its blob; `verify` re-hashes them."""
+    def load(self, name: str, verify: bool = True, sha256: str | None = None) -> LoraAdapter:
+        """The adapter's weights, read from its blob; `verify` re-hashes them. With
+        `sha256`, that version only: AdapterNotFoundError, before any blob is read, once
+        the name holds other content (replaced)."""
         rec = self.get(name)
+        if sha256 is not None and rec.sha256 != sha256:
+            raise AdapterNotFoundError(
+                f"{name}: version {sha256[:12]} is no longer registered "
+                f"(replaced by {rec.sha256[:12]})"
+            )
         path = self.blob_path(rec.sha256)
         if not path.exists():
             raise IntegrityError(f"{name}: blob {path} is missing")
@@ -184,6 +185,16 @@ class Registry:
         if verify and adapter.sha256() != rec.sha256:
             raise IntegrityError(f"{name}: blob {path} does not match its sha256 (tampered?)")
         return adapter
+
+    def adapter_shapes(self, name: str) -> dict[str, tuple[int, int]]:
+        """Module -> (d_in, d_out) of one adapter, from the catalogue (no blob read); empty
+        when unknown (a migration that found its blob missing)."""
+        rows = self._db.execute(
+            "SELECT module, d_in, d_out FROM adapter_modules "
+            "JOIN adapters ON adapters.id = adapter_id WHERE name = ?",
+            (name,),
+        )
+        return {r[0]: (r[1], r[2]) for r in rows}
 
     def shapes(self, base_model: str) -> dict[str, tuple[int, int]]:
         """Module -> (d_in, d_out) established by the current adapters of `base_model`."""
@@ -423,9 +434,11 @@ class Registry:
 
     def index_stamp(self) -> str:
         """The stamp of the index file that matches the catalogue now."""
-        return self._stamp(self._generation())
+        return self._stamp(self.generation())
 
-    def _generation(self) -> int:
+    def generation(self) -> int:
+        """A counter that every change to the catalogue bumps, in the same transaction, so
+        any process holding the registry open sees it: cheap to poll (one indexed row)."""
         return self._db.execute("SELECT value FROM state WHERE key = 'generation'").fetchone()[0]
 
     def _update_index(
@@ -465,7 +478,7 @@ class Registry:
 
     def index(self) -> VectorIndex:
         """The faiss index for the current catalogue: in memory, else from disk, else rebuilt."""
-        stamp = self._stamp(self._generation())
+        stamp = self._stamp(self.generation())
         if self._index is None or self._index.stamp != stamp:
             self._index = VectorIndex.load(self.root, stamp)
         if self._index is None:

@@ -235,23 +235,99 @@ def test_removed_adapters_no_longer_constrain_shapes(tmp_path: Path) -> None:
         assert set(reg.shapes("tiny").values()) == {(24, 24)}
 
 
-def test_registries_with_the_old_shape_table_are_migrated(tmp_path: Path) -> None:
+def make_old_registry(
+    root: Path, n: int, missing: tuple[str, ...] = ()
+) -> dict[str, dict[str, tuple[int, int]]]:
+    """A registry as loraplex before 0.2 left it (one stale `module_shapes` table per base
+    model, no per-adapter shapes, catalogue version 0), the blobs of `missing` deleted;
+    returns each adapter's shapes."""
     import sqlite3
 
-    with Registry(tmp_path) as reg:
-        reg.register(random_adapter(0), name="a")
-        expected = reg.shapes("tiny")
-    db = sqlite3.connect(tmp_path / "catalogue.sqlite")
+    with Registry(root) as reg:
+        for i in range(n):
+            reg.register(random_adapter(i, dim=16 + 8 * (i % 2), base=f"b{i % 2}"), name=f"a{i}")
+        shapes = {f"a{i}": reg.adapter_shapes(f"a{i}") for i in range(n)}
+        for name in missing:
+            reg.blob_path(reg.get(name).sha256).unlink()
+    db = sqlite3.connect(root / "catalogue.sqlite")
     db.executescript(
         "DELETE FROM adapter_modules; CREATE TABLE module_shapes (base_model TEXT, "
         "module TEXT, d_in INTEGER, d_out INTEGER); INSERT INTO module_shapes "
-        "VALUES ('tiny', 'gone.q_proj', 99, 99);"
+        "VALUES ('b0', 'gone.q_proj', 99, 99); PRAGMA user_version = 0;"
     )
     db.close()
+    return shapes
+
+
+def tables(reg: Registry) -> set[str]:
+    return {r[0] for r in reg._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+
+def test_registries_with_the_old_shape_table_are_migrated(tmp_path: Path) -> None:
+    expected = make_old_registry(tmp_path, 3)
     with Registry(tmp_path) as reg:
-        assert reg.shapes("tiny") == expected
-        tables = {r[0] for r in reg._db.execute("SELECT name FROM sqlite_master")}
-    assert "module_shapes" not in tables
+        assert {n: reg.adapter_shapes(n) for n in reg.names()} == expected
+        assert reg.shapes("b0") == expected["a0"]  # the stale row is gone with its table
+        assert "module_shapes" not in tables(reg)
+
+
+def test_migration_skips_and_names_an_adapter_whose_blob_is_missing(tmp_path: Path) -> None:
+    expected = make_old_registry(tmp_path, 3, missing=("a1",))
+    with pytest.warns(UserWarning, match=r"a1: module shapes not migrated: blob \w+ is missing"):
+        reg = Registry(tmp_path)
+    with reg:
+        assert reg.adapter_shapes("a1") == {}  # unknown, so never offered as fitting
+        assert [reg.adapter_shapes(n) for n in ("a0", "a2")] == [expected["a0"], expected["a2"]]
+        assert "module_shapes" not in tables(reg)
+        assert any(p.startswith("a1: blob") and "missing" in p for p in reg.doctor())
+    with Registry(tmp_path) as again:  # migrated once: no second warning, nothing to redo
+        assert again._db.execute("PRAGMA user_version").fetchone()[0] >= 1
+
+
+def test_migration_reads_headers_not_weights(tmp_path: Path, monkeypatch) -> None:
+    import registry.peft_format
+    import registry.store
+
+    make_old_registry(tmp_path, 2)
+
+    def no_weights(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a migration read adapter weights")
+
+    for module in (registry.peft_format, registry.store):
+        monkeypatch.setattr(module, "read_safetensors", no_weights)
+    with Registry(tmp_path) as reg:
+        assert reg.adapter_shapes("a0")
+
+
+OPEN_AT_ONCE = """
+import sys, time
+from pathlib import Path
+from registry import Registry
+go = Path(sys.argv[2])
+while not go.exists():
+    time.sleep(0.005)
+with Registry(sys.argv[1]) as reg:
+    print(sorted((n, sorted(reg.adapter_shapes(n).items())) for n in reg.names()))
+"""
+
+
+def test_processes_opening_an_old_registry_at_once_migrate_it_once(tmp_path: Path) -> None:
+    root, go = tmp_path / "reg", tmp_path / "go"
+    expected = make_old_registry(root, 4)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", OPEN_AT_ONCE, str(root), str(go)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    go.touch()  # released together, so their opens overlap
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, [err for _, err in outs]
+    want = str(sorted((n, sorted(s.items())) for n, s in expected.items()))
+    assert [out.strip() for out, _ in outs] == [want] * 4
 
 
 def test_other_threads_read_and_load_through_their_own_connection(tmp_path: Path) -> None:

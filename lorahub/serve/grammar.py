@@ -36,8 +36,8 @@ def model_ids(hub: Hub) -> list[str]:
 
 
 def servable(hub: Hub) -> list[str]:
-    """Registered adapters made for the loaded base model."""
-    return [r.name for r in hub.registry.list() if r.base_model.name in hub.base_models]
+    """Adapters registered now whose modules fit the loaded base model."""
+    return sorted(hub.catalogue().usable)
 
 
 def resolve(model: str, options: LoraplexOptions, hub: Hub, default: Compose, k: int) -> Target:
