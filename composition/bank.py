@@ -5,6 +5,11 @@ Per module, with the LoRA scaling folded into B:
   A_cat (R, d_in), B_cat (d_out, R), slot (R,)   -- all ranks concatenated (R = sum r_i);
   A_pad (n, r, d_in), B_pad (n, d_out, r)         -- ranks zero-padded to r = max r_i.
 An adapter that lacks a module contributes nothing there (its rows are absent / zero).
+
+A bank of fixed slots (`AdapterBank.slots`, for a server that pages adapters in and out)
+holds every slot at one rank r, zero-padded, so A_cat and B_cat are views of A_pad and of
+B_pad's storage: `write_slot` puts one adapter into one slot in place, and nothing else
+is rebuilt.
 """
 
 from __future__ import annotations
@@ -63,6 +68,22 @@ def stack_module(
     )
 
 
+def empty_stack(
+    n: int, rank: int, d_in: int, d_out: int, dtype: torch.dtype, device: torch.device | str
+) -> ModuleStack:
+    """n zero slots of one rank; A_cat / B_cat are views of the padded tensors."""
+    A_pad = torch.zeros(n, rank, d_in, dtype=dtype, device=device)
+    B_store = torch.zeros(d_out, n, rank, dtype=dtype, device=device)  # B_cat's layout
+    slot = torch.arange(n, device=device).repeat_interleave(rank)
+    return ModuleStack(
+        A_pad.view(n * rank, d_in),
+        B_store.view(d_out, n * rank),
+        slot,
+        A_pad,
+        B_store.permute(1, 0, 2),
+    )
+
+
 @dataclass(frozen=True)
 class AdapterBank:
     """Adapters `names[i]` stacked per module; gates index adapters in this order."""
@@ -88,6 +109,46 @@ class AdapterBank:
             raise AdapterError(f"need {len(adapters)} distinct adapter names, got {names}")
         targets = sorted({m for a in adapters for m in a.modules})
         return cls(names, {t: stack_module(adapters, t, dtype, device) for t in targets})
+
+    @classmethod
+    def slots(
+        cls,
+        n: int,
+        rank: int,
+        shapes: dict[str, tuple[int, int]],
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> AdapterBank:
+        """`n` empty slots of `rank` for modules {name: (d_in, d_out)}; fill with
+        `write_slot`. An empty slot contributes nothing."""
+        stacks = {m: empty_stack(n, rank, *shape, dtype, device) for m, shape in shapes.items()}
+        return cls(tuple(f"slot{i}" for i in range(n)), stacks)
+
+    def write_slot(self, i: int, adapter: LoraAdapter) -> None:
+        """Put `adapter` into slot i in place (its ranks zero-padded, absent modules zero).
+        Only for banks made by `slots`; check `fits_slot` first."""
+        for name, s in self.modules.items():
+            s.A_pad[i].zero_()
+            s.B_pad[i].zero_()
+            m = adapter.modules.get(name)
+            if m is not None:
+                s.A_pad[i, : m.rank] = m.lora_A.to(s.A_pad.dtype)
+                s.B_pad[i, :, : m.rank] = (adapter.scaling(name) * m.lora_B.float()).to(
+                    s.A_pad.dtype
+                )
+
+    def fits_slot(self, adapter: LoraAdapter) -> str | None:
+        """None if `adapter` fits a slot of this bank, else why not."""
+        rank = next(iter(self.modules.values())).A_pad.shape[1]
+        for name, m in adapter.modules.items():
+            s = self.modules.get(name)
+            if s is None:
+                return f"module {name} is not in the bank"
+            if (m.d_in, m.d_out) != s.shape:
+                return f"{name}: (d_in, d_out) {(m.d_in, m.d_out)} but the bank holds {s.shape}"
+            if m.rank > rank:
+                return f"{name}: rank {m.rank} is above the bank's {rank}"
+        return None
 
     def __len__(self) -> int:
         return len(self.names)

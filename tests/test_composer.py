@@ -9,7 +9,7 @@ import torch
 from conftest import FAMILIES, build_model, make_peft_model, model_inputs
 from torch import nn
 
-from composition import Composer, GateError
+from composition import AdapterBank, Composer, GateError
 from registry import AdapterError, AdapterShapeError, LoraAdapter, LoraModule, load_source
 
 
@@ -329,3 +329,31 @@ def test_mixture_and_fusion_rows_share_one_pass_and_equal_each_row_alone() -> No
         with composer.compose(gates[:1], mode="mixture"):  # row 0's gates, the other mode
             assert not torch.allclose(together[:1], model(x[:1]))
     composer.detach()
+
+
+@pytest.mark.parametrize(
+    "mode, path", [("mixture", "dense"), ("mixture", "gathered"), ("fusion", "gathered")]
+)
+def test_a_slot_bank_written_in_place_equals_a_built_bank(mode: str, path: str) -> None:
+    """Slots of one rank, filled and overwritten in place, compose exactly as a bank built
+    from the same adapters (fusion pads every rank to the slot rank, which adds zeros)."""
+    torch.manual_seed(0)
+    adapters = layer_adapters()
+    x = torch.randn(2, 5, 12)
+    gates = torch.tensor([[0.6, 0.4, 0.0], [0.0, 0.3, 0.7]])
+    model = OneLayer()
+    with torch.no_grad():
+        built = Composer.attach(model, [adapters[3], adapters[1], adapters[2]])
+        with built.compose(gates, mode=mode, path=path):
+            want = model(x)
+        built.detach()
+        bank = AdapterBank.slots(3, 4, {"proj": (12, 10)})
+        for slot, a in enumerate(adapters[:3]):
+            assert bank.fits_slot(a) is None
+            bank.write_slot(slot, a)
+        bank.write_slot(0, adapters[3])  # a page-out and page-in: only slot 0 changes
+        paged = Composer(model, bank)
+        with paged.compose(gates, mode=mode, path=path):
+            got = model(x)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert "rank 4 is above" in AdapterBank.slots(1, 3, {"proj": (12, 10)}).fits_slot(adapters[2])

@@ -23,6 +23,7 @@ from lorahub.inference import Sampling
 from lorahub.models import BaseModel
 from lorahub.serve.batching import BatchingConfig, BatchingEngine
 from lorahub.serve.engine import Event, GenerationRequest, RequestError
+from lorahub.serve.stack import PagerConfig
 from registry import BaseModelInfo, LoraAdapter, LoraModule, Registry
 from router import Retriever, Routing
 
@@ -266,6 +267,31 @@ def test_a_long_request_decodes_in_its_own_lane_without_padding_the_short_ones(
     both = [s for s in seen if s["running"] == 4]
     assert both and all(s["lanes"] == 2 for s in both)
     assert all(s["kv_tokens"] < 2 * 125 for s in both)  # not 4 rows x 105-125 columns
+
+
+def test_a_miss_pages_one_adapter_into_one_slot(registry: Registry) -> None:
+    model = build_model("llama")
+    for i in range(3):
+        registry.register(lora(model, 10 + i), name=f"extra{i}")
+    names = ["math", "mood", "extra0", "extra1", "extra2"]
+    with engine(registry) as eng:  # 64 slots: the reference texts
+        want = {n: run(eng, request(eng, "Go.", {n: 1.0})).text for n in names}
+    assert len(set(want.values())) == len(names)
+    with engine(registry, pager=PagerConfig(slots=2)) as eng:
+        got = {}
+        for n in names:
+            composer, loads = eng.stack.composer, eng.stack.loads
+            got[n] = run(eng, request(eng, "Go.", {n: 1.0})).text
+            assert eng.stack.loads == loads + 1  # one adapter read
+            assert composer is None or eng.stack.composer is composer  # nothing re-attached
+        assert got == want
+        assert run(eng, request(eng, "Go.", {"extra2": 1.0})).text == want["extra2"]
+        # three adapters at once on two slots: the third waits for a free slot
+        listeners = [Listener() for _ in names[:3]]
+        for n, listener in zip(names[:3], listeners, strict=True):
+            eng.submit(request(eng, "Go.", {n: 1.0}, max_new_tokens=8), listener)
+        assert [x.wait().text for x in listeners] == [want[n] for n in names[:3]]
+        assert listeners[2].tick("token") > min(x.tick("done") for x in listeners[:2])
 
 
 @pytest.mark.parametrize("stop", [(), ("e",)])

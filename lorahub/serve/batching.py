@@ -31,7 +31,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -50,7 +50,7 @@ from lorahub.serve.engine import (
     RequestError,
     check_capability,
 )
-from lorahub.serve.stack import AdapterKey, AdapterStack, StackError
+from lorahub.serve.stack import AdapterKey, AdapterPager, PagerConfig, StackError
 from registry import AdapterError, AdapterNotFoundError, LoraAdapter
 
 log = logging.getLogger("loraplex.serve")
@@ -59,7 +59,8 @@ log = logging.getLogger("loraplex.serve")
 @dataclass(frozen=True)
 class BatchingConfig:
     """max_batch: rows admitted at once (prefilling or decoding); max_queue: requests
-    waiting beyond those (then 429); max_adapters: adapters kept stacked for the composer;
+    waiting beyond those (then 429); pager: adapter slots on the model and the host cache
+    (a batch never needs more distinct adapters than slots: more wait);
     prefill_tokens: prompt tokens prefilled per step (vLLM's max_num_batched_tokens plays
     this part); max_kv_tokens: cache positions held at once, rows x padded width (SmolLM2
     in float32: about 46 KB each, so 65,536 is about 3 GB); max_lanes: groups of rows of
@@ -67,13 +68,13 @@ class BatchingConfig:
 
     max_batch: int = 32
     max_queue: int = 256
-    max_adapters: int = 64
+    pager: PagerConfig = field(default_factory=PagerConfig)
     prefill_tokens: int = 512
     max_kv_tokens: int = 65536
     max_lanes: int = 4
 
     def __post_init__(self) -> None:
-        limits = (self.max_batch, self.max_queue, self.max_adapters, self.max_lanes)
+        limits = (self.max_batch, self.max_queue, self.max_lanes)
         if min(*limits, self.prefill_tokens, self.max_kv_tokens) <= 0:
             raise ValueError(f"batching limits must be positive: {self}")
 
@@ -180,7 +181,7 @@ class BatchingEngine:
         self.tokenizer = hub.base.tokenizer
         self.eos = hub.base.eos_ids
         self.on_step: Callable[[int, int], None] | None = None  # (running rows, waiting)
-        self.stack = AdapterStack(self.model, self._load, _why_unfit, self.config.max_adapters)
+        self.stack = AdapterPager(self.model, self._load, _why_unfit, self.config.pager)
         self._waiting: deque[_Row] = deque()
         self._prefilling: list[_Row] = []  # admitted, prompt not yet all in a cache
         self._lanes: list[_Lane] = []  # the rows decoding, by length
@@ -244,10 +245,10 @@ class BatchingEngine:
                 f"{c.max_kv_tokens}",
                 "context_length_exceeded",
             )
-        if len(request.routing.adapters) > c.max_adapters:
+        if len(request.routing.adapters) > c.pager.slots:
             raise RequestError(
                 f"{len(request.routing.adapters)} adapters in one request; this server "
-                f"stacks at most {c.max_adapters}",
+                f"holds at most {c.pager.slots} at once",
                 "too_many_adapters",
             )
 
@@ -301,7 +302,7 @@ class BatchingEngine:
             keys = {k for r in rows for k in r.keys}
             if len(rows) > c.max_batch or self._reserved(row) > c.max_kv_tokens:
                 return
-            if len(keys) > c.max_adapters and len(rows) > 1:
+            if len(keys) > c.pager.slots:
                 return
             self._prefilling.append(self._waiting.popleft())
 

@@ -1,11 +1,13 @@
-"""The built-in engine's adapter stack: which adapters the composer holds, keyed by what
-they are (name and sha256), never by name alone, so an adapter replaced while the server
-runs is a different entry and a request never gets weights other than those it reports.
+"""The built-in engine's adapter pager: adapters in a bounded host cache (by bytes) and in
+a fixed number of slots of one composer bank (S-LoRA's idea, at our scale). A miss loads
+one adapter and writes it into one slot in place: no re-attach, nothing else moves. A slot
+that a running row uses is never evicted: the engine admits no more distinct adapters
+than there are slots.
 
-Changes are transactional: adapters are loaded and checked against the model before the
-composer is touched, and a failed attach puts the previous composer back. A failure
-names the adapters at fault (`StackError.bad`), so the engine fails only the requests
-that need them; everything already stacked keeps working.
+Adapters are keyed by what they are (name and sha256), never by name alone, so an adapter
+replaced while the server runs is a different entry and a request never gets weights
+other than those it reports. A failure names the adapters at fault (`StackError.bad`), so
+the engine fails only the requests that need them; every slot already filled keeps working.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ from collections import OrderedDict
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
-from composition import Composer
+from composition import AdapterBank, Composer
 from registry import AdapterError, LoraAdapter
 
 
@@ -27,14 +30,9 @@ class AdapterKey:
     name: str
     sha256: str
 
-    @property
-    def slot(self) -> str:
-        """Its name inside the composer's bank (two versions of a name may coexist)."""
-        return f"{self.name}@{self.sha256[:16]}"
-
 
 class StackError(Exception):
-    """Stacking failed; `bad` maps each adapter at fault to what went wrong."""
+    """Paging in failed; `bad` maps each adapter at fault to what went wrong."""
 
     def __init__(self, bad: Mapping[AdapterKey, str]) -> None:
         super().__init__("; ".join(f"{k.name}: {why}" for k, why in bad.items()))
@@ -45,67 +43,126 @@ Loader = Callable[[AdapterKey], LoraAdapter]
 Fits = Callable[[nn.Module, LoraAdapter], str | None]  # None, or why it does not fit
 
 
-class AdapterStack:
-    """Up to `capacity` adapters attached to `model` through one Composer, least recently
-    used dropped first (never one that is `needed` now)."""
+@dataclass(frozen=True)
+class PagerConfig:
+    """slots: adapters on the model at once; rank: each slot's rank (adapters of a higher
+    rank make the bank grow once); host_bytes: loaded adapters kept in memory for reuse."""
 
-    def __init__(self, model: nn.Module, load: Loader, fits: Fits, capacity: int) -> None:
+    slots: int = 64
+    rank: int = 8  # the zoo's; a higher-rank adapter grows the bank once
+    host_bytes: int = 1 << 30
+
+    def __post_init__(self) -> None:
+        if min(self.slots, self.rank, self.host_bytes) <= 0:
+            raise ValueError(f"pager limits must be positive: {self}")
+
+
+class AdapterPager:
+    """See the module docstring. Engine thread only."""
+
+    def __init__(self, model: nn.Module, load: Loader, fits: Fits, config: PagerConfig) -> None:
         self.model = model
         self.load = load
         self.fits = fits
-        self.capacity = capacity
+        self.config = config
         self.composer: Composer | None = None
-        self._held: OrderedDict[AdapterKey, LoraAdapter] = OrderedDict()
+        self.slot_of: OrderedDict[AdapterKey, int] = OrderedDict()  # least recent first
+        self._host: OrderedDict[AdapterKey, LoraAdapter] = OrderedDict()
+        self.loads = 0  # adapters read from the registry (misses of the host cache)
 
     def __contains__(self, key: AdapterKey) -> bool:
-        return key in self._held
+        return key in self.slot_of
 
     def ensure(self, needed: Collection[AdapterKey]) -> None:
-        """The composer holds every key in `needed`, or StackError and nothing changed."""
+        """Every key in `needed` has a slot, or StackError naming the adapters at fault
+        (the others were paged in)."""
+        if len(set(needed)) > self.config.slots:
+            raise ValueError(
+                f"{len(set(needed))} adapters at once; the bank has {self.config.slots} slots"
+            )
         for key in needed:
-            if key in self._held:
-                self._held.move_to_end(key)
-        missing = sorted(k for k in set(needed) if k not in self._held)
-        if not missing:
-            return
-        loaded, bad = {}, {}
-        for key in missing:
+            if key in self.slot_of:
+                self.slot_of.move_to_end(key)
+        bad = {}
+        for key in sorted(k for k in set(needed) if k not in self.slot_of):
             try:
-                adapter = self.load(key)
-                why = self.fits(self.model, adapter)
+                self._page_in(key, needed)
             except AdapterError as e:
-                why = str(e)
-            if why is None:
-                loaded[key] = adapter
-            else:
-                bad[key] = why
+                bad[key] = str(e)
         if bad:
             raise StackError(bad)
-        held = OrderedDict(self._held)
-        held.update(loaded)
-        for key in [k for k in held if k not in needed]:
-            if len(held) <= max(self.capacity, len(needed)):
-                break
-            del held[key]
-        self._attach(held)
-
-    def _attach(self, held: OrderedDict[AdapterKey, LoraAdapter]) -> None:
-        old = self.composer
-        if old is not None:
-            old.detach()
-        try:
-            self.composer = Composer.attach(self.model, list(held.values()), [k.slot for k in held])
-        except AdapterError as e:  # the adapters do not stack together: keep what worked
-            self.composer = Composer(self.model, old.bank) if old is not None else None
-            raise StackError({k: str(e) for k in held if k not in self._held}) from e
-        self._held = held
 
     def gates(self, rows: list[Mapping[AdapterKey, float]]) -> Tensor:
-        """Per-row gates (rows, n) over the composer's bank."""
-        return self.composer.gates_for([{k.slot: w for k, w in r.items()} for r in rows])
+        """Per-row gates (rows, slots)."""
+        g = torch.zeros(len(rows), self.config.slots)
+        for i, row in enumerate(rows):
+            for key, weight in row.items():
+                g[i, self.slot_of[key]] = weight
+        return g
 
     def close(self) -> None:
         if self.composer is not None:
             self.composer.detach()
             self.composer = None
-        self._held.clear()
+        self.slot_of.clear()
+
+    def _page_in(self, key: AdapterKey, needed: Collection[AdapterKey]) -> None:
+        adapter = self._host_get(key)
+        why = self.fits(self.model, adapter)
+        if why is not None:
+            raise AdapterError(why)
+        bank = self.composer.bank if self.composer is not None else None
+        if bank is None or bank.fits_slot(adapter) is not None:
+            bank = self._grow(adapter)
+        slot = self._free_slot(needed)
+        bank.write_slot(slot, adapter)
+        self.slot_of[key] = slot
+
+    def _free_slot(self, needed: Collection[AdapterKey]) -> int:
+        used = set(self.slot_of.values())
+        free = next((i for i in range(self.config.slots) if i not in used), None)
+        if free is not None:
+            return free
+        victim = next(k for k in self.slot_of if k not in needed)  # least recently used
+        return self.slot_of.pop(victim)
+
+    def _grow(self, adapter: LoraAdapter) -> AdapterBank:
+        """A bank that also holds `adapter`'s modules and rank, the slots copied over;
+        attached in place of the old one (restored if attaching fails)."""
+        old = self.composer
+        shapes = dict(old.bank.modules.items()) if old is not None else {}
+        modules = {name: s.shape for name, s in shapes.items()}
+        modules |= {name: (m.d_in, m.d_out) for name, m in adapter.modules.items()}
+        rank = max(self.config.rank, adapter.rank, *(s.A_pad.shape[1] for s in shapes.values()))
+        param = next(self.model.parameters())
+        bank = AdapterBank.slots(self.config.slots, rank, modules, param.dtype, param.device)
+        for name, s in shapes.items():  # the filled slots, as they were
+            r = s.A_pad.shape[1]
+            bank.modules[name].A_pad[:, :r] = s.A_pad
+            bank.modules[name].B_pad[:, :, :r] = s.B_pad
+        if old is not None:
+            old.detach()
+        try:
+            self.composer = Composer(self.model, bank)
+        except AdapterError:
+            self.composer = Composer(self.model, old.bank) if old is not None else None
+            raise
+        return bank
+
+    def _host_get(self, key: AdapterKey) -> LoraAdapter:
+        if key in self._host:
+            self._host.move_to_end(key)
+            return self._host[key]
+        adapter = self.load(key)
+        self.loads += 1
+        self._host[key] = adapter
+        while (
+            len(self._host) > 1
+            and sum(a.nbytes for a in self._host.values()) > self.config.host_bytes
+        ):
+            self._host.popitem(last=False)
+        return adapter
+
+    @property
+    def host_bytes(self) -> int:
+        return sum(a.nbytes for a in self._host.values())
