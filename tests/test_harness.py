@@ -1,0 +1,234 @@
+"""lm-evaluation-harness as an outside oracle: its own `hf` model (and `hf` with `peft=`)
+against the `loraplex` model, on BIG-bench-format tasks written as local harness tasks.
+
+A tiny config-built Llama and a character tokenizer are saved to a folder that both
+models load; the tasks are YAML + local JSONL in tmp_path (no Hub datasets)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FAMILIES, char_tokenizer, tiny_llama
+
+lm_eval = pytest.importorskip("lm_eval")  # the `harness` extra, part of `test`
+from lm_eval.tasks import TaskManager  # noqa: E402
+
+from lorahub.harness import LoraplexLM, main  # noqa: E402
+from lorahub.tasks import Task, parse_bigbench  # noqa: E402
+from registry import Registry  # noqa: E402
+
+# the chat template of the tiny tokenizer: each turn on its own line, then the assistant's
+CHAT = (
+    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+# exact match as `lorahub.inference.normalize` reads an answer: case and surrounding
+# punctuation or spaces ignored (the harness's generation stops at the first line)
+_PUNCT = r"""[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~\s]"""
+NORMALIZE = {"ignore_case": True, "regexes_to_ignore": [f"^{_PUNCT}+", f"{_PUNCT}+$"]}
+
+
+def _numbers(n: int, op: str, fn) -> list[tuple[int, int, int]]:
+    g = torch.Generator().manual_seed(len(op))
+    pairs = torch.randint(1, 50, (n, 2), generator=g).tolist()
+    return [(a, b, fn(a, b)) for a, b in pairs]
+
+
+# BIG-bench task.json bodies in the form of dev tasks (arithmetic, word sorting, ...)
+TASKS = {
+    "bb_arithmetic_mc": {
+        "task_prefix": "Q: ",
+        "examples": [
+            {
+                "input": f"What is {a} plus {b}?",
+                "target_scores": {str(s): 1, str(s + 1): 0, str(s - 3): 0},
+            }
+            for a, b, s in _numbers(6, "plus", int.__add__)
+        ],
+    },
+    "bb_sentiment_mc": {
+        "examples": [
+            {"input": text, "target_scores": {"positive": int(p), "negative": int(not p)}}
+            for text, p in [
+                ("What a wonderful, happy day!", True),
+                ("I hated that movie, it was awful.", False),
+                ("The food was cold and bland.", False),
+                ("Best concert of my life.", True),
+                ("Never again, a waste of money.", False),
+            ]
+        ],
+    },
+    "bb_arithmetic_gen": {
+        "examples": [
+            {"input": f"What is {a} minus {b}?\nA:", "target": str(s)}
+            for a, b, s in _numbers(5, "minus", int.__sub__)
+        ],
+    },
+    "bb_word_sorting": {
+        "examples": [
+            {"input": f"Sort: {' '.join(words)}", "target": " ".join(sorted(words))}
+            for words in (["pear", "apple"], ["zeta", "beta", "eta"], ["dog", "cat", "ant"])
+        ],
+    },
+}
+
+
+def lora(model: torch.nn.Module):
+    """A PEFT LoRA on every Llama projection with non-zero B (init_lora_weights=False)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(3)
+    targets = FAMILIES["llama"][1]
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+    return get_peft_model(copy.deepcopy(model), config).eval()
+
+
+def write_task(folder: Path, task: Task) -> None:
+    """`task` as a harness task: a YAML config and a JSONL file beside it."""
+    data = folder / f"{task.name}.jsonl"
+    mc = task.examples[0].answer is not None
+    with data.open("w") as f:
+        for ex in task.examples:
+            row = {"input": ex.input}
+            row |= (
+                {"options": list(ex.options), "answer": ex.answer} if mc else {"target": ex.target}
+            )
+            f.write(json.dumps(row) + "\n")
+    config = {
+        "task": task.name,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(data)}},
+        "test_split": "test",
+        "doc_to_text": "input",
+        "target_delimiter": "",
+    }
+    if mc:
+        config |= {
+            "output_type": "multiple_choice",
+            "doc_to_choice": "options",
+            "doc_to_target": "answer",
+            "metric_list": [{"metric": "acc"}],
+        }
+    else:
+        config |= {
+            "output_type": "generate_until",
+            "doc_to_target": "target",
+            "generation_kwargs": {"until": ["\n"], "max_gen_toks": 8, "do_sample": False},
+            "metric_list": [{"metric": "exact_match", **NORMALIZE}],
+        }
+    # JSON is YAML
+    (folder / f"{task.name}.yaml").write_text(json.dumps(config, indent=1))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A saved tiny Llama + tokenizer, a PEFT adapter for it registered in a registry, and
+    the four tasks as harness tasks."""
+    root = tmp_path_factory.mktemp("harness")
+    tok = char_tokenizer()
+    torch.manual_seed(0)
+    # the vocabulary the tokenizer's size: `hf` with peft= resizes the embeddings otherwise
+    model = tiny_llama(vocab_size=len(tok), max_position_embeddings=256).eval()
+    tok.chat_template = CHAT
+    base = root / "tiny-llama"
+    model.save_pretrained(base)
+    tok.save_pretrained(base)
+    adapter = root / "adapter"
+    lora(model).save_pretrained(adapter)
+    registry = root / "registry"
+    reg = Registry(registry)
+    reg.register(adapter, name="own")
+    reg.close()
+    tasks = root / "tasks"
+    tasks.mkdir()
+    parsed = [parse_bigbench(body, name) for name, body in TASKS.items()]
+    for task in parsed:
+        write_task(tasks, task)
+    return {
+        "base": base,
+        "adapter": adapter,
+        "registry": registry,
+        "tasks": tasks,
+        "parsed": parsed,
+    }
+
+
+def run(setup: dict, model, tasks=tuple(TASKS), **kwargs) -> dict:
+    return lm_eval.simple_evaluate(
+        model=model,
+        tasks=list(tasks),
+        task_manager=TaskManager(include_path=str(setup["tasks"]), include_defaults=False),
+        log_samples=True,
+        batch_size=4,
+        device="cpu",
+        **kwargs,
+    )
+
+
+def hf(setup: dict, **extra) -> dict:
+    return {
+        "model": "hf",
+        "model_args": {"pretrained": str(setup["base"]), "dtype": "float32", **extra},
+    }
+
+
+def loraplex(setup: dict, **extra) -> LoraplexLM:
+    return LoraplexLM(base_model=str(setup["base"]), registry=str(setup["registry"]), **extra)
+
+
+def responses(out: dict, task: str) -> list:
+    """Per request, what the model answered: a log-likelihood or a generated text."""
+    samples = sorted(out["samples"][task], key=lambda s: s["doc_id"])
+    return [r for s in samples for resp in s["resps"] for r in resp]
+
+
+def assert_same(ours: dict, theirs: dict) -> None:
+    for task in TASKS:
+        mine, ref = responses(ours, task), responses(theirs, task)
+        assert len(mine) == len(ref) > 0
+        for a, b in zip(mine, ref, strict=True):
+            if isinstance(b, str):
+                assert a == b, task
+            else:  # (log-likelihood, is_greedy)
+                assert math.isclose(float(a[0]), float(b[0]), abs_tol=1e-4), (task, a, b)
+                assert bool(a[1]) == bool(b[1]), task
+        metrics = {k: v for k, v in theirs["results"][task].items() if "stderr" not in k}
+        for k, v in metrics.items():
+            if isinstance(v, float):
+                assert ours["results"][task][k] == pytest.approx(v), (task, k)
+
+
+def test_compose_none_equals_the_harness_hf_model(setup: dict) -> None:
+    theirs = run(setup, **hf(setup))
+    ours = run(setup, loraplex(setup, compose="none"))
+    assert_same(ours, theirs)
+    # the tasks do run both request types
+    assert isinstance(responses(ours, "bb_word_sorting")[0], str)
+    assert len(responses(ours, "bb_arithmetic_mc")) == 3 * 6
+
+
+def test_named_adapter_equals_hf_with_peft(setup: dict) -> None:
+    theirs = run(setup, **hf(setup, peft=str(setup["adapter"])))
+    ours = run(setup, loraplex(setup, adapter="own", compose="selection"))
+    assert_same(ours, theirs)
+    plain = run(setup, loraplex(setup, compose="none"), tasks=["bb_arithmetic_mc"])
+    # the adapter changes the scores: the equality above is not the base model's twice
+    assert responses(plain, "bb_arithmetic_mc") != responses(ours, "bb_arithmetic_mc")
+
+
+def test_loraplex_lm_eval_runs_the_harness_cli(setup: dict, tmp_path: Path) -> None:
+    args = f"base_model={setup['base']},registry={setup['registry']},adapter=own"
+    tasks = ["--tasks", "bb_sentiment_mc", "--include_path", str(setup["tasks"])]
+    where = ["--batch_size", "4", "--device", "cpu", "--output_path", str(tmp_path)]
+    code = main(["--model", "loraplex", "--model_args", args, *tasks, *where])
+    assert code == 0
+    (written,) = tmp_path.glob("**/results_*.json")
+    cli = json.loads(written.read_text())["results"]["bb_sentiment_mc"]
+    direct = run(setup, loraplex(setup, adapter="own"), tasks=["bb_sentiment_mc"])
+    assert cli["acc,none"] == direct["results"]["bb_sentiment_mc"]["acc,none"]
+    assert main(["--model", "loraplex", "--no-such-flag", "x"]) == 2
