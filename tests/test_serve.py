@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +27,7 @@ from lorahub.hub import Hub
 from lorahub.models import BaseModel
 from lorahub.serve.app import ServeConfig, create_app
 from lorahub.serve.batching import BatchingConfig, BatchingEngine
+from lorahub.serve.validate import Limits
 from registry import BaseModelInfo, LoraAdapter, LoraModule, Registry
 from router import Retriever, Routing, TaskRouter, TaskRouterConfig
 
@@ -74,12 +76,17 @@ def registry_dir(tmp_path_factory: pytest.TempPathFactory, embedder) -> Path:
 
 @contextmanager
 def running_server(
-    registry_dir: Path, embedder, config: ServeConfig | None = None, router=Retriever, **batching
+    registry_dir: Path,
+    embedder,
+    config: ServeConfig | None = None,
+    router=Retriever,
+    base=None,
+    **batching,
 ) -> Iterator[tuple[str, BatchingEngine]]:
-    """The app under uvicorn on 127.0.0.1 in a thread; its own model and registry handle,
-    `router(registry)` routing."""
+    """The app under uvicorn on 127.0.0.1 in a thread; its own model (`base`, else
+    `tiny_base()`) and registry handle, `router(registry)` routing."""
     reg = Registry(registry_dir, embedder=embedder)
-    hub = Hub(reg, tiny_base(), router(reg))
+    hub = Hub(reg, base or tiny_base(), router(reg))
     engine = BatchingEngine(hub, BatchingConfig(**batching))
     try:
         # the config names the router for the report: these hubs route with the retriever
@@ -314,6 +321,17 @@ def test_32_concurrent_streams_each_get_their_text_alone(registry_dir: Path, emb
 
 # -- mistakes and faults ----------------------------------------------------------------------
 
+CHAT_X = json.dumps({"model": "math", "messages": [{"role": "user", "content": "x"}]}).encode()
+AUTO_X = (
+    b'{"model": "auto", "messages": [{"role": "user", "content": "x"}], '
+    b'"loraplex": {"adapters": {"math": WEIGHT}}}'
+)
+
+
+def with_field(name: str, value: object) -> bytes:
+    return json.dumps({**json.loads(CHAT_X), name: value}).encode()
+
+
 BAD = {
     "malformed JSON": (b'{"model": "math", "messages": [', 400, None),
     "not an object": (b"[1, 2]", 400, None),
@@ -373,6 +391,56 @@ BAD = {
         400,
         None,
     ),
+    "stream as a string": (CHAT_X.replace(b"}]", b'}], "stream": "yes"', 1), 400, "stream"),
+    "max_tokens as a string": (CHAT_X.replace(b"}]", b'}], "max_tokens": "8"', 1), 400, "max_tokens"),
+    "temperature as a bool": (CHAT_X.replace(b"}]", b'}], "temperature": true', 1), 400, "temperature"),
+    "seed above 2^63": (CHAT_X.replace(b"}]", b'}], "seed": 9223372036854775808', 1), 400, "seed"),
+    "negative seed": (CHAT_X.replace(b"}]", b'}], "seed": -1', 1), 400, "seed"),
+    "NaN temperature": (CHAT_X.replace(b"}]", b'}], "temperature": NaN', 1), 400, "temperature"),
+    "NaN weight": (AUTO_X.replace(b"WEIGHT", b"NaN"), 400, "loraplex.adapters.math"),
+    "Infinity weight": (AUTO_X.replace(b"WEIGHT", b"Infinity"), 400, "loraplex.adapters.math"),
+    "1e309 weight": (AUTO_X.replace(b"WEIGHT", b"1e309"), 400, "loraplex.adapters.math"),
+    "1e308 weight": (AUTO_X.replace(b"WEIGHT", b"1e308"), 400, "loraplex.adapters"),
+    "weight above the range": (AUTO_X.replace(b"WEIGHT", b"50.5"), 400, "loraplex.adapters"),
+    "weight below the range": (AUTO_X.replace(b"WEIGHT", b"-0.75"), 400, "loraplex.adapters"),
+    "weight as a string": (AUTO_X.replace(b"WEIGHT", b'"0.5"'), 400, "loraplex.adapters.math"),
+    "lone surrogate": (CHAT_X.replace(b'"x"', b'"x\\ud800y"'), 400, None),
+    "lone surrogate in an ignored field": (CHAT_X.replace(b"}]", b'}], "user": "\\udc00"', 1), 400, None),
+    "five stop strings": (with_field("stop", ["a", "b", "c", "d", "e"]), 400, "stop"),
+    "an empty stop string": (with_field("stop", [""]), 400, "stop"),
+    "a stop string of 200k characters": (with_field("stop", "s" * 200_000), 400, "stop"),
+    "too many messages": (
+        json.dumps({"model": "math", "messages": [{"role": "user", "content": "x"}] * 513}).encode(),
+        400,
+        "messages",
+    ),
+    "too many content parts": (
+        json.dumps({"model": "math", "messages": [{"role": "user", "content": [{"type": "text", "text": "x"}] * 65}]}).encode(),
+        400,
+        "messages.0.content",
+    ),
+    "an image content part": (
+        json.dumps({"model": "math", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}).encode(),
+        400,
+        "messages",
+    ),
+    "too many adapters": (
+        json.dumps({"model": "auto", "messages": [{"role": "user", "content": "x"}], "loraplex": {"adapters": {f"a{i}": 1.0 for i in range(17)}}}).encode(),
+        400,
+        "loraplex.adapters",
+    ),
+    **{
+        f"unsupported {name}": (with_field(name, value), 400, name)
+        for name, value in [
+            ("tools", [{"type": "function", "function": {"name": "f"}}]),
+            ("tool_choice", "auto"),
+            ("functions", [{"name": "f"}]),
+            ("response_format", {"type": "json_object"}),
+            ("logit_bias", {"5": 10}),
+            ("best_of", 2),
+            ("top_k", 5),
+        ]
+    },
 }  # fmt: skip
 
 
@@ -386,6 +454,129 @@ def test_client_mistakes_are_4xx_in_the_openai_shape(server, case: str) -> None:
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
     assert param is None or error["param"] == param
     assert error["type"] == {400: "invalid_request_error", 404: "not_found_error"}[status]
+
+
+def error_of(r: httpx.Response, status: int) -> dict:
+    """The OpenAI envelope's error of a response that must have `status`."""
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    return error
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded"])
+def test_a_body_that_is_not_declared_json_is_415(server, content_type: str | None) -> None:
+    url, _ = server
+    headers = {"content-type": content_type} if content_type else {}
+    r = httpx.post(f"{url}/v1/chat/completions", content=CHAT_X, headers=headers, timeout=30)
+    assert error_of(r, 415)["code"] == "unsupported_media_type"
+
+
+def test_fields_asking_for_nothing_are_accepted(server) -> None:
+    """Unsupported fields at their do-nothing values, and fields that change nothing."""
+    url, _ = server
+    extra = {"n": 1, "tools": [], "logit_bias": {}, "response_format": {"type": "text"}}
+    reply = client(url).chat.completions.create(
+        model="math", messages=[{"role": "user", "content": "hi"}], user="u1", extra_body=extra,
+        seed=2**63 - 1, **GREEDY,
+    )  # fmt: skip
+    assert reply.usage.completion_tokens > 0
+
+
+def test_bodies_over_the_limit_are_413(registry_dir: Path, embedder) -> None:
+    config = ServeConfig(router="retriever", limits=Limits(max_body_bytes=4096))
+    big = with_field("user", "u" * 100_000)
+    with running_server(registry_dir, embedder, config) as (url, _):
+        declared = httpx.post(f"{url}/v1/completions", content=big, headers=JSON, timeout=30)
+        assert error_of(declared, 413)["code"] == "request_too_large"
+
+        def chunks() -> Iterator[bytes]:  # no Content-Length: counted as it arrives
+            for i in range(0, len(big), 1000):
+                yield big[i : i + 1000]
+
+        streamed = httpx.post(f"{url}/v1/completions", content=chunks(), headers=JSON, timeout=30)
+        assert error_of(streamed, 413)["code"] == "request_too_large"
+        small = json.dumps({**json.loads(with_field("user", "u" * 100)), "max_tokens": 5})
+        assert (
+            httpx.post(
+                f"{url}/v1/chat/completions", content=small, headers=JSON, timeout=30
+            ).status_code
+            == 200
+        )
+
+
+def plain_base() -> BaseModel:
+    """tiny_base without a chat template: prompts are read as raw text."""
+    base = tiny_base()
+    base.tokenizer.chat_template = None
+    return base
+
+
+def test_an_empty_prompt_is_400_and_its_neighbours_are_answered(
+    registry_dir: Path, embedder
+) -> None:
+    with running_server(registry_dir, embedder, base=plain_base(), max_kv_tokens=100) as (
+        url,
+        engine,
+    ):
+        c = client(url)
+        alone = c.completions.create(model="tiny-llama", prompt="x", max_tokens=60, temperature=0)
+        started = threading.Event()
+        report = engine.on_step
+        engine.on_step = lambda batch, waiting: (batch and started.set(), report(batch, waiting))
+        beside: dict = {}
+        args = {"model": "tiny-llama", "prompt": "x", "max_tokens": 60, "temperature": 0}
+        worker = threading.Thread(target=lambda: beside.update(r=c.completions.create(**args)))
+        worker.start()
+        try:
+            assert started.wait(60)
+            for model in ("tiny-llama", "auto"):
+                with pytest.raises(openai.BadRequestError) as e:
+                    c.completions.create(model=model, prompt="", max_tokens=5)
+                assert e.value.body["code"] == "empty_prompt"
+            worker.join(120)
+        finally:
+            engine.on_step = report
+        assert beside["r"].choices[0].text == alone.choices[0].text
+        # past the engine's token budget (within the model's context): the engine says so, 4xx
+        with pytest.raises(openai.BadRequestError) as e:
+            c.completions.create(model="tiny-llama", prompt="x" * 50, max_tokens=60)
+        assert e.value.body["code"] == "context_length_exceeded"
+
+
+def test_a_non_streaming_client_that_disconnects_frees_its_row(server) -> None:
+    url, engine = server
+    body = {"model": "math", "prompt": "x", "max_tokens": 105, "temperature": 0}
+    full = client(url).completions.create(**body)
+    assert full.usage.completion_tokens == 105  # it would decode all 105 if nobody stopped it
+    steps: list[int] = []
+    started = threading.Event()
+    report = engine.on_step
+
+    def on_step(batch: int, waiting: int) -> None:
+        steps.append(batch)
+        if batch:
+            started.set()
+        report(batch, waiting)
+
+    raw = json.dumps(body).encode()
+    head = (
+        f"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json"
+        f"\r\nContent-Length: {len(raw)}\r\n\r\n"
+    ).encode()
+    host, port = url.removeprefix("http://").split(":")
+    engine.on_step = on_step
+    try:
+        with socket.create_connection((host, int(port)), timeout=30) as s:
+            s.sendall(head + raw)
+            assert started.wait(60)  # the row is decoding; now the client leaves
+        deadline = time.monotonic() + 60
+        while engine.stats()["running"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        engine.on_step = report
+    assert engine.stats()["running"] == 0
+    assert sum(1 for b in steps if b) < 90  # freed long before its 105 tokens
 
 
 def test_unknown_routes_and_the_openai_client_see_the_same_envelope(server) -> None:
@@ -439,9 +630,10 @@ def test_a_client_that_disconnects_frees_its_row(server) -> None:
     steps: list[int] = []
     report = engine.on_step
     engine.on_step = lambda batch, waiting: (steps.append(batch), report(batch, waiting))
-    body = {"model": "math", "prompt": "x", "stream": True, "max_tokens": 110, "temperature": 0}
+    body = {"model": "math", "prompt": "x", "stream": True, "max_tokens": 105, "temperature": 0}
     try:
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as r:
+            assert r.status_code == 200
             next(r.iter_lines())  # the first chunk arrived: the row is decoding
         deadline = time.monotonic() + 10
         while engine.stats()["running"] and time.monotonic() < deadline:
@@ -449,7 +641,7 @@ def test_a_client_that_disconnects_frees_its_row(server) -> None:
     finally:
         engine.on_step = report
     assert engine.stats()["running"] == 0
-    assert sum(1 for b in steps if b) < 100  # freed long before its 110 tokens
+    assert sum(1 for b in steps if b) < 90  # freed long before its 105 tokens
     after = client(url).completions.create(model="math", prompt="x", **GREEDY)
     assert after.usage.completion_tokens == 10
 
@@ -482,6 +674,97 @@ def test_an_api_key_is_required_when_set(registry_dir: Path, embedder) -> None:
             "auto",
         ]
         assert httpx.get(f"{url}/health", timeout=10).status_code == 200  # probes need no key
+
+
+SECRET_DIR = "/srv/loraplex-secret/registry"
+
+
+class FailingRetriever(Retriever):
+    """A retriever whose index read fails for prompts saying "boom" (an error naming a
+    server path, as an OSError would)."""
+
+    def route(self, prompts, k=None, exclude_each=None):
+        if any("boom" in q for q in prompts):
+            raise OSError(f"cannot read {SECRET_DIR}/index.faiss")
+        return super().route(prompts, k, exclude_each)
+
+
+def test_docs_need_the_key_500s_hide_paths_and_metrics_count_by_route(
+    registry_dir: Path, embedder
+) -> None:
+    config = ServeConfig(api_key="s3cret", router="retriever")
+    key = {"authorization": "Bearer s3cret"}
+    with running_server(registry_dir, embedder, config, router=FailingRetriever) as (url, _):
+        for path in ("/docs", "/redoc", "/openapi.json"):
+            assert error_of(httpx.get(f"{url}{path}", timeout=10), 401)
+            assert httpx.get(f"{url}{path}", headers=key, timeout=10).status_code == 200
+        with pytest.raises(openai.InternalServerError) as e:
+            client(url, api_key="s3cret").chat.completions.create(
+                model="auto", messages=[{"role": "user", "content": "boom"}], **GREEDY
+            )
+        message = e.value.body["message"]
+        assert "loraplex-secret" not in message and "index.faiss" not in message
+        assert "req-" in message  # the id to find the details in the server log
+        for i in range(120):
+            assert httpx.get(f"{url}/v1/nothing/{i}", headers=key, timeout=10).status_code == 404
+        scraped = httpx.get(f"{url}/metrics", timeout=10).text
+    series = [ln for ln in scraped.splitlines() if ln.startswith("loraplex_requests_total{")]
+    assert 'loraplex_requests_total{endpoint="unmatched",status="404"} 120.0' in series
+    assert 'loraplex_requests_total{endpoint="/v1/chat/completions",status="500"} 1.0' in series
+    # refused before routing: the three docs pages without the key
+    assert 'loraplex_requests_total{endpoint="unmatched",status="401"} 3.0' in series
+    assert len(series) < 12  # by route template, not by path
+
+
+class GatedTaskRouter(TaskRouter):
+    """The task router whose first fit waits for `gate` (a slow fit made controllable)."""
+
+    def __init__(self, registry: Registry) -> None:
+        super().__init__(registry, TaskRouterConfig(fit_threshold=-1.0))
+        self.gate = threading.Event()
+        self.fits: list[str] = []  # the thread each fit ran on
+
+    def _tasks(self):
+        if self._memo is None:
+            assert self.gate.wait(600)
+            self.fits.append(threading.current_thread().name)
+        return super()._tasks()
+
+
+def test_health_is_503_until_the_router_is_warm(registry_dir: Path, embedder) -> None:
+    routers: list[GatedTaskRouter] = []
+
+    def make(reg: Registry) -> GatedTaskRouter:
+        routers.append(GatedTaskRouter(reg))
+        return routers[-1]
+
+    config = ServeConfig(router="task")
+    with running_server(registry_dir, embedder, config, router=make) as (url, _):
+        (router,) = routers
+        starting = httpx.get(f"{url}/health", timeout=10)
+        assert starting.status_code == 503 and starting.json()["status"] == "starting"
+        router.gate.set()
+        deadline = time.monotonic() + 600  # a loaded machine fits slowly
+        while (health := httpx.get(f"{url}/health", timeout=10)).status_code != 200:
+            assert time.monotonic() < deadline, health.text
+            time.sleep(0.05)
+        assert health.json()["status"] == "ok"
+        assert router.fits == ["loraplex-route_0"]  # fitted at startup, off the event loop
+        reply = client(url).chat.completions.create(
+            model="auto", messages=[{"role": "user", "content": "What is 2 plus 2?"}], **GREEDY
+        )
+        assert reply.model_extra["loraplex"]["router"] == "task"
+        assert len(router.fits) == 1  # the request found the router fitted
+
+
+def test_every_numeric_engine_stat_is_a_gauge(server) -> None:
+    url, engine = server
+    scraped = httpx.get(f"{url}/metrics", timeout=10).text
+    stats = engine.stats()
+    assert {"running", "waiting", "prefilling"} <= set(stats)
+    for name, value in stats.items():
+        if isinstance(value, int | float):
+            assert f"loraplex_engine_{name} {float(value)}" in scraped
 
 
 def test_models_lists_base_auto_and_adapters(server) -> None:

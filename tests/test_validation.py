@@ -1,0 +1,118 @@
+"""The validation stage alone (no model, no server): whatever the body, only a 4xx
+`APIError` or a request that is typed, bounded and finite comes out."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lorahub.serve import protocol as p
+from lorahub.serve.validate import Limits, check, check_prompt, parse
+
+EXAMPLES = int(os.environ.get("LORAPLEX_FUZZ_EXAMPLES", "60"))
+FUZZ = settings(
+    max_examples=EXAMPLES * 5,  # cheap: no model
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+    derandomize=EXAMPLES <= 60,
+)
+LIMITS = Limits()
+
+
+def validated(body: bytes, kind: type = p.ChatRequest) -> p.ChatRequest | p.CompletionRequest:
+    req = parse(body, kind)
+    check(req, LIMITS)
+    return req
+
+
+def test_limits_refuse_nonsense() -> None:
+    with pytest.raises(ValueError, match="positive"):
+        Limits(max_stops=0)
+    with pytest.raises(ValueError, match="below"):
+        Limits(min_weight=2.0, max_weight=1.0)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("stream", "yes"), ("max_tokens", "8"), ("max_tokens", 8.0), ("temperature", "0.5")],
+)
+def test_no_coercion(field: str, value: object) -> None:
+    body = {"model": "m", "prompt": "x", field: value}
+    with pytest.raises(p.APIError) as e:
+        validated(json.dumps(body).encode(), p.CompletionRequest)
+    assert e.value.status == 400 and e.value.param == field
+
+
+def test_integers_are_numbers() -> None:
+    req = validated(
+        b'{"model": "m", "prompt": "x", "temperature": 1, "top_p": 1}', p.CompletionRequest
+    )
+    assert req.temperature == 1.0 and req.top_p == 1.0
+
+
+def test_the_prompt_check_names_the_first_problem() -> None:
+    with pytest.raises(p.APIError) as e:
+        check_prompt(0, 5, 100, "prompt")
+    assert (e.value.code, e.value.param) == ("empty_prompt", "prompt")
+    with pytest.raises(p.APIError) as e:
+        check_prompt(100, 5, 100, "messages")
+    assert (e.value.code, e.value.param) == ("context_length_exceeded", "messages")
+    with pytest.raises(p.APIError) as e:
+        check_prompt(90, 11, 100, "messages")
+    assert e.value.param == "max_tokens"
+    check_prompt(90, 10, 100, "messages")
+
+
+JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=30),
+    lambda inner: (
+        st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8), inner, max_size=5)
+    ),
+    max_leaves=20,
+)
+FIELDS = [
+    "model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature",
+    "top_p", "n", "stream", "stream_options", "stop", "seed", "min_tokens", "logprobs",
+    "top_logprobs", "loraplex", "tools", "response_format", "logit_bias", "best_of", "user",
+]  # fmt: skip
+GOOD = {"model": "m", "messages": [{"role": "user", "content": "x"}], "prompt": "x"}
+
+
+@FUZZ
+@given(
+    changes=st.dictionaries(st.sampled_from(FIELDS), JSON, max_size=4),
+    kind=st.sampled_from([p.ChatRequest, p.CompletionRequest]),
+)
+def test_any_body_is_a_400_or_a_bounded_finite_request(changes: dict, kind: type) -> None:
+    body = json.dumps({**GOOD, **changes}).encode()  # NaN / Infinity written as JSON allows
+    try:
+        req = validated(body, kind)
+    except p.APIError as e:
+        assert e.status == 400 and e.message
+        return
+    weights = (req.loraplex.adapters or {}).values()
+    assert all(math.isfinite(w) and LIMITS.min_weight <= w <= LIMITS.max_weight for w in weights)
+    assert req.seed is None or 0 <= req.seed < 2**63
+    assert all(0 < len(s) <= LIMITS.max_stop_chars for s in req.stops())
+    assert len(req.stops()) <= LIMITS.max_stops
+    assert req.temperature is None or math.isfinite(req.temperature)
+    assert isinstance(req.stream, bool) and req.n == 1
+    req.texts()  # the text is readable
+
+
+@FUZZ
+@given(raw=st.binary(max_size=200))
+def test_any_bytes_are_a_400_or_a_request(raw: bytes) -> None:
+    try:
+        validated(raw)
+    except p.APIError as e:
+        assert e.status == 400
