@@ -51,7 +51,7 @@ from lorahub.serve.engine import (
     check_capability,
 )
 from lorahub.serve.stack import AdapterKey, AdapterPager, PagerConfig, StackError
-from registry import AdapterError, AdapterNotFoundError, LoraAdapter
+from registry import AdapterNotFoundError, BaseModelMismatchError, LoraAdapter
 
 log = logging.getLogger("loraplex.serve")
 
@@ -257,25 +257,18 @@ class BatchingEngine:
         keys = {}
         for name, weight in request.routing.as_dict().items():
             try:
-                record = self.hub.registry.get(name)
+                record = self.hub.usable(name)
             except AdapterNotFoundError:
                 raise RequestError(
                     f"the adapter {name!r} is not registered (removed?)", "model_not_found", 404
                 ) from None
-            if record.base_model.name not in self.hub.base_models:
-                raise RequestError(
-                    f"the adapter {name!r} was made for {record.base_model.name!r}, not for "
-                    f"this server's {self.hub.base.name!r}",
-                    "adapter_incompatible",
-                )
+            except BaseModelMismatchError as e:
+                raise RequestError(str(e), "adapter_incompatible") from None
             keys[AdapterKey(name, record.sha256)] = weight
         return keys
 
     def _load(self, key: AdapterKey) -> LoraAdapter:
-        adapter = self.hub.registry.load(key.name)
-        if adapter.sha256() != key.sha256:
-            raise AdapterError("replaced in the registry after the request was routed to it")
-        return adapter
+        return self.hub.registry.load(key.name, sha256=key.sha256)
 
     # -- the loop ------------------------------------------------------------------------------
     def _loop(self) -> None:
