@@ -388,39 +388,17 @@ def serve_in_thread(app):
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 600
-    while not server.started:
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 1800  # ready: the router fitted (first run: embeddings)
+    while not (server.started and httpx.get(f"{url}/health", timeout=30).status_code == 200):
         if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the server did not start")
-        time.sleep(0.1)
-    return server, thread, f"http://127.0.0.1:{port}"
+            raise RuntimeError("the server did not become ready")
+        time.sleep(1)
+    return server, thread, url
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--seconds", type=float, default=240)
-    ap.add_argument("--clients", type=int, default=8)
-    ap.add_argument("--registry", type=Path, help="a zoo registry to reuse (made if missing)")
-    ap.add_argument(
-        "--quick", action="store_true", help="60 s, 4 clients (results/soak.quick.json)"
-    )
-    args = ap.parse_args()
-    if args.quick:
-        args.seconds, args.clients = 60, 4
-    torch.manual_seed(0)
-    registry_dir = args.registry or Path(tempfile.mkdtemp()) / "registry"
-    with Registry(registry_dir, embedder=SentenceEmbedder()) as reg:
-        manifest = register_zoo(reg)
-        if "soak-foreign" not in reg:  # with zoo-like examples: the router must skip it
-            examples = [d["input"] for d in manifest[0]["demo"]]
-            reg.register(foreign_adapter(), name="soak-foreign", examples=examples)
-    hub = Hub.open(registry=registry_dir)
-    engine = BatchingEngine(hub, BatchingConfig(max_batch=16))
-    counter = TerminalCount(engine)
-    server, thread, url = serve_in_thread(create_app(hub, engine, ServeConfig()))
-    hook = fault_hook(hub)
+def traffic(manifest: list[dict]) -> tuple[list[dict], list[tuple[str, str]]]:
+    """The well-formed bodies: 8 zoo prompts x (auto, base, own adapter, a mixture)."""
     rows = [(e["name"], d["input"]) for e in manifest for d in e["demo"][:1]]
     random.Random(0).shuffle(rows)
     rows = rows[:8]
@@ -435,6 +413,51 @@ def main() -> None:
             body("auto", prompt, True, loraplex={"adapters": {name: 0.6, mates[name]: 0.4}}),
         )
     ]
+    return bodies, rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--seconds", type=float, default=240)
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--registry", type=Path, help="a zoo registry to reuse (made if missing)")
+    ap.add_argument(
+        "--quick", action="store_true", help="60 s, 4 clients (results/soak.quick.json)"
+    )
+    ap.add_argument(
+        "--engine",
+        choices=["transformers", "vllm"],
+        default="transformers",
+        help="vllm: the gateway over two real vLLM replicas (.venv-vllm), a replica killed "
+        "and restarted, an upstream answering 400 (results/soak_vllm.json)",
+    )
+    args = ap.parse_args()
+    if args.quick:
+        args.seconds, args.clients = 60, 4
+    torch.manual_seed(0)
+    registry_dir = args.registry or Path(tempfile.mkdtemp()) / "registry"
+    with Registry(registry_dir, embedder=SentenceEmbedder()) as reg:
+        manifest = register_zoo(reg)
+        if "soak-foreign" not in reg:  # with zoo-like examples: the router must skip it
+            examples = [d["input"] for d in manifest[0]["demo"]]
+            reg.register(foreign_adapter(), name="soak-foreign", examples=examples)
+    hub = Hub.open(registry=registry_dir)
+    bodies, rows = traffic(manifest)
+    if args.engine == "vllm":
+        from _soak_gateway import soak_gateway
+
+        results, targets = soak_gateway(
+            hub, bodies, args.seconds, args.clients, Path(tempfile.mkdtemp())
+        )
+        config = {"seconds": args.seconds, "clients": args.clients, "engine": "vllm"}
+        write_result("soak_vllm", config, results, targets, args.quick)
+        return
+    engine = BatchingEngine(hub, BatchingConfig(max_batch=16))
+    counter = TerminalCount(engine)
+    server, thread, url = serve_in_thread(create_app(hub, engine, ServeConfig()))
+    hook = fault_hook(hub)
     probe = rows[0][1]
     print(f"references for {len(bodies)} requests ...", flush=True)
     refs, unloaded_ttft = asyncio.run(references(url, bodies))
