@@ -135,3 +135,41 @@ def test_arrow_routes_by_name_and_equals_its_gate_applied_by_hand(hub: Hub) -> N
     assert [a.text for a in answers] == by_hand
     with pytest.raises(ValueError, match="per-token"):
         arrow.route(PROMPTS, compose="fusion")
+
+
+REGISTER_ELSEWHERE = """
+import sys, torch
+from registry import BaseModelInfo, LoraAdapter, LoraModule, Registry
+from router import SentenceEmbedder
+mods = {"transformer.h.0.attn.c_attn": LoraModule(torch.randn(2, 32), torch.randn(96, 2), 2.0)}
+with Registry(sys.argv[1], embedder=SentenceEmbedder()) as reg:
+    adapter = LoraAdapter(mods, base_model=BaseModelInfo("gpt2-tiny"))
+    reg.register(adapter, name="g", examples=sys.argv[2:])
+"""
+
+
+def test_an_adapter_for_another_base_registered_while_running_is_never_offered(hub: Hub) -> None:
+    import subprocess
+    import sys
+
+    assert hub.route(PROMPTS, k=3)  # the hub has read the catalogue before the change
+    subprocess.run(
+        [sys.executable, "-c", REGISTER_ELSEWHERE, str(hub.registry.root), *PROMPTS], check=True
+    )  # by another process: the best match for the prompts, but unusable here
+    assert any(n == "g" for p in PROMPTS for n, _ in hub.registry.search(p, k=3))
+    assert all("g" not in r.adapters for r in hub.route(PROMPTS, k=3))
+    assert "g" in hub.catalogue().unfit and "g" not in hub.catalogue().usable
+    with pytest.raises(BaseModelMismatchError, match="gpt2-tiny"):
+        hub.usable("g")
+    assert hub.base_models == ["tiny-llama"]
+
+
+def test_an_adapter_replaced_while_running_is_applied_as_registered_now(hub: Hub) -> None:
+    routings = [Routing(("arithmetic",), (1.0,))]
+    before = hub.generate(PROMPTS[:1], routings=routings, max_new_tokens=6)[0].text
+    new = hub.registry.register(adapter_for(hub.base.model, 7), name="arithmetic", replace=True)
+    assert hub.usable("arithmetic").sha256 == new.sha256
+    after = hub.generate(PROMPTS[:1], routings=routings, max_new_tokens=6)[0].text
+    fresh = Hub(hub.registry, hub.base, Retriever(hub.registry))  # nothing cached
+    assert after == fresh.generate(PROMPTS[:1], routings=routings, max_new_tokens=6)[0].text
+    assert after != before
