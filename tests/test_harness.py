@@ -18,8 +18,11 @@ from conftest import FAMILIES, char_tokenizer, tiny_llama
 lm_eval = pytest.importorskip("lm_eval")  # the `harness` extra, part of `test`
 from lm_eval.tasks import TaskManager  # noqa: E402
 
+from lorahub.evaluate import EvalConfig, evaluate  # noqa: E402
 from lorahub.harness import LoraplexLM, main  # noqa: E402
-from lorahub.tasks import Task, parse_bigbench  # noqa: E402
+from lorahub.hub import Hub  # noqa: E402
+from lorahub.inference import normalize  # noqa: E402
+from lorahub.tasks import Task, TaskKind, parse_bigbench  # noqa: E402
 from registry import Registry  # noqa: E402
 
 # the chat template of the tiny tokenizer: each turn on its own line, then the assistant's
@@ -48,31 +51,33 @@ TASKS = {
                 "input": f"What is {a} plus {b}?",
                 "target_scores": {str(s): 1, str(s + 1): 0, str(s - 3): 0},
             }
-            for a, b, s in _numbers(6, "plus", int.__add__)
+            for a, b, s in _numbers(9, "plus", int.__add__)
         ],
     },
     "bb_sentiment_mc": {
         "examples": [
-            {"input": text, "target_scores": {"positive": int(p), "negative": int(not p)}}
-            for text, p in [
-                ("What a wonderful, happy day!", True),
-                ("I hated that movie, it was awful.", False),
-                ("The food was cold and bland.", False),
-                ("Best concert of my life.", True),
-                ("Never again, a waste of money.", False),
-            ]
+            {"input": f"{thing} was {word}.", "target_scores": {"positive": p, "negative": 1 - p}}
+            for thing in ("The film", "Our dinner", "The trip")
+            for word, p in (("wonderful", 1), ("awful", 0), ("bland", 0))
         ],
     },
     "bb_arithmetic_gen": {
         "examples": [
             {"input": f"What is {a} minus {b}?\nA:", "target": str(s)}
-            for a, b, s in _numbers(5, "minus", int.__sub__)
+            for a, b, s in _numbers(9, "minus", int.__sub__)
         ],
     },
     "bb_word_sorting": {
         "examples": [
             {"input": f"Sort: {' '.join(words)}", "target": " ".join(sorted(words))}
-            for words in (["pear", "apple"], ["zeta", "beta", "eta"], ["dog", "cat", "ant"])
+            for words in (
+                ["pear", "apple"],
+                ["zeta", "beta", "eta"],
+                ["dog", "cat", "ant"],
+                ["fig", "kiwi"],
+                ["yak", "ox", "emu"],
+                ["red", "blue", "tan"],
+            )
         ],
     },
 }
@@ -88,7 +93,7 @@ def lora(model: torch.nn.Module):
     return get_peft_model(copy.deepcopy(model), config).eval()
 
 
-def write_task(folder: Path, task: Task) -> None:
+def write_task(folder: Path, task: Task, max_gen_toks: int = 8) -> None:
     """`task` as a harness task: a YAML config and a JSONL file beside it."""
     data = folder / f"{task.name}.jsonl"
     mc = task.examples[0].answer is not None
@@ -118,7 +123,11 @@ def write_task(folder: Path, task: Task) -> None:
         config |= {
             "output_type": "generate_until",
             "doc_to_target": "target",
-            "generation_kwargs": {"until": ["\n"], "max_gen_toks": 8, "do_sample": False},
+            "generation_kwargs": {
+                "until": ["\n"],
+                "max_gen_toks": max_gen_toks,
+                "do_sample": False,
+            },
             "metric_list": [{"metric": "exact_match", **NORMALIZE}],
         }
     # JSON is YAML
@@ -209,7 +218,7 @@ def test_compose_none_equals_the_harness_hf_model(setup: dict) -> None:
     assert_same(ours, theirs)
     # the tasks do run both request types
     assert isinstance(responses(ours, "bb_word_sorting")[0], str)
-    assert len(responses(ours, "bb_arithmetic_mc")) == 3 * 6
+    assert len(responses(ours, "bb_arithmetic_mc")) == 3 * 9
 
 
 def test_named_adapter_equals_hf_with_peft(setup: dict) -> None:
@@ -232,3 +241,46 @@ def test_loraplex_lm_eval_runs_the_harness_cli(setup: dict, tmp_path: Path) -> N
     direct = run(setup, loraplex(setup, adapter="own"), tasks=["bb_sentiment_mc"])
     assert cli["acc,none"] == direct["results"]["bb_sentiment_mc"]["acc,none"]
     assert main(["--model", "loraplex", "--no-such-flag", "x"]) == 2
+
+
+def test_loraplex_eval_agrees_with_the_harness_on_the_same_split(
+    setup: dict, tmp_path: Path
+) -> None:
+    """`lorahub.evaluate` (what `loraplex eval` runs) and the harness's `hf` model with
+    --apply_chat_template, on the evaluated split: each item right or wrong alike, and the
+    same first line generated. Agreeing needs the harness tasks written as loraplex reads
+    them: the prompt in the chat template (one user turn), an option right after it (no
+    target delimiter), the first line of the answer (until "\\n") compared without case
+    and surrounding punctuation or spaces (`inference.normalize`)."""
+    cfg = EvalConfig(protocol="iid", methods=("base",), limit=None, max_new_tokens=8)
+    hub = Hub.open(str(setup["registry"]), base_model=str(setup["base"]))
+    report = evaluate(hub, setup["parsed"], cfg, progress=False)
+    split = [Task(t.name, t.kind, tuple(t.splits(cfg.split).test)) for t in setup["parsed"]]
+    for task in split:
+        write_task(tmp_path, task, max_gen_toks=cfg.max_new_tokens)
+    theirs = lm_eval.simple_evaluate(
+        **hf(setup),
+        tasks=list(TASKS),
+        task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
+        apply_chat_template=True,
+        log_samples=True,
+        batch_size=4,
+        device="cpu",
+    )
+    right = {(r["task"], r["prompt"]): r["right"] for r in report["routings"]}
+    for task in split:
+        mc = task.kind == TaskKind.multiple_choice
+        metric = "acc" if mc else "exact_match"
+        samples = sorted(theirs["samples"][task.name], key=lambda s: s["doc_id"])
+        assert len(samples) == len(task.examples) >= 2
+        for s in samples:
+            assert right[(task.name, s["doc"]["input"][:200])] == bool(s[metric]), task.name
+        ours = report["tasks"][task.name]["base"]["mc_acc" if mc else "em"]["value"]
+        assert ours == pytest.approx(theirs["results"][task.name][f"{metric},none"])
+        if not mc:  # right or wrong alike could be wrong alike: the texts agree too
+            inputs = [s["doc"]["input"] for s in samples]
+            texts = [a.text for a in hub.generate(inputs, compose="none", max_new_tokens=8)]
+            assert [normalize(t) for t in texts] == [
+                normalize(s["filtered_resps"][0]) for s in samples
+            ]
+    hub.close()
