@@ -61,6 +61,7 @@ NO_HARM = [
     "hyperbaton",
     "winowhy",
 ]
+OPENWORLD = RESULTS / "openworld" / "e2e.json"
 # Zoo adapters whose tasks share one input distribution with another zoo task (the same
 # sentences negated or made questions; German verbs, all or only the regular ones): no
 # router that sees only the input can tell them apart.
@@ -160,11 +161,17 @@ def issue_targets(runs: dict[str, dict], owners: dict[str, str]) -> list[dict]:
 
 def write_summary(config: dict, owners: dict[str, str], quick: bool) -> None:
     """summary.json: every committed run's macro accuracies (read back from its
-    results.json, so runs not redone are kept) and the targets."""
+    results.json, so runs not redone are kept) and the targets, with the open-world ones
+    (benchmarks/openworld.py run: results/openworld/e2e.json) when that run is on disk."""
     folder = RESULTS / ("crosstask-quick" if quick else "crosstask")
     runs = {p.parent.name: json.loads(p.read_text()) for p in sorted(folder.glob("*/results.json"))}
     summaries = {run: r["summary"] for run, r in runs.items()}
-    write_result("crosstask/summary", config, summaries, issue_targets(runs, owners), quick)
+    targets = issue_targets(runs, owners)
+    if OPENWORLD.exists() and not quick:
+        open_world = json.loads(OPENWORLD.read_text())
+        summaries["openworld"] = open_world["measured"] | {"source": "openworld/e2e.json"}
+        targets += [t | {"source": "openworld/e2e.json"} for t in open_world["targets"]]
+    write_result("crosstask/summary", config, summaries, targets, quick)
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,18 +29,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import RESULTS, machine, print_table
-from crosstask import UNSEEN
+from _common import RESULTS, machine, print_table, target
+from crosstask import CONFUSABLE, UNSEEN
 
-from lorahub.models import loraplex_home
+from lorahub.evaluate import EvalConfig, evaluate
+from lorahub.hub import Hub
+from lorahub.models import DEFAULT_MODEL, loraplex_home
 from lorahub.tasks import dev_tasks, fetch_bigbench, load_task
 from lorahub.zoo import read_manifest, register_zoo
 from registry import Registry
 from registry.embedding import examples_key
-from router import SentenceEmbedder
-from router.background import BACKGROUND_PATH, background_texts, truncate
+from router import Routing, SentenceEmbedder
+from router.background import BACKGROUND_PATH, truncate
 from router.classifier import fit_linear, softmax_rows
-from router.task import adapter_fit
+from router.task import TaskRouter, TaskRouterConfig, adapter_fit
 
 SPLIT = RESULTS / "openworld" / "split.json"
 EVERYDAY = Path(__file__).parent / "data" / "everyday.jsonl"
@@ -140,13 +143,20 @@ class Context:
     background: np.ndarray
     plain: tuple[np.ndarray, np.ndarray]
     with_none: tuple[np.ndarray, np.ndarray]
+    with_none_balanced: tuple[np.ndarray, np.ndarray]
 
 
 def make_context(zoo: Zoo, background: np.ndarray, C: float = 100.0) -> Context:
     a = len(zoo.names)
     X = np.concatenate([zoo.flat, background])
     y = np.concatenate([zoo.labels, np.full(len(background), a)])
-    return Context(zoo, background, fit_linear(zoo.flat, zoo.labels, C), fit_linear(X, y, C))
+    return Context(
+        zoo,
+        background,
+        fit_linear(zoo.flat, zoo.labels, C),
+        fit_linear(X, y, C),
+        fit_linear(X, y, C, balanced=True),
+    )
 
 
 def _fit(ctx: Context, Q: np.ndarray) -> np.ndarray:
@@ -177,6 +187,10 @@ def score_none_class(ctx: Context, Q: np.ndarray, texts: list[str]) -> np.ndarra
     return 1.0 - _probs(ctx.with_none, Q)[:, -1]
 
 
+def score_none_balanced(ctx: Context, Q: np.ndarray, texts: list[str]) -> np.ndarray:
+    return 1.0 - _probs(ctx.with_none_balanced, Q)[:, -1]
+
+
 def score_background_margin(ctx: Context, Q: np.ndarray, texts: list[str]) -> np.ndarray:
     """best adapter fit minus the fit to the nearest background examples."""
     bg = (Q @ ctx.background.T).clip(-1, 1)
@@ -203,6 +217,7 @@ CANDIDATES: dict[str, Callable[[Context, np.ndarray, list[str]], np.ndarray]] = 
     "calibrated fit (conformal p)": score_calibrated,
     "classifier max prob": score_classifier,
     "none class (1 - p_none)": score_none_class,
+    "none class, balanced": score_none_balanced,
     "background kNN margin": score_background_margin,
     "fit + router agreement": score_agreement,
     "fit - 0.1 length gap": score_length,
@@ -285,6 +300,245 @@ def diagnose(reg: Registry, split: dict) -> dict:
     return {"tuning": tuning_table, "reporting": reporting_table, "embed_ms_per_prompt": embed_ms}
 
 
+# -- thresholds ---------------------------------------------------------------------------------
+
+IN_ZOO_KEPT = 0.99  # zoo validation prompts that must keep their adapters (tune_router.py's rule)
+SURE_KEPT = 0.95  # zoo validation prompts that keep their top k, not the unsure mixture
+BROAD_RECALL = 0.95  # own adapter among the broad_k likeliest, on the zoo's unsure prompts
+
+
+def tune(reg: Registry, split: dict) -> dict:
+    """TaskRouterConfig's defaults from the zoo's validation prompts (embeddings only):
+    fit_threshold keeps IN_ZOO_KEPT of them, broad_threshold SURE_KEPT on their top k, and
+    broad_k is the fewest likeliest adapters holding the own one for BROAD_RECALL of the
+    prompts in between. The tuning half's and UNSEEN's validation prompts are reported."""
+    router = TaskRouter(reg, TaskRouterConfig(fit_threshold=-1.0, broad_threshold=-1.0))
+    owners = {e["task"]: e["name"] for e in read_manifest()}
+    zoo = prompts_of(split["zoo"], "validation", 50)
+    prompts = [p for ps in zoo.values() for p in ps]
+    own = [owners[t] for t, ps in zoo.items() for _ in ps]
+    scores = router.scores(prompts)
+    fit = 1.0 - scores.p_none
+    floor2 = lambda x: float(np.floor(x * 100) / 100)  # noqa: E731
+    abstain = floor2(np.quantile(fit, 1 - IN_ZOO_KEPT))
+    broad = max(abstain, floor2(np.quantile(fit, 1 - SURE_KEPT)))
+    band = (fit >= abstain) & (fit < broad)
+    ranks = np.array(
+        [
+            int((scores.prob[i] > scores.prob[i, scores.names.index(o)]).sum())
+            for i, o in enumerate(own)
+        ]
+    )
+    need = np.sort(ranks[band] + 1) if band.any() else np.array([1])
+    broad_k = int(need[int(np.ceil(BROAD_RECALL * len(need))) - 1])
+    chosen = {"fit_threshold": abstain, "broad_threshold": broad, "broad_k": broad_k}
+    cfg = TaskRouterConfig(**chosen)
+    report = {}
+    for name, key in (("tuning_half", "tuning"), ("unseen", "unseen"), ("zoo", "zoo")):
+        groups = prompts_of(split[key], "validation", PER_TASK_PROMPTS)
+        texts = [p for ps in groups.values() for p in ps]
+        decided = [decision(r) for r in TaskRouter(reg, cfg).route(texts, 3)]
+        report[name] = {d: decided.count(d) / len(decided) for d in ("base", "broad", "adapters")}
+    everyday = [e["prompt"] for e in read_everyday()]
+    decided = [decision(r) for r in TaskRouter(reg, cfg).route(everyday, 3)]
+    report["everyday (reporting only)"] = {
+        d: decided.count(d) / len(decided) for d in ("base", "broad", "adapters")
+    }
+    print(chosen)
+    print_table(
+        [{"prompts": k, **v} for k, v in report.items()], ["prompts", "base", "broad", "adapters"]
+    )
+    return {
+        "chosen": chosen,
+        "rules": {"in_zoo_kept": IN_ZOO_KEPT, "sure_kept": SURE_KEPT, "broad_recall": BROAD_RECALL},
+        "zoo_validation_fit_percentiles_1_5_50": np.percentile(fit, [1, 5, 50]).tolist(),
+        "decisions_on_validation": report,
+    }
+
+
+# -- end to end --------------------------------------------------------------------------------
+
+RUN_CACHE = loraplex_home() / "openworld-run"  # per task and group: a restart continues
+# group -> (split key, test prompts per task, methods). 2 CPU cores shared by five
+# engineers bought 4 prompts per reporting task (122 tasks), 6 per zoo task (compared with
+# the committed crosstask run's auto on the same prompts) and 10 per UNSEEN task (the
+# committed uniform on the same ones)
+GROUPS = {
+    "reporting": ("reporting", 4, ("base", "auto")),
+    "zoo": ("zoo", 6, ("auto",)),
+    "unseen": ("unseen", 10, ("auto",)),
+}
+DECISIONS = {"no adapter fits": "base", "unsure": "broad", "empty prompt": "base"}
+
+
+def decision(routing: Routing) -> str:
+    """base (no adapter), broad (the unsure regime) or adapters."""
+    for prefix, name in DECISIONS.items():
+        if routing.note.startswith(prefix):
+            return name
+    return "adapters" if routing.adapters else "base"
+
+
+def run_task(hub: Hub, task: str, limit: int, methods: tuple[str, ...]) -> dict:
+    """Per prompt: the auto decision, its score and whether each method was right."""
+    cfg = EvalConfig(protocol="iid", limit=limit, methods=methods)
+    results = evaluate(hub, [load_task(task)], cfg, progress=False)
+    prompts = [ex.input for ex in load_task(task).splits().test[:limit]]
+    routed = dict(zip(prompts, hub.route(prompts, cfg.k, "mixture"), strict=True))
+    rows: dict[str, dict] = {}
+    for r in results["routings"]:
+        rows.setdefault(r["prompt"], {"prompt": r["prompt"]})[r["method"]] = r["right"]
+    for p, routing in routed.items():
+        rows[p[:200]] |= {
+            "decision": decision(routing),
+            "fit": routing.confidence,
+            "adapters": list(routing.adapters),
+        }
+    return {"task": task, "limit": limit, "prompts": list(rows.values())}
+
+
+def run_everyday(hub: Hub, max_new_tokens: int = 40) -> list[dict]:
+    items = read_everyday()
+    prompts = [e["prompt"] for e in items]
+    auto = hub.route(prompts, 3, "mixture")
+    answers = {
+        "auto": hub.generate(prompts, routings=auto, max_new_tokens=max_new_tokens),
+        "base": hub.generate(prompts, compose="none", max_new_tokens=max_new_tokens),
+    }
+    out = []
+    for i, (e, r) in enumerate(zip(items, auto, strict=True)):
+        row = e | {"decision": decision(r), "fit": r.confidence, "adapters": list(r.adapters)}
+        for method, got in answers.items():
+            text = got[i].text
+            ok = None if e["accept"] is None else bool(re.search(e["accept"], text, re.I))
+            row |= {f"{method}_answer": text, method: ok}
+        out.append(row)
+    return out
+
+
+def cached(path: Path, make: Callable[[], object]) -> object:
+    if path.exists():
+        return json.loads(path.read_text())
+    value = make()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".part")
+    tmp.write_text(json.dumps(value, indent=1))
+    tmp.replace(path)
+    return value
+
+
+def run(split: dict) -> dict:
+    reg = open_registry()
+    hub = Hub.open(registry=reg, base_model=DEFAULT_MODEL)
+    fetch_bigbench(split["reporting"] + split["zoo"] + split["unseen"])
+    out: dict = {"limits": {g: v[1] for g, v in GROUPS.items()}, "groups": {}}
+    for group, (key, limit, methods) in GROUPS.items():
+        out["groups"][group] = [
+            cached(
+                RUN_CACHE / group / f"{task.replace('/', '__')}.json",
+                lambda task=task, limit=limit, methods=methods: run_task(hub, task, limit, methods),
+            )
+            for task in split[key]
+        ]
+        print(f"{group}: {len(split[key])} tasks")
+    out["everyday"] = cached(RUN_CACHE / "everyday.json", lambda: run_everyday(hub))
+    hub.close()
+    reg.close()
+    return out
+
+
+def _committed(run: str, method: str) -> dict[tuple[str, str], bool]:
+    """(task, prompt[:200]) -> right, from a committed crosstask run (same test prompts)."""
+    data = json.loads((RESULTS / "crosstask" / run / "results.json").read_text())
+    return {(r["task"], r["prompt"]): r["right"] for r in data["routings"] if r["method"] == method}
+
+
+def _acc(rows: list[dict], key: str) -> float:
+    return float(np.mean([bool(r[key]) for r in rows]))
+
+
+def _macro(tasks: list[dict], key: str) -> float:
+    return float(np.mean([_acc(t["prompts"], key) for t in tasks]))
+
+
+def summarize(result: dict) -> dict:
+    """Per group: accuracies, decisions, better/worse than base; the issue's targets."""
+    groups = result["groups"]
+    owners = {e["task"]: e["name"] for e in read_manifest()}
+    before = {"zoo": _committed("iid", "auto"), "unseen": _committed("ood_unseen", "uniform")}
+    for t in groups["zoo"]:
+        for r in t["prompts"]:
+            r["auto_before"] = before["zoo"][(t["task"], r["prompt"])]
+            r["routed_own"] = r["adapters"][:1] == [owners[t["task"]]]
+    for t in groups["unseen"]:
+        for r in t["prompts"]:
+            r["uniform"] = before["unseen"][(t["task"], r["prompt"])]
+    for t in groups["reporting"]:
+        for r in t["prompts"]:
+            r["vs_base"] = int(r["auto"]) - int(r["base"])
+    rep = groups["reporting"]
+    worst = min(rep, key=lambda t: _acc(t["prompts"], "auto") - _acc(t["prompts"], "base"))
+    decisions = {
+        g: {
+            d: float(np.mean([r["decision"] == d for t in tasks for r in t["prompts"]]))
+            for d in ("base", "broad", "adapters")
+        }
+        for g, tasks in groups.items()
+    }
+    every = result["everyday"]
+    checked = [e for e in every if e["accept"] is not None]
+    readme = next(e for e in every if e["prompt"] == "What is 12 plus 30?")
+    diag = json.loads((RESULTS / "openworld" / "diagnostic.json").read_text())
+    auroc_rep = diag["reporting"]["none class, balanced"]["auroc_reporting"]
+    distinguishable = [t for t in groups["zoo"] if owners[t["task"]] not in CONFUSABLE]
+    top1 = float(np.mean([r["routed_own"] for t in distinguishable for r in t["prompts"]]))
+    measured = {
+        "reporting_auto": _macro(rep, "auto"),
+        "reporting_base": _macro(rep, "base"),
+        "reporting_worst_task": [
+            worst["task"],
+            _acc(worst["prompts"], "auto") - _acc(worst["prompts"], "base"),
+        ],
+        "reporting_prompts_better_worse_than_base": [
+            sum(r["vs_base"] > 0 for t in rep for r in t["prompts"]),
+            sum(r["vs_base"] < 0 for t in rep for r in t["prompts"]),
+        ],
+        "zoo_auto": _macro(groups["zoo"], "auto"),
+        "zoo_auto_before": _macro(groups["zoo"], "auto_before"),
+        "zoo_routing_top1_distinguishable": top1,
+        "unseen_auto": _macro(groups["unseen"], "auto"),
+        "unseen_uniform": _macro(groups["unseen"], "uniform"),
+        "everyday_to_base": decisions_everyday(every),
+        "everyday_auto_right": _acc(checked, "auto"),
+        "everyday_base_right": _acc(checked, "base"),
+        "readme_example": {k: readme[k] for k in ("auto_answer", "auto", "decision")},
+        "decisions": decisions,
+        "auroc_reporting": auroc_rep,
+        "auroc_everyday": diag["reporting"]["none class, balanced"]["auroc_everyday"],
+    }
+    m = measured
+    targets = [
+        target("auroc_zoo_vs_reporting_half", auroc_rep, 0.95, ">="),
+        target("everyday_routed_to_base", m["everyday_to_base"], 0.90, ">="),
+        target("reporting_auto_minus_base", m["reporting_auto"] - m["reporting_base"], 0.0, ">="),
+        target("reporting_worst_task_vs_base", m["reporting_worst_task"][1], -0.05, ">="),
+        target("zoo_iid_auto_over_before", m["zoo_auto"] / m["zoo_auto_before"], 0.98, ">="),
+        target("zoo_iid_routing_top1_distinguishable", top1, 0.95, ">="),
+        target("unseen_auto_minus_uniform", m["unseen_auto"] - m["unseen_uniform"], 0.05, ">="),
+        target("readme_example_right", float(bool(readme["auto"])), 1.0, ">="),
+    ]
+    for t in targets:
+        print(
+            f"target {t['name']}: {t['value']:.4g} (goal {t['op']} {t['goal']}) "
+            f"{'met' if t['met'] else 'NOT MET'}"
+        )
+    return {"machine": machine(), "measured": measured, "targets": targets, **result}
+
+
+def decisions_everyday(every: list[dict]) -> float:
+    return float(np.mean([e["decision"] == "base" for e in every]))
+
+
 def open_registry() -> Registry:
     reg = Registry(REGISTRY, embedder=SentenceEmbedder())
     register_zoo(reg)
@@ -293,7 +547,7 @@ def open_registry() -> Registry:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("step", choices=["split", "background", "diagnose"])
+    ap.add_argument("step", choices=["split", "background", "diagnose", "tune", "run"])
     args = ap.parse_args()
     if args.step == "split":
         SPLIT.parent.mkdir(parents=True, exist_ok=True)
@@ -301,6 +555,18 @@ def main() -> None:
         print(f"wrote {SPLIT}")
     elif args.step == "background":
         write_background(read_split())
+    elif args.step == "run":
+        result = run(read_split())
+        out = RESULTS / "openworld" / "e2e.json"
+        out.write_text(json.dumps(summarize(result), indent=1) + "\n")
+        print(f"wrote {out}")
+    elif args.step == "tune":
+        reg = open_registry()
+        result = tune(reg, read_split())
+        out = RESULTS / "openworld" / "tune.json"
+        out.write_text(json.dumps({"machine": machine(), **result}, indent=1) + "\n")
+        print(f"wrote {out}")
+        reg.close()
     else:
         reg = open_registry()
         result = diagnose(reg, read_split())

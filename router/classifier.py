@@ -116,16 +116,22 @@ class ClassifierRouter:
 
 
 def fit_linear(
-    X: np.ndarray, labels: np.ndarray, C: float = 10.0, max_iter: int = 1000
+    X: np.ndarray,
+    labels: np.ndarray,
+    C: float = 10.0,
+    max_iter: int = 1000,
+    balanced: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Multinomial logistic regression (sklearn) of integer labels 0..n-1 on rows of X:
-    coef (n, dim) and intercept (n,), float32, row i for label i."""
+    coef (n, dim) and intercept (n,), float32, row i for label i. `balanced` weighs every
+    class alike whatever its number of rows."""
     from sklearn.linear_model import LogisticRegression
 
     n = int(labels.max()) + 1 if len(labels) else 0
     if len(set(labels.tolist())) < 2 or n != len(set(labels.tolist())):
         raise ValueError("a classifier router needs examples of at least two adapters")
-    model = LogisticRegression(C=C, max_iter=max_iter).fit(X, labels)
+    weight = "balanced" if balanced else None
+    model = LogisticRegression(C=C, max_iter=max_iter, class_weight=weight).fit(X, labels)
     coef, intercept = model.coef_, model.intercept_
     if coef.shape[0] == 1:  # sklearn's binary case: one logit for classes_[1]
         coef = np.vstack([-coef / 2, coef / 2])

@@ -278,16 +278,22 @@ def test_arrow_routes_by_name_with_its_per_token_spec_and_exclusions(registry) -
 # -- task router ---------------------------------------------------------------------------------
 
 
-def test_task_router_fit_is_the_mean_of_each_adapters_nearest_examples(registry) -> None:
+def test_task_router_neighbour_fit_is_the_mean_of_each_adapters_nearest_examples(
+    registry,
+) -> None:
     from sklearn.linear_model import LogisticRegression
 
     from router import TaskRouter, TaskRouterConfig
 
     router = TaskRouter(
-        registry, TaskRouterConfig(neighbours=2, fit_threshold=-1.0, broad_threshold=-1.0, C=3.0)
+        registry,
+        TaskRouterConfig(
+            fit="neighbours", neighbours=2, fit_threshold=-1.0, broad_threshold=-1.0, C=3.0
+        ),
     )
     prompts = list(QUERIES.values())
-    names, table, prob = router.scores(prompts)
+    scores = router.scores(prompts)
+    names, table, prob = scores.names, scores.neighbour, scores.prob
     emb = registry.embedder
     q = emb.encode(prompts).astype(np.float64)
     for j, name in enumerate(names):  # float64 oracle: top-2 cosines of the adapter's examples
@@ -308,16 +314,59 @@ def test_task_router_fit_is_the_mean_of_each_adapters_nearest_examples(registry)
         )
 
 
-def test_task_router_abstains_below_its_threshold_and_says_why(registry) -> None:
+def test_task_router_background_fit_is_one_minus_the_none_class(registry) -> None:
+    from sklearn.linear_model import LogisticRegression
+
+    from router import TaskRouter, TaskRouterConfig
+    from router.background import background_texts
+
+    router = TaskRouter(registry, TaskRouterConfig(fit_threshold=-1.0, broad_threshold=-1.0))
+    prompts = list(QUERIES.values())
+    scores = router.scores(prompts)
+    emb = registry.embedder
+    X = np.concatenate([emb.encode(TASKS[n][:3]) for n in scores.names])
+    X = np.concatenate([X, emb.encode(list(background_texts()))])
+    y = np.concatenate(
+        [
+            np.repeat(np.arange(len(scores.names)), 3),
+            [len(scores.names)] * (len(X) - 3 * len(scores.names)),
+        ]
+    )
+    oracle = (
+        LogisticRegression(C=100.0, max_iter=1000, class_weight="balanced")
+        .fit(X, y)
+        .predict_proba(emb.encode(prompts))
+    )
+    np.testing.assert_allclose(scores.p_none, oracle[:, -1], atol=2e-3)
+    routed = router.route(prompts, k=2)
+    for row, r in enumerate(routed):
+        assert r.confidence == pytest.approx(1 - scores.p_none[row])
+
+
+def test_task_router_sends_greetings_and_gibberish_to_the_base_model(registry) -> None:
+    from router import TaskRouter
+
+    router = TaskRouter(registry)  # the shipped defaults and background
+    chat = ["hello", "asdkjh qwe zxcv", "😀😀😀", "Write a haiku about the sea."]
+    for prompt, r in zip(chat, router.route(chat, k=3), strict=True):
+        assert r.adapters == () and "no adapter fits" in r.note, (prompt, r)
+        assert r.confidence < router.config.fit_threshold
+    in_task = router.route([QUERIES["arithmetic"], QUERIES["sentiment"]], k=3)
+    assert [r.adapters[0] for r in in_task] == ["arithmetic", "sentiment"]
+    assert all(r.confidence >= router.config.fit_threshold for r in in_task)
+
+
+@pytest.mark.parametrize("fit", ["background", "neighbours"])
+def test_task_router_abstains_below_its_threshold_and_says_why(registry, fit) -> None:
     from router import TaskRouter, TaskRouterConfig, make_router
     from router.routers import RouterOptions
 
-    always = TaskRouter(registry, TaskRouterConfig(fit_threshold=-1.0))
+    always = TaskRouter(registry, TaskRouterConfig(fit=fit, fit_threshold=-1.0))
     fits = always.route([QUERIES["arithmetic"], "zzqx vlorp"], k=1)
     threshold = (fits[0].confidence + fits[1].confidence) / 2
     assert fits[0].confidence > fits[1].confidence  # an in-domain prompt fits better
     picky = make_router(
-        "task", registry, RouterOptions(task=TaskRouterConfig(fit_threshold=threshold))
+        "task", registry, RouterOptions(task=TaskRouterConfig(fit=fit, fit_threshold=threshold))
     )
     kept, dropped = picky.route([QUERIES["arithmetic"], "zzqx vlorp"], k=1)
     assert kept.adapters == ("arithmetic",)
@@ -328,15 +377,49 @@ def test_task_router_abstains_below_its_threshold_and_says_why(registry) -> None
     unsure = make_router(
         "task",
         registry,
-        RouterOptions(task=TaskRouterConfig(fit_threshold=-1.0, broad_threshold=threshold)),
+        RouterOptions(
+            task=TaskRouterConfig(fit=fit, fit_threshold=-1.0, broad_threshold=threshold)
+        ),
     )
     kept, broad = unsure.route([QUERIES["arithmetic"], "zzqx vlorp"], k=2)
     assert kept.adapters[0] == "arithmetic" and len(kept.adapters) == 2  # sure: the top k
-    assert set(broad.adapters) == set(TASKS) and "unsure" in broad.note  # unsure: all, equally
+    assert set(broad.adapters) == set(TASKS) and "unsure" in broad.note  # unsure: equally
     assert broad.weights == pytest.approx([1 / len(TASKS)] * len(TASKS))
     assert len(unsure.route(["zzqx vlorp"], k=1)[0].adapters) == 1  # selection picks one
     with pytest.raises(ValueError, match="fit_threshold"):
         TaskRouterConfig(fit_threshold=2.0)
+    with pytest.raises(ValueError, match="choose from"):
+        TaskRouterConfig(fit="nearest")
+
+
+def test_the_unsure_regime_mixes_at_most_broad_k_adapters(registry) -> None:
+    from router import TaskRouter, TaskRouterConfig
+
+    unsure = TaskRouterConfig(fit_threshold=-1.0, broad_threshold=1.0, broad_k=2)
+    routed = TaskRouter(registry, unsure).route([*QUERIES.values(), "zzqx vlorp"], k=4)
+    for r in routed:  # 4 adapters registered and 4 asked for: the bound still holds
+        assert len(r.adapters) == 2 and r.weights == pytest.approx([0.5, 0.5])
+        assert "unsure" in r.note
+    assert TaskRouterConfig().broad_k < len(TASKS) + 1  # the default is a bound, not the pool
+    with pytest.raises(ValueError, match="broad_k"):
+        TaskRouterConfig(broad_k=0)
+
+
+def test_the_shipped_background_is_the_tuning_half_of_the_open_world_split() -> None:
+    import json
+
+    from router.background import BACKGROUND_PATH
+
+    root = Path(__file__).parents[1]
+    split = json.loads((root / "benchmarks/results/openworld/split.json").read_text())
+    rows = [json.loads(ln) for ln in BACKGROUND_PATH.read_text().splitlines() if ln.strip()]
+    tasks = {r["task"] for r in rows}
+    assert tasks == set(split["tuning"])  # every tuning-half task, nothing else
+    assert not tasks & (set(split["reporting"]) | set(split["zoo"]) | set(split["unseen"]))
+    from lorahub.tasks import dev_tasks
+
+    assert tasks <= dev_tasks()
+    assert 'router = ["data/background.jsonl"]' in (root / "pyproject.toml").read_text()
 
 
 def test_task_router_honours_exclusions_and_caches_example_embeddings(
@@ -349,7 +432,7 @@ def test_task_router_honours_exclusions_and_caches_example_embeddings(
     out = router.route(prompts, k=3, exclude_each=[["arithmetic"], []])
     assert "arithmetic" not in out[0].adapters and out[1].adapters[0] == "sentiment"
     cached = sorted((registry.root / "cache").glob("examples-*.safetensors"))
-    assert len(cached) == len(TASKS)  # made at registration, shared with the mean embedding
+    assert len(cached) == len(TASKS) + 1  # the adapters' (made at registration), background
     assert len(list((registry.root / "cache").glob("task-router-*.safetensors"))) == 1
     calls, original = [], registry.embedder.encode
     monkeypatch.setattr(
@@ -357,6 +440,11 @@ def test_task_router_honours_exclusions_and_caches_example_embeddings(
     )
     TaskRouter(registry, TaskRouterConfig(fit_threshold=-1.0)).route(prompts, k=1)
     assert calls == [2]  # a new router embeds only the prompts: the rest comes from the cache
+    # a changed background is embedded and fitted anew
+    monkeypatch.setattr("router.task.background_texts", lambda: ("hello there", "zzqx"))
+    TaskRouter(registry, TaskRouterConfig(fit_threshold=-1.0)).route(prompts, k=1)
+    assert calls == [2, 2, 2]
+    assert len(list((registry.root / "cache").glob("task-router-*.safetensors"))) == 2
 
 
 def test_task_router_with_one_or_no_adapter(tmp_path: Path, embedder) -> None:
