@@ -716,45 +716,46 @@ def test_docs_need_the_key_500s_hide_paths_and_metrics_count_by_route(
     assert len(series) < 12  # by route template, not by path
 
 
-class GatedTaskRouter(TaskRouter):
-    """The task router whose first fit waits for `gate` (a slow fit made controllable)."""
+class GatedRetriever(Retriever):
+    """A retriever whose first routing (loading its index: the slow part of a router's
+    start, like the task router's fit) waits for `gate`; it records the thread of each
+    routing."""
 
     def __init__(self, registry: Registry) -> None:
-        super().__init__(registry, TaskRouterConfig(fit_threshold=-1.0))
+        super().__init__(registry)
         self.gate = threading.Event()
-        self.fits: list[str] = []  # the thread each fit ran on
+        self.calls: list[str] = []
 
-    def _tasks(self):
-        if self._memo is None:
+    def route(self, prompts, k=None, exclude_each=None):
+        if not self.calls:
             assert self.gate.wait(600)
-            self.fits.append(threading.current_thread().name)
-        return super()._tasks()
+        self.calls.append(threading.current_thread().name)
+        return super().route(prompts, k, exclude_each)
 
 
 def test_health_is_503_until_the_router_is_warm(registry_dir: Path, embedder) -> None:
-    routers: list[GatedTaskRouter] = []
+    routers: list[GatedRetriever] = []
 
-    def make(reg: Registry) -> GatedTaskRouter:
-        routers.append(GatedTaskRouter(reg))
+    def make(reg: Registry) -> GatedRetriever:
+        routers.append(GatedRetriever(reg))
         return routers[-1]
 
-    config = ServeConfig(router="task")
-    with running_server(registry_dir, embedder, config, router=make) as (url, _):
+    with running_server(registry_dir, embedder, router=make) as (url, _):
         (router,) = routers
         starting = httpx.get(f"{url}/health", timeout=10)
         assert starting.status_code == 503 and starting.json()["status"] == "starting"
         router.gate.set()
-        deadline = time.monotonic() + 600  # a loaded machine fits slowly
+        deadline = time.monotonic() + 600
         while (health := httpx.get(f"{url}/health", timeout=10)).status_code != 200:
             assert time.monotonic() < deadline, health.text
             time.sleep(0.05)
         assert health.json()["status"] == "ok"
-        assert router.fits == ["loraplex-route_0"]  # fitted at startup, off the event loop
+        assert router.calls == ["loraplex-route_0"]  # warmed at startup, off the event loop
         reply = client(url).chat.completions.create(
             model="auto", messages=[{"role": "user", "content": "What is 2 plus 2?"}], **GREEDY
         )
-        assert reply.model_extra["loraplex"]["router"] == "task"
-        assert len(router.fits) == 1  # the request found the router fitted
+        assert reply.model_extra["loraplex"]["adapters"]
+        assert len(router.calls) == 2  # the request routed on a router already warm
 
 
 def test_every_numeric_engine_stat_is_a_gauge(server) -> None:
