@@ -46,7 +46,7 @@ from router import (
     make_router,
 )
 
-_ROUTE_ATTEMPTS = 3  # routings re-made when the registry changed under the router
+_ROUTE_ATTEMPTS = 3  # routings re-made when they name adapters not usable now
 
 
 class Compose(StrEnum):
@@ -211,21 +211,25 @@ class Hub:
         if exclude_each is not None and len(exclude_each) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(exclude_each)} exclusion lists")
         view = self.catalogue()
+        banned = {*exclude, *view.unfit}
         for _ in range(_ROUTE_ATTEMPTS):
             if n_adapters == 0 or not view.usable:
                 return [Routing()] * len(prompts)
-            banned = (*exclude, *view.unfit)
             each = [
-                (*banned, *(exclude_each[i] if exclude_each else ())) for i in range(len(prompts))
+                (*sorted(banned), *(exclude_each[i] if exclude_each else ()))
+                for i in range(len(prompts))
             ]
             routings = self.router.route(prompts, n_adapters or k, exclude_each=each)
             if Compose(compose) == Compose.fusion and any(r.per_token for r in routings):
                 raise ValueError("fusion averages parameters per prompt; a per-token router cannot")
-            # the router read the registry itself: a write since `view` may have added an
-            # unfit adapter or removed a routed one, so check against the catalogue now
+            # The router reads the registry (or its own trained classes) itself: a name it
+            # chose may have been removed, or registered unfit, since `view`. Those are
+            # banned and the prompts routed again.
             view = self.catalogue()
-            if all(n in view.usable for r in routings for n in r.adapters):
+            stray = {n for r in routings for n in r.adapters if n not in view.usable}
+            if not stray:
                 return routings
+            banned |= {*stray, *view.unfit}
         raise AdapterError("the registry kept changing while routing; try again")
 
     @contextmanager

@@ -173,3 +173,17 @@ def test_an_adapter_replaced_while_running_is_applied_as_registered_now(hub: Hub
     fresh = Hub(hub.registry, hub.base, Retriever(hub.registry))  # nothing cached
     assert after == fresh.generate(PROMPTS[:1], routings=routings, max_new_tokens=6)[0].text
     assert after != before
+
+
+def test_a_router_that_names_a_removed_adapter_is_routed_again_without_it(
+    hub: Hub, embedder
+) -> None:
+    from router import ClassifierRouter
+
+    inputs = [x for ex in EXAMPLES.values() for x in ex]
+    labels = [task for task, ex in EXAMPLES.items() for _ in ex]
+    trained = Hub(hub.registry, hub.base, ClassifierRouter.fit(inputs, labels, embedder))
+    assert trained.route(PROMPTS[:1], k=1, compose="selection")[0].adapters == ("arithmetic",)
+    hub.registry.remove("arithmetic")  # the classifier still knows it as a class
+    answers = trained.generate(PROMPTS, k=1, compose="selection", max_new_tokens=2)
+    assert all(a.routing.adapters and "arithmetic" not in a.routing.adapters for a in answers)
