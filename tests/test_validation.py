@@ -116,3 +116,22 @@ def test_any_bytes_are_a_400_or_a_request(raw: bytes) -> None:
         validated(raw)
     except p.APIError as e:
         assert e.status == 400
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "cannot read /home/ann/.cache/loraplex/blobs/ab/cd.safetensors: truncated",
+        "NaN or Inf in C:\\Users\\ann\\registry\\blobs\\x.safetensors",
+        "adapter 'math' failed at /srv/reg/tmp/",
+    ],
+)
+def test_error_texts_for_clients_leave_server_paths_out(text: str) -> None:
+    from lorahub.serve.engine import Event
+    from lorahub.serve.serving import event_error
+
+    error = event_error(Event("error", error=text))
+    assert error.status == 500 and "<path>" in error.message
+    assert not any(part in error.message for part in ("/home", "Users", "blobs", "/srv", "reg"))
+    client_fault = event_error(Event("error", error="too long for /x/y", status=400, code="c"))
+    assert (client_fault.status, client_fault.code) == (400, "c")
