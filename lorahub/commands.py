@@ -449,17 +449,24 @@ def _export_folder(out: Path, name: str) -> Path:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """Every adapter as a PEFT folder under DIR, and the vLLM --lora-modules line."""
+    """Every adapter as a PEFT folder under DIR, and the vLLM --lora-modules line. Each
+    folder's `loraplex.json` names the version written (its sha256), so a replica's copy
+    can be told from the adapter registered now."""
     out = Path(args.dir)
     with Registry(args.registry) as reg:
-        names = reg.names()
-        folders = {name: _export_folder(out, name) for name in names}  # all checked first
-        for name, folder in folders.items():
-            write_peft_folder(reg.load(name), folder)
-    modules = " ".join(f"{n}={(out / n).resolve()}" for n in names)
+        records = reg.list()
+        folders = {r.name: _export_folder(out, r.name) for r in records}  # all checked first
+        for rec in records:
+            folder = write_peft_folder(reg.load(rec.name, sha256=rec.sha256), folders[rec.name])
+            (folder / "loraplex.json").write_text(
+                json.dumps({"name": rec.name, "sha256": rec.sha256}) + "\n"
+            )
+    names = [r.name for r in records]
+    modules = " ".join(f"{n}={folders[n].resolve()}" for n in names)
     (out / "lora-modules.txt").write_text(f"--lora-modules {modules}\n")
     if args.json:
-        print(json.dumps({"out": str(out), "adapters": names}))
+        shas = {r.name: r.sha256 for r in records}
+        print(json.dumps({"out": str(out), "adapters": names, "sha256": shas}))
     else:
         print(f"wrote {len(names)} adapters to {out}; start vLLM with:")
         print(f"  vllm serve BASE --enable-lora --lora-modules {modules}")

@@ -286,3 +286,22 @@ def test_doctor_opens_an_old_registry_with_a_missing_blob_and_names_it(
     problems = json.loads(out)["problems"]
     assert code == 1 and any(p.startswith("a1: blob") and "missing" in p for p in problems)
     assert not any(p.startswith(("a0", "a2")) for p in problems)
+
+
+def test_export_writes_each_adapter_with_the_version_it_holds(
+    tmp_path: Path, adapters, capsys
+) -> None:
+    reg = ["--registry", str(tmp_path / "reg")]
+    for name in ("math", "french"):
+        assert run(capsys, "register", str(adapters[name]), *reg)[0] == 0
+    out = tmp_path / "export"
+    code, printed, _ = run(capsys, "export", "--format", "vllm", str(out), "--json", *reg)
+    listed = {r["name"]: r["sha256"] for r in json.loads(run(capsys, "list", "--json", *reg)[1])}
+    assert code == 0 and json.loads(printed)["sha256"] == listed
+    for name, sha in listed.items():
+        assert json.loads((out / name / "loraplex.json").read_text()) == {
+            "name": name,
+            "sha256": sha,
+        }
+        assert (out / name / "adapter_config.json").exists()
+        assert f"{name}={(out / name).resolve()}" in (out / "lora-modules.txt").read_text()
