@@ -363,7 +363,8 @@ async def references(url, bodies) -> tuple[list[dict], list[float]]:
 
 
 def fault_hook(hub: Hub):
-    marker = hub.base.tokenizer(MARKER, add_special_tokens=False)["input_ids"]
+    # as it tokenizes after a space, inside the prompt
+    marker = hub.base.tokenizer(f" {MARKER}", add_special_tokens=False)["input_ids"]
     n = len(marker)
 
     def explode(module, args, kwargs):
