@@ -309,3 +309,19 @@ def test_local_completions_against_the_server_equals_the_native_model(setup: dic
     finally:
         hub.close()
     assert_same(run(setup, loraplex(setup, adapter="own")), theirs)
+
+
+def test_rolling_loglikelihood_over_windows_equals_hf(setup: dict) -> None:
+    """Documents longer than the window (16 tokens) scored in the harness's disjoint
+    windows, each document routed as one."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    docs = ["What is 12 plus 30? It is 42, and 42 minus 30 is 12.", "Sort: pear apple fig", "x"]
+    requests = [Instance("loglikelihood_rolling", {}, (d,), i) for i, d in enumerate(docs)]
+    theirs = HFLM(pretrained=str(setup["base"]), max_length=16, batch_size=2, device="cpu")
+    ours = loraplex(setup, compose="none", max_length=16, batch_size=2)
+    expected = theirs.loglikelihood_rolling(requests, disable_tqdm=True)
+    got = ours.loglikelihood_rolling(requests)
+    assert got == pytest.approx(expected, abs=1e-4)
+    assert len(docs[0]) > 2 * 16  # more than two windows
