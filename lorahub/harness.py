@@ -81,8 +81,8 @@ class LoraplexLM(TemplateLM):
         compose: str = Compose.mixture,
         k: int = 3,
         adapter: str | None = None,
-        batch_size: int | str | None = 16,
-        max_batch_size: int | None = None,
+        batch_size: int | str | None = 16,  # "auto" (the harness's probe) means 16
+        max_batch_size: int | None = None,  # passed by the harness; batches are batch_size
         max_length: int | None = None,
         max_gen_toks: int = _MAX_GEN_TOKS,
         device: str | None = None,
