@@ -5,6 +5,7 @@ streams do not disturb each other, and every client mistake is a 4xx in the Open
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -807,19 +808,17 @@ def test_sigterm_finishes_in_flight_streams_then_exits(registry_dir: Path, tmp_p
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "LORAPLEX_API_KEY": ""}
     cmd = [sys.executable, "-m", "lorahub.cli", "serve", "--registry", str(registry_dir)]
     cmd += ["--base-model", str(model_dir), "--port", str(port)]
-    proc = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    log = tmp_path / "server.log"  # a file, not a pipe nobody reads while it fills
+    proc = subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 600  # ready once the router is fitted: slow when loaded
         while True:
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
-            try:
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            with contextlib.suppress(httpx.TransportError):
                 if httpx.get(f"{url}/health", timeout=1).status_code == 200:
                     break
-            except httpx.TransportError:
-                time.sleep(0.2)
+            time.sleep(0.2)
         body = {"model": "math", "prompt": "x", "stream": True, "max_tokens": 100, "temperature": 0}
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
             lines = r.iter_lines()
