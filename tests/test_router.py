@@ -422,6 +422,18 @@ def test_the_shipped_background_is_the_tuning_half_of_the_open_world_split() -> 
     assert 'router = ["data/background.jsonl"]' in (root / "pyproject.toml").read_text()
 
 
+def test_task_router_defaults_are_the_open_world_tuning_choice() -> None:
+    import json
+
+    from router import TaskRouterConfig
+
+    tuned = Path(__file__).parents[1] / "benchmarks/results/openworld/tune.json"
+    chosen = json.loads(tuned.read_text())["chosen"]
+    default = TaskRouterConfig()
+    assert default.fit == "background"
+    assert {name: getattr(default, name) for name in chosen} == chosen
+
+
 def test_task_router_honours_exclusions_and_caches_example_embeddings(
     registry, monkeypatch
 ) -> None:
