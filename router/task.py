@@ -116,6 +116,9 @@ FITS: dict[FitScore, Callable[[Scores, int, list[int]], float]] = {
 }
 
 
+_BACKGROUND_VECTORS: dict[str, torch.Tensor] = {}  # examples key -> (N, d), per process
+
+
 class TaskRouter:
     """Routes by each adapter's example set (see the module docstring). Adapters without
     examples are represented by their description."""
@@ -167,12 +170,15 @@ class TaskRouter:
         return tasks
 
     def _background_vectors(self) -> torch.Tensor:
+        """Embedded once per process and registry cache, keyed by embedder and texts."""
         texts = list(self._background)
-        made = self.registry.cached_tensors(
-            examples_key(self.registry.embedder, texts),
-            lambda: {"vectors": torch.from_numpy(self.registry.embedder.encode(texts))},
-        )
-        return made["vectors"].float()
+        key = examples_key(self.registry.embedder, texts)
+        if key not in _BACKGROUND_VECTORS:
+            made = self.registry.cached_tensors(
+                key, lambda: {"vectors": torch.from_numpy(self.registry.embedder.encode(texts))}
+            )
+            _BACKGROUND_VECTORS[key] = made["vectors"].float()
+        return _BACKGROUND_VECTORS[key]
 
     def _fit(self, classes: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """One class per adapter (and the background last): balanced, so a class's weight

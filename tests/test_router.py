@@ -444,7 +444,9 @@ def test_task_router_honours_exclusions_and_caches_example_embeddings(
     out = router.route(prompts, k=3, exclude_each=[["arithmetic"], []])
     assert "arithmetic" not in out[0].adapters and out[1].adapters[0] == "sentiment"
     cached = sorted((registry.root / "cache").glob("examples-*.safetensors"))
-    assert len(cached) == len(TASKS) + 1  # the adapters' (made at registration), background
+    # the adapters' (made at registration) and, unless this process embedded it before, the
+    # background's
+    assert len(cached) in (len(TASKS), len(TASKS) + 1)
     assert len(list((registry.root / "cache").glob("task-router-*.safetensors"))) == 1
     calls, original = [], registry.embedder.encode
     monkeypatch.setattr(
