@@ -807,7 +807,8 @@ def test_sigterm_finishes_in_flight_streams_then_exits(registry_dir: Path, tmp_p
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "LORAPLEX_API_KEY": ""}
     cmd = [sys.executable, "-m", "lorahub.cli", "serve", "--registry", str(registry_dir)]
-    cmd += ["--base-model", str(model_dir), "--port", str(port)]
+    # the retriever: ready in seconds (the task router embeds ~2k background texts first)
+    cmd += ["--base-model", str(model_dir), "--port", str(port), "--router", "retriever"]
     log = tmp_path / "server.log"  # a file, not a pipe nobody reads while it fills
     proc = subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
     try:
