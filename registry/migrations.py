@@ -38,6 +38,8 @@ def _shapes_per_adapter(db: sqlite3.Connection, blob_path: BlobPath) -> list[str
             [(row["id"], m, d_in, d_out) for m, (d_in, d_out) in shapes.items()],
         )
     db.execute("DROP TABLE module_shapes")
+    # what fits a model changed: hubs holding the registry open re-read it
+    db.execute("UPDATE state SET value = value + 1 WHERE key = 'generation'")
     return skipped
 
 
@@ -54,5 +56,4 @@ def migrate(db: sqlite3.Connection, blob_path: BlobPath) -> list[str]:
         return []
     skipped = [line for step in MIGRATIONS[version:] for line in step(db, blob_path)]
     db.execute(f"PRAGMA user_version = {len(MIGRATIONS)}")
-    db.execute("UPDATE state SET value = value + 1 WHERE key = 'generation'")
     return skipped
