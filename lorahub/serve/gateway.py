@@ -43,6 +43,7 @@ from lorahub.serve.engine import (
     check_capability,
 )
 from lorahub.serve.materialize import AdapterFolders, Materialized, RankLimitError
+from registry import AdapterError
 
 log = logging.getLogger("loraplex.gateway")
 
@@ -80,7 +81,9 @@ class Upstream:
     url: str
     model: str = ""  # the base model id it serves (from its /v1/models); "" until described
     max_model_len: int | None = None  # its context (prompt + answer), from its /v1/models
-    named: set[str] = field(default_factory=set)  # adapters it serves by name (--lora-modules)
+    # adapters it serves by name (--lora-modules) -> the sha256 of its copy (from the
+    # loraplex.json that `loraplex export` writes beside it), None when unknown
+    named: dict[str, str | None] = field(default_factory=dict)
     up: bool = False  # described, and no failure since
     in_flight: int = 0
     loaded: set[str] = field(default_factory=set)
@@ -210,7 +213,7 @@ class VllmGateway:
             data = r.json()["data"]
             base = next(m for m in data if not m.get("parent"))
             u.model, u.max_model_len = base["id"], base.get("max_model_len")
-            u.named = {m["id"] for m in data if m.get("parent")}
+            u.named = {m["id"]: _exported_sha256(m.get("root")) for m in data if m.get("parent")}
         except (httpx.HTTPError, KeyError, StopIteration, TypeError, ValueError) as e:
             log.warning("upstream %s unavailable: %s", u.url, e)
             self._mark_down(u)
@@ -360,17 +363,22 @@ class VllmGateway:
             "error", error="no vLLM replica is available", status=503, code="upstream_unavailable"
         )
 
-    @staticmethod
-    def _model_on(u: Upstream, request: GenerationRequest, made: Materialized | None) -> str:
+    def _model_on(self, u: Upstream, request: GenerationRequest, made: Materialized | None) -> str:
         """The name `u` knows this composition by: its base model; an adapter it already
-        serves under the registry's name (selection at weight 1: no second copy); or the
-        composed adapter."""
+        serves under the registry's name, when its copy is the version registered now
+        (selection at weight 1: no second copy); or the composed adapter."""
         if made is None:
             return u.model
-        routing = request.routing
-        if made.weights == (1.0,) and routing.adapters[0] in u.named:
-            return routing.adapters[0]
+        name = request.routing.adapters[0]
+        if made.weights == (1.0,) and u.named.get(name) == self._registered_sha256(name):
+            return name
         return made.name
+
+    def _registered_sha256(self, name: str) -> str | None:
+        try:
+            return self.hub.usable(name).sha256
+        except AdapterError:
+            return None
 
     async def _load(self, u: Upstream, made: Materialized) -> None:
         r = await self._client.post(
@@ -505,6 +513,15 @@ class _Refused(RuntimeError):
             status=self.client_status,
             code="upstream_refused",
         )
+
+
+def _exported_sha256(root: str | None) -> str | None:
+    """The version a replica's adapter folder holds, from its loraplex.json (None if that
+    cannot be read: the replica's copy is then never trusted to be current)."""
+    try:
+        return json.loads((Path(root) / "loraplex.json").read_text())["sha256"]
+    except (TypeError, OSError, ValueError, KeyError):
+        return None
 
 
 def _message(r: httpx.Response) -> str:
