@@ -521,8 +521,12 @@ def summarize(result: dict) -> dict:
     every = result["everyday"]
     checked = [e for e in every if e["accept"] is not None]
     readme = next((e for e in every if e["prompt"] == "What is 12 plus 30?"), None)
-    diag = json.loads((RESULTS / "openworld" / "diagnostic.json").read_text())
-    chosen = diag["reporting"]["none class, balanced (1 - p_none)"]
+    diag_file = RESULTS / "openworld" / "diagnostic.json"
+    diag = json.loads(diag_file.read_text()) if diag_file.exists() else {"reporting": {}}
+    nan = float("nan")
+    chosen = diag["reporting"].get(
+        "none class, balanced (1 - p_none)", {"auroc_reporting": nan, "auroc_everyday": nan}
+    )
     distinguishable = [t for t in groups["zoo"] if owners[t["task"]] not in CONFUSABLE]
     top1 = _mean([r["routed_own"] for t in distinguishable for r in t["prompts"]])
     m = {
@@ -548,7 +552,6 @@ def summarize(result: dict) -> dict:
         "auroc_reporting": chosen["auroc_reporting"],
         "auroc_everyday": chosen["auroc_everyday"],
     }
-    nan = float("nan")
     targets = [
         target("auroc_zoo_vs_reporting_half", m["auroc_reporting"], 0.95, ">="),
         target("everyday_routed_to_base", m["everyday_to_base"], 0.90, ">="),
