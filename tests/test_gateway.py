@@ -171,10 +171,6 @@ def test_a_replica_down_at_start_is_described_once_it_answers(hub: Hub, tmp_path
         gateway.stop()
 
 
-@pytest.mark.xfail(
-    reason="needs the app to call engine.submit off its event loop (serving.py; reported)",
-    strict=False,
-)
 def test_composing_never_runs_on_the_servers_event_loop(
     hub: Hub, refusing: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

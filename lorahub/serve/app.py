@@ -128,7 +128,7 @@ def _generation_routes(app: FastAPI, serving: Serving) -> None:
     async def generate(http: Request, kind: type[p.ChatRequest] | type[p.CompletionRequest]):
         req = parse(await read_body(http, serving.config.limits), kind)
         prepared = await serving.prepare(req)
-        handle, events = serving.submit(prepared)
+        handle, events = await serving.submit(prepared)
         headers = {"x-loraplex-routing": json.dumps(prepared.report, separators=(",", ":"))}
         if prepared.stream:
             chunks = serving.stream(prepared, handle, events)

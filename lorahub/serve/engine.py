@@ -106,7 +106,8 @@ class Engine(Protocol):
 
     def submit(self, request: GenerationRequest, emit: Callable[[Event], None]) -> Handle:
         """Queue a request; raises QueueFullError, or RequestError (the client's mistake,
-        e.g. UnsupportedCompositionError)."""
+        e.g. UnsupportedCompositionError). May block (a gateway composes an adapter on
+        first use): call it off the event loop."""
 
     def stats(self) -> dict:
         """{"running", "waiting", ...}: requests being answered and queued (and, for a

@@ -177,14 +177,18 @@ class Serving:
             self.metrics.base_only.inc()
 
     # -- submit -------------------------------------------------------------------------------
-    def submit(self, prepared: Prepared) -> tuple[Handle, asyncio.Queue[Event | None]]:
-        """The request queued in the engine, and the queue its events arrive on."""
+    async def submit(self, prepared: Prepared) -> tuple[Handle, asyncio.Queue[Event | None]]:
+        """The request queued in the engine, and the queue its events arrive on. Off the
+        event loop: an engine may block in submit (the gateway composes an adapter on
+        first use; the built-in engine reads the registry)."""
         events: asyncio.Queue[Event | None] = asyncio.Queue()
         loop = asyncio.get_running_loop()
+
+        def emit(ev: Event) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, ev)
+
         try:
-            handle = self.engine.submit(
-                prepared.request, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev)
-            )
+            handle = await loop.run_in_executor(None, self.engine.submit, prepared.request, emit)
         except QueueFullError as e:
             raise p.APIError(429, f"server busy: {e}; retry shortly", None, "queue_full") from None
         except RequestError as e:
