@@ -12,7 +12,13 @@ import json
 from functools import cache
 from pathlib import Path
 
+import torch
+from safetensors import safe_open
+
 BACKGROUND_PATH = Path(__file__).parent / "data" / "background.jsonl"
+# their embeddings by the default embedder, so no registry embeds 1,936 texts on its first
+# route (minutes on 2 cores); used only when its key (embedder id + texts) matches
+BACKGROUND_VECTORS = Path(__file__).parent / "data" / "background-vectors.safetensors"
 MAX_CHARS = 600  # MiniLM reads 256 word pieces; longer inputs only cost bytes
 
 
@@ -25,3 +31,15 @@ def background_texts(path: Path = BACKGROUND_PATH) -> tuple[str, ...]:
     """The background inputs of a JSONL file of {"task", "input"} objects."""
     lines = path.read_text(encoding="utf-8").splitlines()
     return tuple(json.loads(ln)["input"] for ln in lines if ln.strip())
+
+
+@cache
+def shipped_vectors(key: str, path: Path = BACKGROUND_VECTORS) -> torch.Tensor | None:
+    """The shipped background embeddings (n, d) if they were made under `key`
+    (registry.embedding.examples_key of the embedder and the texts), else None."""
+    if not path.exists():
+        return None
+    with safe_open(path, "pt") as f:
+        if (f.metadata() or {}).get("key") != key:
+            return None
+        return f.get_tensor("vectors").float()

@@ -35,7 +35,7 @@ import torch
 
 from registry import Registry
 from registry.embedding import examples_key, meta_texts
-from router.background import background_texts
+from router.background import background_texts, shipped_vectors
 from router.classifier import fit_linear, softmax_rows
 from router.routing import Routing
 
@@ -170,14 +170,18 @@ class TaskRouter:
         return tasks
 
     def _background_vectors(self) -> torch.Tensor:
-        """Embedded once per process and registry cache, keyed by embedder and texts."""
+        """Shipped for the default embedder; else embedded once per process and registry
+        cache, keyed by embedder and texts."""
         texts = list(self._background)
         key = examples_key(self.registry.embedder, texts)
         if key not in _BACKGROUND_VECTORS:
-            made = self.registry.cached_tensors(
-                key, lambda: {"vectors": torch.from_numpy(self.registry.embedder.encode(texts))}
-            )
-            _BACKGROUND_VECTORS[key] = made["vectors"].float()
+            shipped = shipped_vectors(key)  # the default embedder's, made once for everyone
+            if shipped is None:
+                made = self.registry.cached_tensors(
+                    key, lambda: {"vectors": torch.from_numpy(self.registry.embedder.encode(texts))}
+                )
+                shipped = made["vectors"].float()
+            _BACKGROUND_VECTORS[key] = shipped
         return _BACKGROUND_VECTORS[key]
 
     def _fit(self, classes: list[torch.Tensor]) -> dict[str, torch.Tensor]:
