@@ -14,9 +14,9 @@ Two things are read from those sets:
   tuning half of the open-world split), and the fit is 1 - P(none). The older score,
   `FitScore.neighbours` (the mean cosine of the prompt's nearest examples of the best
   adapter), measures how alike two short strings look, not whether a task fits: greetings,
-  gibberish and emoji fit the zoo better than its own prompts do, and it ranks zoo prompts
-  above other tasks' prompts with an AUROC of only ~0.7 where the none class reaches ~0.9
-  (benchmarks/results/openworld/diagnostic.json). Below `fit_threshold` the routing is
+  gibberish and emoji fit the zoo better than its own prompts do. (How well each score
+  ranks zoo prompts above other tasks' prompts, as AUROC, is what `benchmarks/openworld.py
+  diagnose` measures; not yet measured at the time of writing.) Below `fit_threshold` the routing is
   empty, the base model answers, and `Routing.note` says why. Between `fit_threshold` and
   `broad_threshold` the router is unsure which adapter fits: asked for a mixture (k > 1),
   it mixes its `broad_k` most probable adapters with equal weights instead of betting on
