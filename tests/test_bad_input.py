@@ -33,7 +33,7 @@ def snapshot(root: Path) -> tuple:
     """Everything a failed registration must leave untouched."""
     with Registry(root) as reg:
         rows = [(r.name, r.sha256) for r in reg.list()]
-        generation = reg._generation()
+        generation = reg.generation()
     files = sorted(
         p.relative_to(root).as_posix() for p in (root / "blobs").rglob("*") if p.is_file()
     )
