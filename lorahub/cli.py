@@ -51,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     p = argparse.ArgumentParser(prog="loraplex", description="Route and compose LoRA adapters.")
     sub = p.add_subparsers(dest="command", required=True)
+    # handled before parsing (main): every flag after it is lm-evaluation-harness's own
+    sub.add_parser("lm-eval", help="lm-evaluation-harness with the `loraplex` model")
 
     s = sub.add_parser("register", parents=[common], help="validate and store an adapter")
     s.add_argument("source", help="PEFT folder, .safetensors file or hf://owner/name[@revision]")
@@ -223,6 +225,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["lm-eval"]:  # every later flag is the harness's own
+        return _lm_eval(argv[1:])
     args = _parser().parse_args(argv)
     args.registry_given = args.registry is not None
     args.registry = args.registry or default_registry()
@@ -235,6 +240,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = " ".join(str(e).split()) or type(e).__name__
         print(f"loraplex: error: {message}", file=sys.stderr)
         return 1
+
+
+def _lm_eval(argv: list[str]) -> int:
+    """`loraplex lm-eval ...`: lm-evaluation-harness's CLI with the `loraplex` model."""
+    try:
+        from lorahub.harness import main as lm_eval
+    except ModuleNotFoundError as e:
+        print(
+            f"loraplex: error: lm-eval needs `pip install 'loraplex[harness]'` ({e})",
+            file=sys.stderr,
+        )
+        return 1
+    return lm_eval(argv)
 
 
 if __name__ == "__main__":
