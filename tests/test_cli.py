@@ -151,7 +151,14 @@ def test_route_and_generate_commands(tmp_path: Path, adapters, tiny_model_dir, c
             str(adapters[f"{name}_examples"]),
             *reg,
         )
+    # the default task router, with two or three examples an adapter, sends this to the
+    # base model (its background class wins) and says so
     code, out, _ = run(capsys, "route", "What is 10 plus 5?", "-k", "2", "--json", *reg)
+    routing = json.loads(out)
+    assert code == 0 and routing["adapters"] == [] and "no adapter fits" in routing["note"]
+    assert 0.0 <= routing["confidence"] <= 1.0
+    nearest = ("What is 10 plus 5?", "-k", "2", "--router", "retriever", "--json", *reg)
+    code, out, _ = run(capsys, "route", *nearest)
     routing = json.loads(out)
     assert code == 0 and [a["name"] for a in routing["adapters"]] == ["math", "french"]
     assert sum(a["weight"] for a in routing["adapters"]) == pytest.approx(1.0)
@@ -166,6 +173,8 @@ def test_route_and_generate_commands(tmp_path: Path, adapters, tiny_model_dir, c
         "1",
         "--max-new-tokens",
         "4",
+        "--router",
+        "retriever",
         "--json",
         *reg,
     )
