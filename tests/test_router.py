@@ -383,8 +383,9 @@ def test_task_router_abstains_below_its_threshold_and_says_why(registry, fit) ->
     )
     kept, broad = unsure.route([QUERIES["arithmetic"], "zzqx vlorp"], k=2)
     assert kept.adapters[0] == "arithmetic" and len(kept.adapters) == 2  # sure: the top k
-    assert set(broad.adapters) == set(TASKS) and "unsure" in broad.note  # unsure: equally
-    assert broad.weights == pytest.approx([1 / len(TASKS)] * len(TASKS))
+    wide = min(TaskRouterConfig().broad_k, len(TASKS))  # unsure: the broad_k likeliest, equally
+    assert len(broad.adapters) == wide and set(broad.adapters) <= set(TASKS)
+    assert "unsure" in broad.note and broad.weights == pytest.approx([1 / wide] * wide)
     assert len(unsure.route(["zzqx vlorp"], k=1)[0].adapters) == 1  # selection picks one
     with pytest.raises(ValueError, match="fit_threshold"):
         TaskRouterConfig(fit_threshold=2.0)
@@ -419,7 +420,7 @@ def test_the_shipped_background_is_the_tuning_half_of_the_open_world_split() -> 
     from lorahub.tasks import dev_tasks
 
     assert tasks <= dev_tasks()
-    assert 'router = ["data/background.jsonl"]' in (root / "pyproject.toml").read_text()
+    assert '"data/background.jsonl"' in (root / "pyproject.toml").read_text()  # shipped
 
 
 def test_task_router_defaults_are_the_open_world_tuning_choice() -> None:
