@@ -170,16 +170,25 @@ def token_logprobs(tokenizer, logits: Tensor, token: int, top: int | None) -> tu
     """The chosen token's log-probability and the `top` most likely alternatives."""
     if top is None:
         return ()
-    logp = torch.log_softmax(logits, dim=-1)
+    return (_entry(tokenizer, torch.log_softmax(logits, dim=-1), token, top),)
+
+
+def prompt_logprobs(tokenizer, logits: Tensor, targets: Sequence[int], top: int) -> list[dict]:
+    """logits (T, V) at T prompt positions, targets (T,) the prompt tokens they predict ->
+    per position the target's log-probability and the `top` likeliest alternatives (the
+    entries `token_logprobs` makes for a generated token)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return [_entry(tokenizer, row, t, top) for row, t in zip(logp, targets, strict=True)]
+
+
+def _entry(tokenizer, logp: Tensor, token: int, top: int) -> dict:
     values, ids = logp.topk(top) if top else (logp[:0], logp[:0].long())
     alternatives = [
         {"token": tokenizer.decode([int(i)]), "logprob": float(v)}
         for v, i in zip(values, ids, strict=True)
     ]
-    return (
-        {
-            "token": tokenizer.decode([token]),
-            "logprob": float(logp[token]),
-            "top_logprobs": alternatives,
-        },
-    )
+    return {
+        "token": tokenizer.decode([token]),
+        "logprob": float(logp[token]),
+        "top_logprobs": alternatives,
+    }

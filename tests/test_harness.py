@@ -286,12 +286,6 @@ def test_loraplex_eval_agrees_with_the_harness_on_the_same_split(
     hub.close()
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 22 item 1: the server needs raw-text completions, echo with prompt "
-    "logprobs (max_tokens 1), token-id prompts, prompt lists, /tokenizer_info, /tokenize "
-    "and /detokenize before the harness's local-completions can run",
-)
 def test_local_completions_against_the_server_equals_the_native_model(setup: dict) -> None:
     from conftest import serving
 

@@ -57,6 +57,7 @@ def create_app(hub: Hub, engine: Engine, config: ServeConfig | None = None) -> F
     _errors(app)
     _plain_routes(app, serving)
     _generation_routes(app, serving)
+    _tokenizer_routes(app, serving)
     app.add_middleware(_Guard, api_key=config.api_key, metrics=metrics)
     app.state.metrics = metrics
     return app
@@ -110,6 +111,8 @@ def _plain_routes(app: FastAPI, serving: Serving) -> None:
     @app.get("/v1/models")
     async def models() -> dict:
         ids = await serving.off_loop(model_ids, hub)
+        if "base" not in ids:  # `model: base` is answered as the base model's name is
+            ids.insert(1, "base")
         adapters = set(await serving.off_loop(servable, hub))
         data = [
             {
@@ -128,12 +131,12 @@ def _generation_routes(app: FastAPI, serving: Serving) -> None:
     async def generate(http: Request, kind: type[p.ChatRequest] | type[p.CompletionRequest]):
         req = parse(await read_body(http, serving.config.limits), kind)
         prepared = await serving.prepare(req)
-        handle, events = await serving.submit(prepared)
+        subs = await serving.submit(prepared)
         headers = {"x-loraplex-routing": json.dumps(prepared.report, separators=(",", ":"))}
         if prepared.stream:
-            chunks = serving.stream(prepared, handle, events)
+            chunks = serving.stream(prepared, *subs[0])
             return StreamingResponse(chunks, media_type="text/event-stream", headers=headers)
-        body = await serving.collect(prepared, handle, events, http.receive)
+        body = await serving.collect(prepared, subs, http.receive)
         if body is None:  # the client left; nobody reads this
             return Response(status_code=499)
         return JSONResponse(body, headers=headers)
@@ -145,6 +148,25 @@ def _generation_routes(app: FastAPI, serving: Serving) -> None:
     @app.post("/v1/completions")
     async def completions(http: Request):
         return await generate(http, p.CompletionRequest)
+
+
+def _tokenizer_routes(app: FastAPI, serving: Serving) -> None:
+    """vLLM's tokenizer endpoints (what lm-evaluation-harness's remote tokenizer asks)."""
+    limits = serving.config.limits
+
+    @app.post("/tokenize")
+    async def tokenize(http: Request) -> dict:
+        req = parse(await read_body(http, limits), p.TokenizeRequest)
+        return await serving.off_loop(serving.tokenize, req)
+
+    @app.post("/detokenize")
+    async def detokenize(http: Request) -> dict:
+        req = parse(await read_body(http, limits), p.DetokenizeRequest)
+        return await serving.off_loop(serving.detokenize, req)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict:
+        return serving.tokenizer_info()
 
 
 class _Guard:

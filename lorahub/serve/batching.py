@@ -39,7 +39,7 @@ from transformers import DynamicCache
 
 from composition import Mode
 from lorahub.applied import NOTHING, Applied
-from lorahub.decoding import RowOutput
+from lorahub.decoding import RowOutput, prompt_logprobs
 from lorahub.hub import Hub, _fits
 from lorahub.models import cache_arg
 from lorahub.serve import kv
@@ -96,6 +96,7 @@ class _Row:
         self.cancelled = False
         self.ended = False
         self.prefilled = 0  # prompt tokens already in `cache` (a prompt prefilled in chunks)
+        self.prompt_lp: list[dict] = []  # prompt logprobs so far, when asked (echo)
         self.cache: DynamicCache | None = None
         self._emit = emit
 
@@ -335,11 +336,10 @@ class BatchingEngine:
         """This step's prefill: prompts that fit the budget together (in order), and one
         chunk of the first longer prompt."""
         budget = self.config.prefill_tokens
-        group, used = [], 0
+        group = []
         for row in self._prefilling:
-            if not row.prefilled and used + len(row.prompt) <= budget:
+            if not row.prefilled and _prefill_cost([*group, row]) <= budget:
                 group.append(row)
-                used += len(row.prompt)
         chunked = next((r for r in self._prefilling if len(r.prompt) > budget), None)
         return group, chunked
 
@@ -375,9 +375,14 @@ class BatchingEngine:
             for row in rows:
                 self._prefill_group([row])
             return
-        self._contain(rows, self._join, rows, *prefilled)
+        cache, mask, logits, prompt_lp = prefilled
+        for row, lp in zip(rows, prompt_lp, strict=True):
+            row.prompt_lp.extend(lp)
+        self._contain(rows, self._join, rows, cache, mask, logits)
 
-    def _whole_prompts(self, rows: list[_Row]) -> tuple[DynamicCache, Tensor, Tensor]:
+    def _whole_prompts(
+        self, rows: list[_Row]
+    ) -> tuple[DynamicCache, Tensor, Tensor, list[list[dict]]]:
         width = max(len(r.prompt) for r in rows)
         ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -388,7 +393,8 @@ class BatchingEngine:
             )
         cache = DynamicCache()
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        return cache, mask, self._forward(rows, ids, mask, positions, cache)
+        starts = [len(r.prompt) - width for r in rows]
+        return cache, mask, *self._forward(rows, ids, mask, positions, cache, starts)
 
     def _prefill_chunk(self, row: _Row) -> None:
         """The next `prefill_tokens` of one long prompt, in the row's own cache."""
@@ -397,26 +403,52 @@ class BatchingEngine:
         ids = torch.tensor([row.prompt[start:end]])
         mask = torch.ones((1, end), dtype=torch.long)
         cache = row.cache if row.cache is not None else DynamicCache()
-        logits = self._forward([row], ids, mask, torch.arange(start, end)[None], cache)
+        logits, (lp,) = self._forward(
+            [row], ids, mask, torch.arange(start, end)[None], cache, [start]
+        )
         row.cache, row.prefilled = cache, end
+        row.prompt_lp.extend(lp)
         if end == len(row.prompt):
             row.cache = None
             self._join([row], cache, mask, logits)
 
     def _forward(
-        self, rows: list[_Row], ids: Tensor, mask: Tensor, positions: Tensor, cache: DynamicCache
-    ) -> Tensor:
-        """One prefill pass under these rows' compositions -> last logits (rows, V)."""
+        self,
+        rows: list[_Row],
+        ids: Tensor,
+        mask: Tensor,
+        positions: Tensor,
+        cache: DynamicCache,
+        starts: list[int],
+    ) -> tuple[Tensor, list[list[dict]]]:
+        """One prefill pass under these rows' compositions -> last logits (rows, V), and per
+        row the logprobs of its prompt tokens this pass predicts (when it asked for them).
+        starts: per row, the prompt index in column 0 of `ids` (negative under padding)."""
+        asked = any(r.request.prompt_logprobs is not None for r in rows)
         with self._applied(rows).rows(torch.arange(len(rows))):
             out = self.model(
                 input_ids=ids,
                 attention_mask=mask,
                 position_ids=positions,
                 use_cache=True,
-                logits_to_keep=1,
+                logits_to_keep=0 if asked else 1,
                 **cache_arg(self.model, cache),
             )
-        return out.logits[:, -1].float()
+        lp = [
+            self._prompt_lp(r, logits, s)
+            for r, logits, s in zip(rows, out.logits, starts, strict=True)
+        ]
+        return out.logits[:, -1].float(), lp
+
+    def _prompt_lp(self, row: _Row, logits: Tensor, start: int) -> list[dict]:
+        """logits (columns, V) of one row, column c at prompt index start + c -> the
+        entries for the prompt tokens they predict (index start + c + 1)."""
+        top = row.request.prompt_logprobs
+        if top is None:
+            return []
+        first, last = max(0, -start), min(logits.shape[0], len(row.prompt) - 1 - start)
+        targets = row.prompt[start + first + 1 : start + last + 1]
+        return prompt_logprobs(self.tokenizer, logits[first:last], targets, top)
 
     def _join(self, rows: list[_Row], cache: DynamicCache, mask: Tensor, logits: Tensor) -> None:
         """Prefilled rows join lanes of their length with their first token."""
@@ -467,8 +499,15 @@ class BatchingEngine:
                 row.fail("the composed model produced NaN or Inf")
                 continue
             step = row.out.push(row_logits)
+            first = len(row.out.ids) == 1
             row.send(
-                Event("token", text=step.text, token_ids=(step.token,), logprobs=step.logprobs)
+                Event(
+                    "token",
+                    text=step.text,
+                    token_ids=(step.token,),
+                    logprobs=step.logprobs,
+                    prompt_logprobs=tuple(row.prompt_lp) if first else (),
+                )
             )
             if step.finish:
                 usage = {"prompt_tokens": len(row.prompt), "completion_tokens": len(row.out.ids)}
@@ -536,6 +575,15 @@ class BatchingEngine:
         gates = self.stack.gates([r.keys for r in rows])
         modes = tuple(Mode(r.request.mode) for r in rows)
         return Applied(self.stack.composer, gates, modes, merge=False)
+
+
+def _prefill_cost(rows: list[_Row]) -> int:
+    """Prompt tokens a prefill of these rows computes logits for: the padded batch when
+    one keeps its prompt's logits (echo with logprobs), else the prompts' tokens."""
+    lengths = [len(r.prompt) for r in rows]
+    if any(r.request.prompt_logprobs is not None for r in rows):
+        return len(rows) * max(lengths)
+    return sum(lengths)
 
 
 def _why_unfit(model: nn.Module, adapter: LoraAdapter) -> str | None:

@@ -45,6 +45,8 @@ class GenerationRequest:
     sampling: Sampling
     logprobs: int | None = None  # top alternatives to report per token (None: no logprobs)
     exact: bool = False  # refuse rather than approximate a composition the engine cannot hold
+    # the prompt's own logprobs (echo), with this many alternatives, from the same forward
+    prompt_logprobs: int | None = None
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,8 @@ class Event:
     text: str = ""  # token: the new text (stop strings and incomplete characters held back)
     token_ids: tuple[int, ...] = ()
     logprobs: tuple[dict, ...] = ()  # per token: {"token", "logprob", "top_logprobs": [...]}
+    # the first token only, when asked: an entry for each prompt token after the first
+    prompt_logprobs: tuple[dict, ...] = ()
     finish_reason: str | None = None  # done: "stop" or "length"
     usage: dict[str, int] = field(default_factory=dict)  # done: prompt / completion tokens
     error: str = ""  # error: what went wrong (this request alone)

@@ -86,20 +86,52 @@ class ChatRequest(_Common):
         return [m.text() for m in self.messages]
 
 
+# a completion prompt: text, or token ids as the tokenizer numbers them (POST /tokenize)
+Prompt = str | list[int]
+
+
 class CompletionRequest(_Common):
-    prompt: str | list[str]
+    """A raw-text completion (no chat template), as OpenAI's and vLLM's: the prompt is a
+    text, token ids, or a list of either (one choice each, `index` in order); `echo` puts
+    the prompt before the answer, with its logprobs when `logprobs` is set; max_tokens 0
+    (echo only) scores the prompt without answering."""
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: Annotated[int, Field(ge=0)] | None = None
     logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
     echo: bool = False
     suffix: str | None = None
+    add_special_tokens: bool = True  # vLLM's extra: a text prompt's BOS, as its tokenizer adds
 
-    def text(self) -> str:
-        prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
-        if len(prompts) != 1:
-            raise ValueError("one prompt per request (send a list of one, or a string)")
-        return prompts[0]
+    def prompts(self) -> list[Prompt]:
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]
+        return list(p)
 
     def texts(self) -> list[str]:
-        return [self.text()]
+        return [p for p in self.prompts() if isinstance(p, str)]
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's POST /tokenize: a text (raw, as completions read it) or chat messages (in
+    the chat template, as chat completions read them)."""
+
+    model_config = ConfigDict(**STRICT, extra="forbid")
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[Message] | None = None
+    add_special_tokens: bool | None = None  # default: True for a prompt, False for messages
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(BaseModel):
+    """vLLM's POST /detokenize."""
+
+    model_config = ConfigDict(**STRICT, extra="forbid")
+    model: str | None = None
+    tokens: list[int]
 
 
 # OpenAI fields we cannot honour -> the values that ask for nothing (null always does).
@@ -117,7 +149,7 @@ UNSUPPORTED: dict[str, tuple[object, ...]] = {
     "functions": ([],),
     "function_call": ("none",),
     "response_format": ({"type": "text"},),
-    "echo": (False,),
+    "prompt_logprobs": (),
     "suffix": (),
     "audio": (),
     "modalities": (["text"],),
@@ -195,11 +227,24 @@ def chat_response(
     return _body(rid, "chat.completion", model, [choice], usage, report)
 
 
-def completion_response(
-    rid: str, model: str, text: str, finish: str, usage: dict, report: dict, logprobs: list | None
+def completion_choice(
+    index: int, text: str, finish: str, logprobs: list | None, report: dict
 ) -> dict:
-    choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": _legacy(logprobs)}
-    return _body(rid, "text_completion", model, [choice], usage, report)
+    """One prompt's choice; `report` is the routing applied to it (prompts in one request
+    are routed each on its own)."""
+    return {
+        "index": index,
+        "text": text,
+        "finish_reason": finish,
+        "logprobs": _legacy(logprobs),
+        "loraplex": report,
+    }
+
+
+def completion_response(
+    rid: str, model: str, choices: list[dict], usage: dict, report: dict
+) -> dict:
+    return _body(rid, "text_completion", model, choices, usage, report)
 
 
 def chat_chunk(
@@ -215,9 +260,14 @@ def chat_chunk(
 
 
 def completion_chunk(
-    rid: str, model: str, text: str, finish: str | None, logprobs: list | None
+    rid: str, model: str, text: str, finish: str | None, logprobs: list | None, offset: int = 0
 ) -> dict:
-    choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": _legacy(logprobs)}
+    choice = {
+        "index": 0,
+        "text": text,
+        "finish_reason": finish,
+        "logprobs": _legacy(logprobs, offset),
+    }
     return _body(rid, "text_completion", model, [choice])
 
 
@@ -247,12 +297,24 @@ def _body(
     return body
 
 
-def _legacy(logprobs: list | None) -> dict | None:
-    """The completions endpoint's older logprobs shape."""
+def _legacy(logprobs: list | None, offset: int = 0) -> dict | None:
+    """The completions endpoint's older logprobs shape, as OpenAI and vLLM give it: per
+    token its text, its logprob, the chosen token and the top alternatives (null for a
+    prompt's first token, which nothing predicts), and where its text starts."""
     if logprobs is None:
         return None
+    offsets = []
+    for lp in logprobs:
+        offsets.append(offset)
+        offset += len(lp["token"])
     return {
         "tokens": [lp["token"] for lp in logprobs],
         "token_logprobs": [lp["logprob"] for lp in logprobs],
-        "top_logprobs": [{a["token"]: a["logprob"] for a in lp["top_logprobs"]} for lp in logprobs],
+        "top_logprobs": [
+            None
+            if lp["top_logprobs"] is None
+            else {a["token"]: a["logprob"] for a in [lp, *lp["top_logprobs"]]}
+            for lp in logprobs
+        ],
+        "text_offset": offsets,
     }

@@ -33,11 +33,15 @@ class StreamShape:
     logprobs: bool
     include_usage: bool
 
-    def text_chunk(self, text: str, finish: str | None, logprobs: list | None) -> str:
+    def text_chunk(
+        self, text: str, finish: str | None, logprobs: list | None, offset: int = 0
+    ) -> str:
+        """offset: where this chunk's first token starts in the whole text (completions'
+        text_offset)."""
         if self.chat:
             delta = {"content": text} if text or not finish else {}
             return sse(p.chat_chunk(self.rid, self.model, delta, finish, logprobs))
-        return sse(p.completion_chunk(self.rid, self.model, text, finish, logprobs))
+        return sse(p.completion_chunk(self.rid, self.model, text, finish, logprobs, offset))
 
     def first(self) -> list[str]:
         if not self.chat:
@@ -62,6 +66,7 @@ async def encode(
     (timing); `error_body` turns an error event into the envelope sent."""
     for chunk in shape.first():
         yield chunk
+    offset = 0
     while True:
         ev = await events.get()
         on_event(ev)
@@ -69,7 +74,9 @@ async def encode(
             yield sse(error_body(ev))
             break
         if ev.kind == "token" and (ev.text or (ev.logprobs and shape.logprobs)):
-            yield shape.text_chunk(ev.text, None, list(ev.logprobs) if shape.logprobs else None)
+            lp = list(ev.logprobs) if shape.logprobs else None
+            yield shape.text_chunk(ev.text, None, lp, offset)
+            offset += sum(len(e["token"]) for e in ev.logprobs)
         if ev.kind == "done":
             yield shape.text_chunk("", ev.finish_reason, None)
             if shape.include_usage:

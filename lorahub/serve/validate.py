@@ -26,12 +26,17 @@ class Limits:
 
     # ~250k tokens of text: past every context here, small enough to hold in memory at once
     max_body_bytes: int = 1 << 20
-    max_stops: int = 4  # OpenAI's limit
+    # OpenAI takes 4, vLLM any number; lm-evaluation-harness sends a task's stops and the
+    # end-of-sequence text
+    max_stops: int = 16
     # every stop string is searched for in the new text after each token, on the engine's
     # thread (four of 200k characters cost seconds per token)
     max_stop_chars: int = 256
     max_messages: int = 512
     max_content_parts: int = 64  # per message
+    # prompts in one completion request (a list: one choice each, one engine row each;
+    # lm-evaluation-harness sends its batch_size)
+    max_prompts: int = 128
     max_adapters: int = 16  # loraplex.adapters entries (the engine stacks at most 64 in all)
     # explicit mixture weights: a little negation (task arithmetic) up to a strong boost;
     # beyond it an adapter only breaks the model
@@ -121,6 +126,26 @@ def _texts(req: p.ChatRequest | p.CompletionRequest, limits: Limits) -> None:
         raise p.APIError(400, str(e), param) from None
 
 
+def _prompts(req: p.ChatRequest | p.CompletionRequest, limits: Limits) -> None:
+    if isinstance(req, p.ChatRequest):
+        return
+    n = len(req.prompts())
+    if not 0 < n <= limits.max_prompts:
+        raise p.APIError(
+            400, f"prompt: a text, token ids, or a list of 1 to {limits.max_prompts}", "prompt"
+        )
+    if req.stream and (n > 1 or req.echo):
+        raise p.APIError(
+            400,
+            "a stream answers one prompt without echo; send the list (or echo) unstreamed",
+            "stream",
+        )
+    if req.max_tokens == 0 and not req.echo:
+        raise p.APIError(400, "max_tokens 0 (score the prompt) needs echo", "max_tokens")
+    if req.max_tokens is not None and req.min_tokens > max(req.max_tokens, 1):
+        raise p.APIError(400, "min_tokens is over max_tokens", "min_tokens")
+
+
 def _adapters(req: p.ChatRequest | p.CompletionRequest, limits: Limits) -> None:
     weights = req.loraplex.adapters or {}
     if len(weights) > limits.max_adapters:
@@ -145,6 +170,7 @@ CHECKS: tuple[Callable[[p.ChatRequest | p.CompletionRequest, Limits], None], ...
     _unsupported,
     _messages,
     _texts,
+    _prompts,
     _stops,
     _adapters,
 )
@@ -154,6 +180,18 @@ def check(req: p.ChatRequest | p.CompletionRequest, limits: Limits) -> None:
     """Every check of the table, in order: the first failure is the answer."""
     for one in CHECKS:
         one(req, limits)
+
+
+def check_token_ids(ids: list[int], vocab: int, param: str) -> None:
+    """Token ids a prompt gives are ids of this model's vocabulary."""
+    bad = next((t for t in ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise p.APIError(
+            400,
+            f"token id {bad} is not in this model's vocabulary (0 to {vocab - 1})",
+            param,
+            "invalid_token_id",
+        )
 
 
 def check_prompt(n_tokens: int, max_new_tokens: int, context: int, param: str) -> None:
