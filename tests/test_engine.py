@@ -10,6 +10,7 @@ import itertools
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -308,3 +309,57 @@ def test_a_seeded_sample_equals_hub_generate(registry: Registry, stop: tuple[str
         )
     assert [g.strip() for g in got] == want
     assert len(set(want)) == 2 and all(want)  # two different, non-empty samples
+
+
+def composed_logprobs(registry: Registry, ids: list[int], routing: Routing) -> torch.Tensor:
+    """The oracle: log-softmax of one full forward of the prompt under `routing`, in float64,
+    at each position that predicts a prompt token -> (len(ids) - 1,)."""
+    oracle = BaseModel("tiny-llama", build_model("llama"), char_tokenizer())
+    with (
+        torch.inference_mode(),
+        Hub(registry, oracle, Retriever(registry)).composed([routing]) as applied,
+        applied.rows(torch.tensor([0])),
+    ):
+        logits = oracle.model(torch.tensor([ids])).logits[0].double()
+    logp = torch.log_softmax(logits, dim=-1)
+    return logp[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+
+
+def test_prompt_logprobs_come_from_the_composed_prefill_chunked_or_not(
+    registry: Registry,
+) -> None:
+    """Prompt logprobs (echo) are the request's own composed prefill: a prompt prefilled in
+    chunks of 8 and short prompts prefilled together (one without them) equal one full
+    forward under each routing."""
+    jobs = {
+        "Please read all of this, slowly.": {"math": 0.7, "mood": 0.5},  # 4 chunks of 8
+        "Hi there": {"mood": 1.0},
+        "Hey": {},
+    }
+    with engine(registry, start=False, prefill_tokens=8) as eng:
+        listeners, requests = [], []
+        for (prompt, adapters), top in zip(jobs.items(), (3, 2, 1), strict=True):
+            req = request(eng, prompt, adapters, max_new_tokens=1)
+            req = replace(req, logprobs=1, prompt_logprobs=top)
+            requests.append(req)
+            listeners.append(Listener())
+            eng.submit(req, listeners[-1])
+        bystander = Listener()
+        eng.submit(request(eng, "Yo", {"math": 1.0}, max_new_tokens=1), bystander)
+        eng.start()
+        firsts = [
+            next(ev for _, ev in lis.wait().events if ev.kind == "token") for lis in listeners
+        ]
+        bystander.wait()
+    assert next(ev for _, ev in bystander.events).prompt_logprobs == ()
+    for req, first, top in zip(requests, firsts, (3, 2, 1), strict=True):
+        ids, got = list(req.prompt_ids), first.prompt_logprobs
+        want = composed_logprobs(registry, ids, req.routing)
+        assert [e["token"] for e in got] == [eng.tokenizer.decode([i]) for i in ids[1:]]
+        assert [e["logprob"] for e in got] == pytest.approx(want.tolist(), abs=1e-5)
+        assert all(len(e["top_logprobs"]) == top for e in got)
+        assert all(e["top_logprobs"][0]["logprob"] >= e["logprob"] for e in got)
+    # the composition matters: the base model's prompt logprobs are not these
+    long_ids = list(requests[0].prompt_ids)
+    base = composed_logprobs(registry, long_ids, Routing())
+    assert not torch.allclose(base, composed_logprobs(registry, long_ids, requests[0].routing))
