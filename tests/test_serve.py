@@ -24,7 +24,9 @@ import pytest
 import torch
 from conftest import build_model, char_tokenizer, free_port, serving
 
+from lorahub import inference
 from lorahub.hub import Hub
+from lorahub.inference import Sampling
 from lorahub.models import BaseModel
 from lorahub.serve.app import ServeConfig, create_app
 from lorahub.serve.batching import BatchingConfig, BatchingEngine
@@ -195,18 +197,138 @@ def test_the_task_router_reports_its_confidence_and_abstains_when_nothing_fits(
         assert f"loraplex_routed_to_base_total {float(abstained)}" in scraped
 
 
-def test_completions_equal_chat_with_one_user_turn(server) -> None:
+def raw_answer(hub: Hub, prompt: str, routing: Routing) -> str:
+    """The oracle of a completion: the prompt as raw text (no chat template) under
+    `routing`."""
+    with hub.composed([routing]) as applied:
+        return inference.generate(hub.base, [prompt], applied, Sampling(10), formatted=True)[0]
+
+
+def prompt_logprobs_of(hub: Hub, ids: list[int], routing: Routing) -> list[float]:
+    """The oracle of echo's logprobs: one forward of the prompt under `routing`, its
+    log-softmax in float64 at each position that predicts a prompt token."""
+    with (
+        torch.inference_mode(),
+        hub.composed([routing]) as applied,
+        applied.rows(torch.tensor([0])),
+    ):
+        logits = hub.base.model(torch.tensor([ids])).logits[0].double()
+    logp = torch.log_softmax(logits, dim=-1)
+    return logp[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+
+
+def test_completions_read_the_prompt_as_raw_text(server, reference) -> None:
+    """/v1/completions reads the prompt as raw text, as OpenAI's and vLLM's do (few-shot
+    prompts, the harness); only chat completions apply the chat template."""
     url, _ = server
     c = client(url)
+    templated = 0
     for prompt in PROMPTS:
         done = c.completions.create(model="auto", prompt=prompt, **GREEDY)
+        routing = Routing.from_json(done.model_extra["loraplex"])
+        assert done.choices[0].text.strip() == raw_answer(reference, prompt, routing)
         chat = c.chat.completions.create(
             model="auto", messages=[{"role": "user", "content": prompt}], **GREEDY
         )
-        assert done.choices[0].text == chat.choices[0].message.content
-        assert done.usage.completion_tokens == chat.usage.completion_tokens > 0
+        templated += done.choices[0].text != chat.choices[0].message.content
         streamed = c.completions.create(model="auto", prompt=prompt, stream=True, **GREEDY)
         assert "".join(ch.choices[0].text for ch in streamed) == done.choices[0].text
+    assert templated  # the template changes answers: the raw equality above is not the chat's
+
+
+def test_token_id_prompts_and_prompt_lists_answer_each_prompt_in_order(server, reference) -> None:
+    url, _ = server
+    c = client(url)
+    tok = reference.base.tokenizer
+    texts = PROMPTS[:3]
+    alone = [c.completions.create(model="auto", prompt=t, **GREEDY) for t in texts]
+    reports = [a.model_extra["loraplex"] for a in alone]
+    assert len({r["adapters"][0]["name"] for r in reports}) > 1  # each prompt routed alone
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    for prompt in (texts, ids):
+        together = c.completions.create(model="auto", prompt=prompt, **GREEDY)
+        assert [ch.index for ch in together.choices] == [0, 1, 2]
+        assert [ch.text for ch in together.choices] == [a.choices[0].text for a in alone]
+        for ch, report in zip(together.choices, reports, strict=True):  # batched embedding
+            got = ch.model_extra["loraplex"]["adapters"]
+            assert [a["name"] for a in got] == [a["name"] for a in report["adapters"]]
+            assert [a["weight"] for a in got] == pytest.approx(
+                [a["weight"] for a in report["adapters"]], abs=1e-4
+            )
+        assert together.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)
+    one = c.completions.create(model="auto", prompt=ids[1], **GREEDY)
+    assert one.choices[0].text == alone[1].choices[0].text
+
+
+@pytest.mark.parametrize(
+    "model, extra",
+    [("math", None), ("auto:mixture", {"loraplex": {"adapters": {"math": 0.7, "mood": 0.3}}})],
+)
+def test_echo_gives_the_prompt_logprobs_of_the_composed_forward(
+    server, reference, model, extra
+) -> None:
+    """echo + logprobs (what lm-evaluation-harness sends to score options): the prompt's
+    logprobs come from the request's own composition, then the answer's (max_tokens 1),
+    or none (max_tokens 0), in OpenAI's legacy shape (vLLM's: null for the first token)."""
+    url, _ = server
+    c = client(url)
+    prompt = "What is 8 plus 13? 21"
+    ids = reference.base.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    n = len(ids)
+    args = {"model": model, "prompt": prompt, "logprobs": 2, "temperature": 0, "extra_body": extra}
+    plain = c.completions.create(max_tokens=1, **args).choices[0]
+    for max_tokens in (0, 1):
+        reply = c.completions.create(echo=True, max_tokens=max_tokens, **args)
+        choice, lp = reply.choices[0], reply.choices[0].logprobs
+        routing = Routing.from_json(reply.model_extra["loraplex"])
+        want = prompt_logprobs_of(reference, ids, routing)
+        assert lp.tokens[:n] == [reference.base.tokenizer.decode([i]) for i in ids]
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        assert lp.token_logprobs[1:n] == pytest.approx(want, abs=1e-5)
+        for chosen, top in zip(lp.token_logprobs[1:], lp.top_logprobs[1:], strict=True):
+            assert len(top) <= 3 and max(top.values()) >= chosen  # the token and the top 2
+        offsets = [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+        assert lp.text_offset == offsets
+        if max_tokens == 0:
+            assert choice.text == prompt and len(lp.tokens) == n
+            assert reply.usage.completion_tokens == 0 and choice.finish_reason == "length"
+        else:
+            assert choice.text == prompt + plain.text and len(lp.tokens) == n + 1
+            assert lp.token_logprobs[n] == plain.logprobs.token_logprobs[0]
+    base = prompt_logprobs_of(reference, ids, Routing())
+    assert base != pytest.approx(want, abs=1e-3)  # the composition shows in the logprobs
+
+
+def test_tokenize_detokenize_and_tokenizer_info_in_vllms_shapes(server, reference) -> None:
+    url, _ = server
+    tok = reference.base.tokenizer
+    ids = tok("hi there")["input_ids"]
+    body = httpx.post(f"{url}/tokenize", json={"prompt": "hi there", "return_token_strs": True})
+    assert body.json() == {
+        "count": len(ids),
+        "max_model_len": 128,
+        "tokens": ids,
+        "token_strs": tok.convert_ids_to_tokens(ids),
+    }
+    messages = [{"role": "user", "content": "hi"}]
+    chat = httpx.post(f"{url}/tokenize", json={"model": "math", "messages": messages}).json()
+    templated = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert chat["tokens"] == tok(templated, add_special_tokens=False)["input_ids"]
+    assert chat["token_strs"] is None
+    assert httpx.post(f"{url}/detokenize", json={"tokens": ids}).json() == {"prompt": "hi there"}
+    info = httpx.get(f"{url}/tokenizer_info").json()
+    assert info["eos_token"] == tok.eos_token and info["chat_template"] == CHAT_TEMPLATE
+    assert info["model_max_length"] == 128
+    mistakes = [
+        ("/tokenize", {}, "prompt"),
+        ("/tokenize", {"prompt": "x", "messages": messages}, "prompt"),
+        ("/tokenize", {"prompt": 5}, "prompt"),
+        ("/detokenize", {"tokens": [10**6]}, "tokens"),
+        ("/detokenize", {"tokens": [-1]}, "tokens"),
+        ("/detokenize", {"tokens": ["a"]}, "tokens.0"),
+    ]
+    for path, bad, param in mistakes:
+        assert error_of(httpx.post(f"{url}{path}", json=bad, timeout=30), 400)["param"] == param
 
 
 def test_routing_is_reported_and_picks_the_right_adapter(server) -> None:
@@ -410,7 +532,7 @@ BAD = {
     "weight as a string": (AUTO_X.replace(b"WEIGHT", b'"0.5"'), 400, "loraplex.adapters.math"),
     "lone surrogate": (CHAT_X.replace(b'"x"', b'"x\\ud800y"'), 400, None),
     "lone surrogate in an ignored field": (CHAT_X.replace(b"}]", b'}], "user": "\\udc00"', 1), 400, None),
-    "five stop strings": (with_field("stop", ["a", "b", "c", "d", "e"]), 400, "stop"),
+    "seventeen stop strings": (with_field("stop", [f"s{i}" for i in range(17)]), 400, "stop"),
     "an empty stop string": (with_field("stop", [""]), 400, "stop"),
     "a stop string of 200k characters": (with_field("stop", "s" * 200_000), 400, "stop"),
     "too many messages": (
@@ -446,6 +568,36 @@ BAD = {
         ]
     },
 }  # fmt: skip
+
+
+COMPLETION_X = {"model": "math", "prompt": "x", "max_tokens": 5}
+BAD_COMPLETIONS = {
+    "a token id past the vocabulary": ({"prompt": [5, 10**6]}, "prompt", "invalid_token_id"),
+    "a negative token id": ({"prompt": [-1]}, "prompt", "invalid_token_id"),
+    "a bad token id in the second prompt": ({"prompt": [[5], [10**6]]}, "prompt.1", "invalid_token_id"),
+    "a bool as a token id": ({"prompt": [True]}, None, None),
+    "text and token ids in one list": ({"prompt": ["x", [5]]}, None, None),
+    "an empty list": ({"prompt": []}, "prompt", None),
+    "an empty token list in a list": ({"prompt": [[5], []]}, "prompt.1", "empty_prompt"),
+    "token ids past the context": ({"prompt": [5] * 300}, "prompt", "context_length_exceeded"),
+    "129 prompts": ({"prompt": ["x"] * 129}, "prompt", None),
+    "a streamed list": ({"prompt": ["x", "y"], "stream": True}, "stream", None),
+    "a streamed echo": ({"echo": True, "stream": True}, "stream", None),
+    "max_tokens 0 without echo": ({"max_tokens": 0}, "max_tokens", None),
+    "negative max_tokens": ({"max_tokens": -1, "echo": True}, "max_tokens", None),
+    "prompt_logprobs": ({"prompt_logprobs": 1}, "prompt_logprobs", "unsupported"),
+    "suffix": ({"suffix": "y"}, "suffix", "unsupported"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(BAD_COMPLETIONS))
+def test_completion_mistakes_are_400_naming_the_field(server, case: str) -> None:
+    url, _ = server
+    change, param, code = BAD_COMPLETIONS[case]
+    r = httpx.post(f"{url}/v1/completions", json={**COMPLETION_X, **change}, timeout=30)
+    error = error_of(r, 400)
+    assert param is None or error["param"] == param
+    assert code is None or error["code"] == code
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
@@ -673,8 +825,9 @@ def test_an_api_key_is_required_when_set(registry_dir: Path, embedder) -> None:
             with pytest.raises(openai.AuthenticationError):
                 client(url, api_key=key).models.list()
         assert httpx.get(f"{url}/v1/models", timeout=10).status_code == 401
-        assert [m.id for m in client(url, api_key="s3cret").models.list()][:2] == [
+        assert [m.id for m in client(url, api_key="s3cret").models.list()][:3] == [
             "tiny-llama",
+            "base",
             "auto",
         ]
         assert httpx.get(f"{url}/health", timeout=10).status_code == 200  # probes need no key
@@ -775,9 +928,25 @@ def test_every_numeric_engine_stat_is_a_gauge(server) -> None:
 def test_models_lists_base_auto_and_adapters(server) -> None:
     url, _ = server
     models = {m.id: m for m in client(url).models.list()}
-    assert {"tiny-llama", "auto", "auto:selection", "auto:mixture", "auto:fusion"} <= set(models)
+    listed = {"tiny-llama", "base", "auto", "auto:selection", "auto:mixture", "auto:fusion"}
+    assert listed <= set(models)
     assert {"math", "french", "mood", "broken"} <= set(models)
     assert models["math"].model_extra["parent"] == "tiny-llama"
+    c = client(url)
+    # every listed value is answered: `base` is the base model under its other name
+    answers = {
+        m: c.completions.create(model=m, prompt="hi", **GREEDY) for m in ("base", "tiny-llama")
+    }
+    assert answers["base"].choices[0].text == answers["tiny-llama"].choices[0].text
+    assert answers["base"].model_extra["loraplex"]["adapters"] == []
+
+
+def test_serving_refuses_a_per_token_router_naming_the_fix() -> None:
+    """`serve --router arrow` would refuse every `auto` request (no engine applies
+    per-token gates): it is refused at startup instead."""
+    with pytest.raises(ValueError, match="--router task, retriever or classifier"):
+        ServeConfig(router="arrow", compose="selection")
+    assert ServeConfig(router="retriever", compose="selection").router == "retriever"
 
 
 def test_metrics_count_requests_tokens_and_routing(server) -> None:
