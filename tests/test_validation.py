@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lorahub.serve import protocol as p
-from lorahub.serve.validate import Limits, check, check_prompt, parse
+from lorahub.serve.validate import Limits, check, check_prompt, check_token_ids, parse
 
 EXAMPLES = int(os.environ.get("LORAPLEX_FUZZ_EXAMPLES", "60"))
 FUZZ = settings(
@@ -68,6 +68,42 @@ def test_the_prompt_check_names_the_first_problem() -> None:
     check_prompt(90, 10, 100, "messages")
 
 
+@pytest.mark.parametrize(
+    "change, param",
+    [
+        ({"prompt": ["x"] * (LIMITS.max_prompts + 1)}, "prompt"),
+        ({"prompt": []}, "prompt"),
+        ({"prompt": ["x", "y"], "stream": True}, "stream"),
+        ({"echo": True, "stream": True}, "stream"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": 2, "min_tokens": 3}, "min_tokens"),
+        ({"stop": [f"s{i}" for i in range(LIMITS.max_stops + 1)]}, "stop"),
+    ],
+)
+def test_completion_prompts_are_bounded(change: dict, param: str) -> None:
+    body = json.dumps({"model": "m", "prompt": "x", **change}).encode()
+    with pytest.raises(p.APIError) as e:
+        validated(body, p.CompletionRequest)
+    assert (e.value.status, e.value.param) == (400, param)
+
+
+@pytest.mark.parametrize(
+    "prompt, prompts",
+    [("x", ["x"]), ([5, 6], [[5, 6]]), (["x", "y"], ["x", "y"]), ([[5], [6, 7]], [[5], [6, 7]])],
+)
+def test_a_prompt_is_text_token_ids_or_a_list_of_either(prompt: object, prompts: list) -> None:
+    body = {"model": "m", "prompt": prompt, "max_tokens": 0, "echo": True}
+    assert validated(json.dumps(body).encode(), p.CompletionRequest).prompts() == prompts
+
+
+def test_token_ids_lie_in_the_vocabulary() -> None:
+    check_token_ids([0, 5, 9], 10, "prompt")
+    for bad in ([10], [-1], [3, 2**40]):
+        with pytest.raises(p.APIError) as e:
+            check_token_ids(bad, 10, "prompt.2")
+        assert (e.value.code, e.value.param) == ("invalid_token_id", "prompt.2")
+
+
 JSON = st.recursive(
     st.none()
     | st.booleans()
@@ -83,6 +119,7 @@ FIELDS = [
     "model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature",
     "top_p", "n", "stream", "stream_options", "stop", "seed", "min_tokens", "logprobs",
     "top_logprobs", "loraplex", "tools", "response_format", "logit_bias", "best_of", "user",
+    "echo", "suffix", "add_special_tokens", "prompt_logprobs",
 ]  # fmt: skip
 GOOD = {"model": "m", "messages": [{"role": "user", "content": "x"}], "prompt": "x"}
 
@@ -107,6 +144,10 @@ def test_any_body_is_a_400_or_a_bounded_finite_request(changes: dict, kind: type
     assert req.temperature is None or math.isfinite(req.temperature)
     assert isinstance(req.stream, bool) and req.n == 1
     req.texts()  # the text is readable
+    if isinstance(req, p.CompletionRequest):
+        assert 0 < len(req.prompts()) <= LIMITS.max_prompts
+        assert not (req.stream and (req.echo or len(req.prompts()) > 1))
+        assert req.max_tokens != 0 or req.echo
 
 
 @FUZZ
