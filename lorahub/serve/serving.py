@@ -347,9 +347,12 @@ class Serving:
     # -- the tokenizer, as vLLM serves it -------------------------------------------------------
     def tokenize(self, req: p.TokenizeRequest) -> dict:
         """vLLM's /tokenize: a raw prompt (special tokens added unless told not to) or chat
-        messages in the chat template (none added unless told)."""
+        messages in the chat template (none added unless told). Every `model` here shares
+        the base model's tokenizer."""
         if (req.prompt is None) == (req.messages is None):
             raise p.APIError(400, "give a prompt or messages, not both", "prompt")
+        if len(req.messages or ()) > self.config.limits.max_messages:
+            raise p.APIError(400, f"at most {self.config.limits.max_messages} messages", "messages")
         tok = self.hub.base.tokenizer
         if req.prompt is not None:
             text, special = req.prompt, req.add_special_tokens is not False
@@ -432,7 +435,9 @@ def _chat_prompt(hub: Hub, target: Target, req: p.ChatRequest, vocab: int) -> li
     were trained (the chat template, or plain text for adapters trained on it)."""
     messages = [{"role": m.role, "content": m.text()} for m in req.messages]
     query = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
-    routing = target.routing or hub.route([query], target.k, target.compose)[0]
+    routing = target.routing
+    if routing is None:
+        routing = hub.route([query], target.k, target.compose)[0]
     text = hub.format(messages, routing)
     return [(routing, hub.base.tokenizer(text, add_special_tokens=False)["input_ids"], text)]
 
