@@ -35,6 +35,7 @@ def machine() -> dict:
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
+        "load": os.getloadavg(),  # 1, 5 and 15 minutes: other work on a shared machine
     }
 
 

@@ -1,20 +1,33 @@
-"""Many adapters behind one engine: throughput as the number of distinct adapters in the
-traffic grows, and host memory against the adapter bytes held.
+"""Many adapters behind one server: engine throughput as the number of distinct adapters in
+the traffic grows, host memory against the adapter bytes held, bulk registration, and
+routing quality under 1,000 distractor adapters.
 
-The built-in engine on the real SmolLM2 base, driven in process (no HTTP: this measures
-paging, not the wire). Synthetic adapters of the zoo's shape (rank 8 on q_proj and v_proj
-of every layer) are registered once; each request names one adapter, drawn uniformly or
-by Zipf(1.0) popularity from the first N. Closed loop: C clients, each submitting its next
-request when the last one ends; every answer is exactly `tokens` long (min_tokens).
-Reported per N: output tokens/s, adapter loads (host-cache misses), RSS; the target is the
-throughput at the largest N over the throughput with one adapter (same run).
+Parts (each resumable: every finished measurement is saved at once in
+results/scale.parts.json, a rerun skips what is there, and results/scale.json is rewritten
+from whatever is there, so a partial run still reports figures):
+- throughput: the built-in engine on the real SmolLM2 base, driven in process (no HTTP:
+  this measures paging, not the wire). Synthetic adapters of the zoo's shape (rank 8 on
+  q_proj and v_proj of every layer); each request names one, drawn uniformly or by
+  Zipf(1.0) popularity from the first N. Closed loop: C clients, each submitting its next
+  request when the last one ends; every answer is exactly `tokens` long (min_tokens).
+  Per N: output tokens/s, adapter loads (host-cache misses), host cache bytes, RSS.
+- registration: the zoo registered into a registry with the default embedder, then 1,000
+  PEFT folders (synthetic weights, examples from the train splits of dev tasks outside the
+  zoo) registered in one process; adapters per second.
+- quality: the default (task) router's top-1 on the zoo's test prompts, and its open-world
+  decision (an adapter or the base), before and after those 1,000 distractors.
+Routing latency at 100 / 1,000 / 10,000 adapters is measured by bench_route.py; its
+figures are copied from results/route.json when present.
 
-    python benchmarks/bench_scale.py [--quick] [--adapters 1,16,64,256,1024]
+    python benchmarks/bench_scale.py [--quick] [--parts throughput,quality]   # quality includes registration
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import json
+import os
 import random
 import sys
 import tempfile
@@ -22,11 +35,10 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import print_table, target, write_result
+from _common import RESULTS, print_table, target, write_result
 
 from composition import Mode
 from lorahub.hub import Hub
@@ -35,32 +47,64 @@ from lorahub.models import DEFAULT_MODEL, load_base_model
 from lorahub.serve.batching import BatchingConfig, BatchingEngine
 from lorahub.serve.engine import GenerationRequest
 from lorahub.serve.stack import PagerConfig
-from lorahub.zoo import read_manifest
-from registry import BaseModelInfo, LoraAdapter, LoraModule, Registry
-from router import Retriever, Routing
+from lorahub.tasks import SplitConfig, dev_tasks, load_task
+from lorahub.zoo import read_manifest, register_zoo
+from registry import BaseModelInfo, LoraAdapter, LoraModule, Registry, write_peft_folder
+from router import ArrowRouter, Routing, SentenceEmbedder, make_router
 
 
-def synthetic(model: torch.nn.Module, seed: int, rank: int = 8) -> LoraAdapter:
-    """An adapter of the zoo's shape with small random weights."""
+def synthetic(shapes: dict[str, tuple[int, int]], seed: int, rank: int = 8) -> LoraAdapter:
+    """An adapter of the zoo's shape with small random weights; shapes: module ->
+    (d_in, d_out)."""
     g = torch.Generator().manual_seed(seed)
     mods = {
         name: LoraModule(
-            torch.randn(rank, m.in_features, generator=g) * 0.01,
-            torch.randn(m.out_features, rank, generator=g) * 0.01,
+            torch.randn(rank, d_in, generator=g) * 0.01,
+            torch.randn(d_out, rank, generator=g) * 0.01,
             16.0,
         )
-        for name, m in model.named_modules()
-        if name.endswith(("q_proj", "v_proj"))
+        for name, (d_in, d_out) in shapes.items()
     }
     return LoraAdapter(mods, base_model=BaseModelInfo(DEFAULT_MODEL))
 
 
-def register_synthetic(registry: Registry, model: torch.nn.Module, n: int) -> list[str]:
-    names = [f"syn{i:05d}" for i in range(n)]
-    for i, name in enumerate(names):
-        if name not in registry:
-            registry.register(synthetic(model, i), name=name)
-    return names
+def zoo_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
+    return {
+        name: (m.in_features, m.out_features)
+        for name, m in model.named_modules()
+        if name.endswith(("q_proj", "v_proj"))
+    }
+
+
+def rss_mb() -> float:
+    """Resident memory after handing freed heap back to the OS (so it shows what is held)."""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class Parts:
+    """results/scale.parts.json: every finished measurement, written as it lands."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.data: dict = json.loads(path.read_text()) if path.exists() else {}
+
+    def get(self, part: str, key: str) -> dict | None:
+        return self.data.get(part, {}).get(key)
+
+    def put(self, part: str, key: str, value: dict) -> None:
+        value = value | {"load": os.getloadavg(), "at": time.strftime("%H:%M:%S", time.gmtime())}
+        if self.path.exists():  # parts may run as separate processes at once
+            self.data = json.loads(self.path.read_text())
+        self.data.setdefault(part, {})[key] = value
+        self.path.write_text(json.dumps(self.data, indent=2) + "\n")
+        print(part, key, value, flush=True)
+
+
+# -- throughput ---------------------------------------------------------------------------------
 
 
 def draw(names: list[str], popularity: str, count: int, seed: int) -> list[str]:
@@ -71,9 +115,9 @@ def draw(names: list[str], popularity: str, count: int, seed: int) -> list[str]:
     return rng.choices(names, weights, k=count)
 
 
-def closed_loop(engine: BatchingEngine, prompts: list[tuple[int, ...]], adapters, clients, tokens):
+def closed_loop(engine: BatchingEngine, work: list[tuple[tuple[int, ...], str]], clients, tokens):
     """C threads, each submitting its next request when the last ends -> (seconds, tokens)."""
-    queue = list(zip(prompts, adapters, strict=True))
+    queue = list(reversed(work))
     lock = threading.Lock()
     made = [0]
 
@@ -95,7 +139,7 @@ def closed_loop(engine: BatchingEngine, prompts: list[tuple[int, ...]], adapters
             sampling = Sampling(tokens, min_new_tokens=tokens)
             routing = Routing((name,), (1.0,))
             engine.submit(GenerationRequest(ids, routing, Mode.mixture, sampling), emit)
-            assert done.wait(600), "a request never ended"
+            assert done.wait(1800), "a request never ended"
             with lock:
                 made[0] += count[0]
 
@@ -108,84 +152,228 @@ def closed_loop(engine: BatchingEngine, prompts: list[tuple[int, ...]], adapters
     return time.perf_counter() - start, made[0]
 
 
-def rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+def throughput(args, parts: Parts) -> None:
+    counts = [int(x) for x in args.adapters.split(",")]
+    # The one-adapter run and the largest side by side: the target's ratio sees the same load.
+    order = [counts[0], max(counts), *(n for n in counts[1:] if n != max(counts))]
+    todo = [(p, n) for p in ("uniform", "zipf") for n in order]
+    todo = [(p, n) for p, n in todo if not parts.get("throughput", f"{p}/{n}")]
+    if not todo:
+        return
+    base = load_base_model(DEFAULT_MODEL)
+    registry = Registry(args.work / "synthetic")
+    names = [f"syn{i:05d}" for i in range(max(counts))]
+    shapes = zoo_shapes(base.model)
+    for i, name in enumerate(names):
+        if name not in registry:
+            registry.register(synthetic(shapes, i), name=name)
+    hub = Hub(registry, base, ArrowRouter(registry))  # unused: every request names its adapter
+    tok = base.tokenizer
+    demo = [d["input"] for e in read_manifest() for d in e["demo"]]
+    prompts = [
+        tuple(tok(base.format_prompt(p), add_special_tokens=False)["input_ids"]) for p in demo
+    ]
+    idle_rss = rss_mb()
+    for popularity, n in todo:
+        config = BatchingConfig(
+            max_batch=args.clients, pager=PagerConfig(host_bytes=args.host_mb << 20)
+        )
+        engine = BatchingEngine(hub, config)
+        engine.start()
+        rng = random.Random(n)
+        batch = [prompts[rng.randrange(len(prompts))] for _ in range(args.requests)]
+        work = list(zip(batch, draw(names[:n], popularity, args.requests, seed=n), strict=True))
+        closed_loop(engine, work[: args.clients], args.clients, args.tokens)  # warm
+        loads = engine.stack.loads
+        seconds, made = closed_loop(engine, work, args.clients, args.tokens)
+        row = {
+            "tokens_per_s": made / seconds,
+            "seconds": seconds,
+            "tokens": made,
+            "distinct_in_traffic": len({name for _, name in work}),
+            "loads": engine.stack.loads - loads,
+            "host_mb": engine.stack.host_bytes / 2**20,
+            "rss_mb": rss_mb(),
+            "idle_rss_mb": idle_rss,
+        }
+        engine.stop()
+        del engine
+        parts.put("throughput", f"{popularity}/{n}", row)
+
+
+# -- registration and routing quality --------------------------------------------------------
+
+
+def distractor_examples(n: int, per: int, zoo_tasks: set[str]) -> list[tuple[str, list[str]]]:
+    """n (task, examples) from the train splits of dev tasks outside the zoo, round robin
+    over tasks, each adapter a different slice of its task's train split."""
+    pools = []
+    for name in sorted(dev_tasks() - zoo_tasks):
+        inputs = [ex.input for ex in load_task(name).splits(SplitConfig()).train]
+        if len(inputs) >= per:
+            pools.append((name, inputs))
+        if len(pools) * (len(inputs) // per) >= n and len(pools) >= min(n, 100):
+            break
+    out, i = [], 0
+    while len(out) < n:
+        name, inputs = pools[i % len(pools)]
+        start = (i // len(pools)) * per % max(1, len(inputs) - per + 1)
+        out.append((name, inputs[start : start + per]))
+        i += 1
+    return out
+
+
+def zoo_test_prompts(limit: int) -> list[tuple[str, str]]:
+    """(adapter, prompt) for the first `limit` test inputs of every zoo task."""
+    out = []
+    for e in read_manifest():
+        test = load_task(e["task"]).splits(SplitConfig(**e["split"])).test[:limit]
+        out += [(e["name"], ex.input) for ex in test]
+    return out
+
+
+def route_quality(registry: Registry, prompts: list[tuple[str, str]]) -> dict:
+    router = make_router("task", registry)
+    start = time.perf_counter()
+    routings = router.route([p for _, p in prompts], k=1)
+    seconds = time.perf_counter() - start
+    top = [r.adapters[0] if r.adapters else None for r in routings]
+    right = sum(t == want for t, (want, _) in zip(top, prompts, strict=True))
+    return {
+        "top1": right / len(prompts),
+        "prompts": len(prompts),
+        "routed": [t is not None for t in top],
+        "route_seconds_incl_fit": seconds,
+    }
+
+
+def register_all(registry: Registry, folders: list[Path]) -> tuple[str, int]:
+    """Every folder registered -> (how: the bulk API where the registry has it, failures)."""
+    if hasattr(registry, "register_many"):
+        return "register_many", sum(not r.ok for r in registry.register_many(folders))
+    for folder in folders:
+        registry.register(folder, name=folder.name)
+    return "register in a loop", 0
+
+
+def registration_and_quality(args, parts: Parts) -> None:
+    if parts.get("quality", "with_distractors"):
+        return
+    prompts = zoo_test_prompts(args.test_prompts)
+    root = args.work / "routing"
+    registry = Registry(root / "registry", embedder=SentenceEmbedder())
+    manifest = register_zoo(registry)
+    if not parts.get("quality", "zoo_only"):
+        parts.put("quality", "zoo_only", route_quality(registry, prompts))
+    folders = []
+    shapes = {n: (m.d_in, m.d_out) for n, m in registry.load(manifest[0]["name"]).modules.items()}
+    made = distractor_examples(args.distractors, args.examples, {e["task"] for e in manifest})
+    for i, (task, examples) in enumerate(made):
+        folder = root / "folders" / f"distractor{i:05d}"
+        if not (folder / "adapter_config.json").exists():
+            adapter = synthetic(shapes, 10**6 + i).with_meta(examples=tuple(examples), task=task)
+            write_peft_folder(adapter, folder)
+        folders.append(folder)
+    if not parts.get("registration", "bulk"):
+        start = time.perf_counter()
+        todo = [f for f in folders if f.name not in registry]
+        how, failed = register_all(registry, todo)
+        seconds = time.perf_counter() - start
+        row = {"adapters": len(todo), "failed": failed, "seconds": seconds}
+        row |= {"per_s": len(todo) / seconds, "how": how, "examples_each": args.examples}
+        parts.put("registration", "bulk", row)
+    parts.put("quality", "with_distractors", route_quality(registry, prompts))
+
+
+# -- the summary ---------------------------------------------------------------------------------
+
+
+def missing(name: str, goal: float, op: str, why: str) -> dict:
+    return target(name, float("nan"), goal, op) | {"met": False, "why": why}
+
+
+def summarize(args, parts: Parts) -> None:
+    counts = [int(x) for x in args.adapters.split(",")]
+    runs = parts.data.get("throughput", {})
+    rows = [{"run": k, **v} for k, v in runs.items()]
+    print_table(rows, ["run", "tokens_per_s", "distinct_in_traffic", "loads", "host_mb", "rss_mb"])
+    targets = []
+    top = max(counts)
+    for p in ("uniform", "zipf"):
+        one, big = runs.get(f"{p}/{counts[0]}"), runs.get(f"{p}/{top}")
+        name = f"{p}_throughput_{top}_over_{counts[0]}_adapters"
+        if one and big:
+            targets.append(target(name, big["tokens_per_s"] / one["tokens_per_s"], 0.7, ">="))
+        else:
+            targets.append(missing(name, 0.7, ">=", "not measured in this run"))
+    if runs:
+        host = max(r["host_mb"] for r in runs.values())
+        growth = max(r["rss_mb"] - r["idle_rss_mb"] for r in runs.values())
+        targets.append(target("host_cache_mb_over_configured", host / args.host_mb, 1.0, "<="))
+        targets.append(
+            target("rss_growth_mb_over_configured_cache", growth / args.host_mb, 1.0, "<=")
+        )
+    q0, q1 = parts.get("quality", "zoo_only"), parts.get("quality", "with_distractors")
+    if q0 and q1:
+        same = sum(a == b for a, b in zip(q0["routed"], q1["routed"], strict=True))
+        targets.append(
+            target("top1_with_distractors_over_without", q1["top1"] / q0["top1"], 0.95, ">=")
+        )
+        targets.append(target("open_world_decision_unchanged", same / len(q0["routed"]), 1.0, ">="))
+    else:
+        why = "the routing-quality part did not finish in this session"
+        targets.append(missing("top1_with_distractors_over_without", 0.95, ">=", why))
+    results = {
+        "throughput": runs,
+        "registration": parts.data.get("registration", {}),
+        "quality": {
+            k: {x: y for x, y in v.items() if x != "routed"}
+            for k, v in parts.data.get("quality", {}).items()
+        },
+        "routing_latency": route_latency(),
+    }
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    write_result("scale", config, results, targets, args.quick)
+
+
+def route_latency() -> dict:
+    """bench_route.py's latency figures by number of adapters, where it has them."""
+    path = RESULTS / "route.json"
+    if not path.exists():
+        return {"note": "results/route.json is missing"}
+    data = json.loads(path.read_text())
+    scale = {k: v for k, v in data.get("results", {}).items() if "latency" in k or "scale" in k}
+    return scale or {"note": f"results/route.json ({data.get('date')}) holds no latency by size"}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    ap.add_argument("--parts", default="throughput,quality")
     ap.add_argument("--adapters", default="1,16,64,256,1024")
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=16)
-    ap.add_argument("--requests", type=int, default=256, help="per run")
+    ap.add_argument("--requests", type=int, default=256, help="per throughput run")
     ap.add_argument("--host-mb", type=int, default=512, help="the pager's host cache")
-    ap.add_argument("--registry", type=Path, help="reuse a registry of synthetic adapters")
+    ap.add_argument("--distractors", type=int, default=1000)
+    ap.add_argument("--examples", type=int, default=16, help="per distractor adapter")
+    ap.add_argument("--test-prompts", type=int, default=50, help="per zoo task")
+    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "bench-scale")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     if args.quick:
         args.adapters, args.requests, args.clients = "1,64,256", 64, 16
-    counts = [int(x) for x in args.adapters.split(",")]
-    base = load_base_model(DEFAULT_MODEL)
-    registry = Registry(args.registry or Path(tempfile.mkdtemp()) / "registry")
-    t0 = time.perf_counter()
-    names = register_synthetic(registry, base.model, max(counts))
-    print(f"{len(names)} adapters registered in {time.perf_counter() - t0:.0f} s", flush=True)
-    hub = Hub(registry, base, Retriever(registry))
-    tok = base.tokenizer
-    demo = [d["input"] for e in read_manifest() for d in e["demo"]]
-    prompts = [
-        tuple(tok(base.format_prompt(p), add_special_tokens=False)["input_ids"]) for p in demo
-    ]
-    rows = []
-    for popularity in ("uniform", "zipf"):
-        for n in counts:
-            config = BatchingConfig(
-                max_batch=args.clients, pager=PagerConfig(host_bytes=args.host_mb << 20)
-            )
-            engine = BatchingEngine(hub, config)
-            engine.start()
-            rng = random.Random(n)
-            batch = [prompts[rng.randrange(len(prompts))] for _ in range(args.requests)]
-            adapters = draw(names[:n], popularity, args.requests, seed=n)
-            closed_loop(
-                engine, batch[: args.clients], adapters[: args.clients], args.clients, args.tokens
-            )  # warm
-            loads = engine.stack.loads
-            seconds, made = closed_loop(engine, batch, adapters, args.clients, args.tokens)
-            row = {
-                "popularity": popularity,
-                "adapters": n,
-                "tokens_per_s": made / seconds,
-                "loads": engine.stack.loads - loads,
-                "host_mb": engine.stack.host_bytes / 2**20,
-                "rss_mb": rss_mb(),
-            }
-            engine.stop()
-            rows.append(row)
-            print(row, flush=True)
-    print_table(rows, ["popularity", "adapters", "tokens_per_s", "loads", "host_mb", "rss_mb"])
-    one = {r["popularity"]: r["tokens_per_s"] for r in rows if r["adapters"] == counts[0]}
-    top = max(counts)
-    targets = [
-        target(
-            f"{p}_throughput_{top}_over_{counts[0]}_adapters", r["tokens_per_s"] / one[p], 0.7, ">="
-        )
-        for p in ("uniform", "zipf")
-        for r in rows
-        if r["popularity"] == p and r["adapters"] == top
-    ]
-    host = [r["host_mb"] for r in rows]
-    targets.append(target("host_cache_mb_over_configured", max(host) / args.host_mb, 1.0, "<="))
-    rss = [r["rss_mb"] for r in rows]
-    config = {k: v for k, v in vars(args).items() if k != "registry"} | {
-        "rss_spread_mb": float(np.ptp(rss)),
-    }
-    write_result("scale", config, {"runs": rows}, targets, args.quick)
+        args.distractors, args.test_prompts = 50, 5
+        args.work = args.work.with_name(args.work.name + "-quick")
+    args.work.mkdir(parents=True, exist_ok=True)
+    parts = Parts(RESULTS / ("scale.quick.parts.json" if args.quick else "scale.parts.json"))
+    chosen = args.parts.split(",")
+    if "throughput" in chosen:
+        throughput(args, parts)
+    if "quality" in chosen:
+        registration_and_quality(args, parts)
+    summarize(args, parts)
 
 
 if __name__ == "__main__":
