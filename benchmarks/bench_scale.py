@@ -76,6 +76,25 @@ def zoo_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
     }
 
 
+def register_synthetic(
+    registry: Registry, names: list[str], shapes: dict[str, tuple[int, int]]
+) -> None:
+    """The synthetic adapters not yet registered, 128 per bulk call where the registry has
+    `register_many` (one transaction each), else one by one."""
+    todo = [(i, name) for i, name in enumerate(names) if name not in registry]
+    if not hasattr(registry, "register_many"):
+        for i, name in todo:
+            registry.register(synthetic(shapes, i), name=name)
+        return
+    from registry.bulk import Submission
+
+    for start in range(0, len(todo), 128):
+        batch = [Submission(synthetic(shapes, i), name=n) for i, n in todo[start : start + 128]]
+        failed = [r for r in registry.register_many(batch) if not r.ok]
+        if failed:
+            raise RuntimeError(f"{len(failed)} synthetic adapters refused: {failed[0].error}")
+
+
 def rss_mb() -> float:
     """Resident memory after handing freed heap back to the OS (so it shows what is held)."""
     ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -164,9 +183,7 @@ def throughput(args, parts: Parts) -> None:
     registry = Registry(args.work / "synthetic")
     names = [f"syn{i:05d}" for i in range(max(counts))]
     shapes = zoo_shapes(base.model)
-    for i, name in enumerate(names):
-        if name not in registry:
-            registry.register(synthetic(shapes, i), name=name)
+    register_synthetic(registry, names, shapes)
     hub = Hub(registry, base, ArrowRouter(registry))  # unused: every request names its adapter
     tok = base.tokenizer
     demo = [d["input"] for e in read_manifest() for d in e["demo"]]

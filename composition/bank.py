@@ -128,14 +128,13 @@ class AdapterBank:
         """Put `adapter` into slot i in place (its ranks zero-padded, absent modules zero).
         Only for banks made by `slots`; check `fits_slot` first."""
         for name, s in self.modules.items():
-            s.A_pad[i].zero_()
-            s.B_pad[i].zero_()
             m = adapter.modules.get(name)
+            r = 0 if m is None else m.rank
             if m is not None:
-                s.A_pad[i, : m.rank] = m.lora_A.to(s.A_pad.dtype)
-                s.B_pad[i, :, : m.rank] = (adapter.scaling(name) * m.lora_B.float()).to(
-                    s.A_pad.dtype
-                )
+                s.A_pad[i, :r] = m.lora_A
+                s.B_pad[i, :, :r] = adapter.scaling(name) * m.lora_B.float()
+            s.A_pad[i, r:].zero_()  # only the padding: a miss writes one slot, nothing more
+            s.B_pad[i, :, r:].zero_()
 
     def fits_slot(self, adapter: LoraAdapter) -> str | None:
         """None if `adapter` fits a slot of this bank, else why not."""

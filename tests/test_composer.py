@@ -357,3 +357,22 @@ def test_a_slot_bank_written_in_place_equals_a_built_bank(mode: str, path: str) 
             got = model(x)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert "rank 4 is above" in AdapterBank.slots(1, 3, {"proj": (12, 10)}).fits_slot(adapters[2])
+
+
+def test_a_slot_overwritten_keeps_nothing_of_its_previous_adapter() -> None:
+    """Paging a lower-rank adapter that lacks a module into a used slot leaves that slot's
+    padding and the missing module at zero; the other slots are untouched."""
+    a, b, c = layer_adapters(3)
+    wide = LoraAdapter({**c.modules, "other": c.modules["proj"]})
+    bank = AdapterBank.slots(2, 4, {"proj": (12, 10), "other": (12, 10)})
+    bank.write_slot(0, wide)
+    bank.write_slot(1, a)
+    before = {n: (s.A_pad[1].clone(), s.B_pad[1].clone()) for n, s in bank.modules.items()}
+    bank.write_slot(0, b)  # rank 3, no "other"
+    proj, other = bank.modules["proj"], bank.modules["other"]
+    torch.testing.assert_close(proj.A_pad[0, :3], b.modules["proj"].lora_A)
+    torch.testing.assert_close(proj.B_pad[0, :, :3], b.scaling("proj") * b.modules["proj"].lora_B)
+    assert not proj.A_pad[0, 3:].any() and not proj.B_pad[0, :, 3:].any()
+    assert not other.A_pad[0].any() and not other.B_pad[0].any()
+    for n, s in bank.modules.items():
+        assert torch.equal(s.A_pad[1], before[n][0]) and torch.equal(s.B_pad[1], before[n][1])

@@ -68,6 +68,7 @@ class AdapterPager:
         self.composer: Composer | None = None
         self.slot_of: OrderedDict[AdapterKey, int] = OrderedDict()  # least recent first
         self._host: OrderedDict[AdapterKey, LoraAdapter] = OrderedDict()
+        self._host_nbytes = 0  # kept as a sum: adding one up per miss is O(cache x modules)
         self.loads = 0  # adapters read from the registry (misses of the host cache)
 
     def __contains__(self, key: AdapterKey) -> bool:
@@ -156,13 +157,11 @@ class AdapterPager:
         adapter = self.load(key)
         self.loads += 1
         self._host[key] = adapter
-        while (
-            len(self._host) > 1
-            and sum(a.nbytes for a in self._host.values()) > self.config.host_bytes
-        ):
-            self._host.popitem(last=False)
+        self._host_nbytes += adapter.nbytes
+        while len(self._host) > 1 and self._host_nbytes > self.config.host_bytes:
+            self._host_nbytes -= self._host.popitem(last=False)[1].nbytes
         return adapter
 
     @property
     def host_bytes(self) -> int:
-        return sum(a.nbytes for a in self._host.values())
+        return self._host_nbytes
