@@ -1,6 +1,7 @@
 """registry: adapters as data — what exists, where it came from, what it looks like."""
 
 from registry.adapter import AdapterMeta, BaseModelInfo, LoraAdapter, LoraModule, lora_scaling
+from registry.bulk import Registration, Submission
 from registry.cache import AdapterCache
 from registry.catalogue import AdapterRecord, check_name
 from registry.embedding import Embedder
@@ -41,7 +42,9 @@ __all__ = [
     "Limits",
     "LoraAdapter",
     "LoraModule",
+    "Registration",
     "Registry",
+    "Submission",
     "UnsafePathError",
     "VectorIndex",
     "check_name",

@@ -8,7 +8,7 @@ import re
 import sqlite3
 from dataclasses import dataclass
 
-from registry.adapter import AdapterMeta, BaseModelInfo
+from registry.adapter import AdapterMeta, BaseModelInfo, LoraAdapter
 from registry.errors import UnsafePathError
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
@@ -88,6 +88,36 @@ class AdapterRecord:
             "created": self.created,
             **{k: v for k, v in self.meta.to_json().items() if k != "extra"},
         }
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A row about to be inserted: what the catalogue keeps of an adapter whose blob is
+    written (no tensors, so a bulk registration holds thousands at little cost)."""
+
+    name: str
+    sha256: str
+    base_model: BaseModelInfo
+    rank: int
+    targets: tuple[str, ...]
+    n_params: int
+    nbytes: int
+    meta: AdapterMeta
+    shapes: dict[str, tuple[int, int]]
+
+    @classmethod
+    def of(cls, name: str, adapter: LoraAdapter, sha256: str) -> Entry:
+        return cls(
+            name,
+            sha256,
+            adapter.base_model,
+            adapter.rank,
+            tuple(adapter.targets),
+            adapter.num_parameters,
+            adapter.nbytes,
+            adapter.meta,
+            adapter.shapes(),
+        )
 
 
 def record_from_row(row: sqlite3.Row) -> AdapterRecord:

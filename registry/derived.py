@@ -20,15 +20,30 @@ def cached_tensors(
     folder: Path, key: str, make: Callable[[], dict[str, Tensor]]
 ) -> dict[str, Tensor]:
     """folder/<key>.safetensors if readable, else `make()` written there atomically."""
-    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,200}", key):
-        raise UnsafePathError(f"invalid cache key {key!r}")
-    path = folder / f"{key}.safetensors"
-    if path.exists():
-        try:
-            return load_file(path)
-        except (OSError, SafetensorError):
-            path.unlink(missing_ok=True)
+    found = read_cached(folder, key)
+    if found is not None:
+        return found
     tensors = make()
     folder.mkdir(exist_ok=True)
-    write_safetensors_atomic({k: v.contiguous() for k, v in tensors.items()}, {}, path)
+    write_safetensors_atomic(
+        {k: v.contiguous() for k, v in tensors.items()}, {}, _path(folder, key)
+    )
     return tensors
+
+
+def read_cached(folder: Path, key: str) -> dict[str, Tensor] | None:
+    """folder/<key>.safetensors, or None when absent or damaged (then removed)."""
+    path = _path(folder, key)
+    if not path.exists():
+        return None
+    try:
+        return load_file(path)
+    except (OSError, SafetensorError):
+        path.unlink(missing_ok=True)
+        return None
+
+
+def _path(folder: Path, key: str) -> Path:
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,200}", key):
+        raise UnsafePathError(f"invalid cache key {key!r}")
+    return folder / f"{key}.safetensors"

@@ -59,8 +59,12 @@ class VectorIndex:
     def __len__(self) -> int:
         return self.index.ntotal
 
-    def add(self, id_: int, vector: np.ndarray) -> None:
-        self.index.add_with_ids(vector.reshape(1, -1).astype(np.float32), np.array([id_], np.int64))
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        """ids: (n,) int64; vectors: (n, dim) unit rows."""
+        self.index.add_with_ids(
+            np.ascontiguousarray(vectors, np.float32).reshape(len(ids), -1),
+            np.asarray(ids, np.int64),
+        )
 
     def remove(self, id_: int) -> bool:
         """Remove one id; False when the index kind cannot (HNSW), so rebuild instead."""

@@ -30,8 +30,9 @@ import torch
 from torch import Tensor
 
 from registry.adapter import AdapterMeta, LoraAdapter
-from registry.catalogue import SCHEMA, AdapterRecord, check_name, record_from_row
-from registry.derived import cached_tensors
+from registry.bulk import Progress, Registration, Submission, encode_in_batches
+from registry.catalogue import SCHEMA, AdapterRecord, Entry, check_name, record_from_row
+from registry.derived import cached_tensors, read_cached
 from registry.doctor import doctor
 from registry.embedding import Embedder, examples_key, mean_embedding, meta_texts
 from registry.errors import (
@@ -223,65 +224,212 @@ class Registry:
         Arguments given here override the adapter's own metadata. Nothing is changed
         if any check fails.
         """
-        adapter = (
-            source if isinstance(source, LoraAdapter) else load_source(str(source), self.limits)
+        item = Submission(
+            source,
+            name,
+            tuple(examples) if examples is not None else None,
+            description,
+            tuple(tags) if tags is not None else None,
+            task,
         )
-        name = check_name(_default_name(source) if name is None else name)
-        changes = {
-            k: v
-            for k, v in dict(
-                examples=tuple(examples) if examples is not None else None,
-                description=description,
-                tags=tuple(tags) if tags is not None else None,
-                task=task,
-            ).items()
-            if v is not None
-        }
-        adapter = adapter.with_meta(**changes)
-        validate(adapter, self.limits)
-        check_shapes_match(adapter, self.shapes(adapter.base_model.name), adapter.base_model.name)
+        name, adapter = self._read(item)
+        base = adapter.base_model.name
+        check_shapes_match(adapter.shapes(), self.shapes(base), base)
         if not replace and name in self:
-            raise DuplicateNameError(
-                f"an adapter named {name!r} exists; pass replace=True (--replace)"
-            )
+            raise _duplicate(name)
         embedding = self._embed(adapter.meta) if self.embedder else None
-        sha = adapter.sha256()
-        self._write_blob(adapter, sha)
+        entry = Entry.of(name, adapter, adapter.sha256())
+        self._write_blob(adapter, entry.sha256)
         try:
-            row_id, old, generation = self._commit(name, sha, adapter, embedding, replace)
+            with self._write() as db:
+                row_id, old = self._insert_checked(
+                    db, entry, embedding, replace, lambda: self._write_blob(adapter, entry.sha256)
+                )
+                generation = self._bump(db)
         except AdapterError:
-            self._collect_blob(sha)  # refused under the lock: leave no orphan blob
+            self._collect_blob(entry.sha256)  # refused under the lock: leave no orphan blob
             raise
-        self._update_index(generation, add=(row_id, embedding), remove=old and old["id"])
-        if old is not None and old["sha256"] != sha:
+        self._update_index(generation, _added(row_id, embedding), _removed(old))
+        if old is not None and old["sha256"] != entry.sha256:
             self._collect_blob(old["sha256"])
         return self.get(name)
 
-    def _commit(
+    def register_many(
         self,
-        name: str,
-        sha: str,
-        adapter: LoraAdapter,
+        sources: Sequence[str | Path | LoraAdapter | Submission],
+        *,
+        replace: bool = False,
+        batch_size: int = 256,
+        progress: Progress | None = None,
+    ) -> list[Registration]:
+        """Register many adapters in one call; one `Registration` per source, in order.
+
+        Each source is read and validated on its own: a bad one is reported (its
+        `Registration.error` names it) and skipped, and the others go on. The good ones'
+        texts are embedded `batch_size` at a time across adapters (one `encode` call per
+        batch), then every good one is committed in ONE transaction: one generation bump,
+        one index update. A source refused at any stage leaves no row and no blob, and an
+        interrupted call (an exception, Ctrl-C) commits nothing. `sources` items are paths,
+        `hf://` ids, or `Submission`s (with a name, examples, ...); in-memory adapters need
+        a `Submission` with a name.
+        """
+        items = [s if isinstance(s, Submission) else Submission(s) for s in sources]
+        staged: dict[int, Entry] = {}
+        errors: dict[int, AdapterError | OSError] = {}
+        try:
+            known: dict[str, dict[str, tuple[int, int]]] = {}
+            taken: set[str] = set()
+            for i, item in enumerate(items):
+                try:
+                    staged[i] = self._stage(item, replace, known, taken)
+                except (AdapterError, OSError) as e:
+                    errors[i] = e
+                if progress is not None:
+                    progress("read", i + 1, len(items))
+            embeddings = self._embed_many(list(staged.values()), batch_size, progress)
+            errors |= self._commit_many(items, staged, embeddings, replace)
+        except BaseException:
+            for entry in staged.values():  # nothing was committed: leave no blob behind
+                self._collect_blob(entry.sha256)
+            raise
+        for i in errors.keys() & staged.keys():  # refused under the lock
+            self._collect_blob(staged[i].sha256)
+        return [
+            Registration(
+                item.label(),
+                staged[i].name if i in staged else _name_or_none(item),
+                None if i in errors else self.get(staged[i].name),
+                errors.get(i),
+            )
+            for i, item in enumerate(items)
+        ]
+
+    def _read(self, item: Submission) -> tuple[str, LoraAdapter]:
+        """The name and the validated adapter of one source (nothing stored yet)."""
+        source = item.source
+        adapter = (
+            source if isinstance(source, LoraAdapter) else load_source(str(source), self.limits)
+        )
+        name = check_name(_default_name(source) if item.name is None else item.name)
+        adapter = adapter.with_meta(**item.meta_changes())
+        validate(adapter, self.limits)
+        return name, adapter
+
+    def _stage(
+        self,
+        item: Submission,
+        replace: bool,
+        known: dict[str, dict[str, tuple[int, int]]],
+        taken: set[str],
+    ) -> Entry:
+        """Read, validate and write the blob of one source of a bulk registration, checked
+        against the catalogue and the sources staged before it (`known`: base -> shapes,
+        `taken`: their names; both updated here)."""
+        name, adapter = self._read(item)
+        if name in taken:
+            raise DuplicateNameError(f"the name {name!r} is given to two sources in this call")
+        if not replace and name in self:
+            raise _duplicate(name)
+        base = adapter.base_model.name
+        shapes = known.setdefault(base, self.shapes(base))
+        check_shapes_match(adapter.shapes(), shapes, base)
+        entry = Entry.of(name, adapter, adapter.sha256())
+        self._write_blob(adapter, entry.sha256)
+        shapes.update(entry.shapes)
+        taken.add(name)
+        return entry
+
+    def _embed_many(
+        self, entries: list[Entry], batch_size: int, progress: Progress | None
+    ) -> list[tuple[np.ndarray, int] | None]:
+        """Each entry's embedding as `_embed` makes it, the uncached texts of all entries
+        encoded together; the example vectors are cached as `example_vectors` caches them."""
+        if self.embedder is None:
+            return [None] * len(entries)
+        folder = self.root / "cache"
+        texts = [meta_texts(e.meta) for e in entries]
+        keys = [examples_key(self.embedder, t) if t else None for t in texts]
+        cached = {k: read_cached(folder, k) for k in keys if k is not None}
+        todo = [x for t, k in zip(texts, keys, strict=True) if k and cached[k] is None for x in t]
+        vectors = encode_in_batches(self.embedder, todo, batch_size, progress)
+        out: list[tuple[np.ndarray, int] | None] = []
+        for t, k in zip(texts, keys, strict=True):
+            if k is None:
+                out.append(None)
+                continue
+            if cached[k] is None:
+                made = torch.from_numpy(np.stack([vectors[x] for x in t]))
+                cached[k] = cached_tensors(folder, k, lambda made=made: {"vectors": made})
+            v = cached[k]["vectors"].numpy()
+            out.append((mean_embedding(v), len(v)))
+        return out
+
+    def _commit_many(
+        self,
+        items: list[Submission],
+        staged: dict[int, Entry],
+        embeddings: list[tuple[np.ndarray, int] | None],
+        replace: bool,
+    ) -> dict[int, AdapterError]:
+        """Every staged entry in one transaction, each checked again under the write lock;
+        returns those refused there (another process wrote meanwhile)."""
+        refused: dict[int, AdapterError] = {}
+        added: list[tuple[int, np.ndarray]] = []
+        removed: list[int] = []
+        old_blobs: list[str] = []
+        if not staged:
+            return refused
+        with self._write() as db:
+            for (i, entry), embedding in zip(staged.items(), embeddings, strict=True):
+                try:
+                    row_id, old = self._insert_checked(
+                        db,
+                        entry,
+                        embedding,
+                        replace,
+                        lambda i=i: self._restore_blob(items[i], staged[i]),
+                    )
+                except AdapterError as e:
+                    refused[i] = e
+                    continue
+                added += _added(row_id, embedding)
+                removed += _removed(old)
+                if old is not None and old["sha256"] != entry.sha256:
+                    old_blobs.append(old["sha256"])
+            generation = self._bump(db)
+        self._update_index(generation, added, removed)
+        for sha in old_blobs:
+            self._collect_blob(sha)
+        return refused
+
+    def _restore_blob(self, item: Submission, entry: Entry) -> None:
+        """A staged blob removed meanwhile (a concurrent remove of identical weights):
+        written again from its source, which must still hold the same weights."""
+        adapter = self._read(item)[1]
+        if adapter.sha256() != entry.sha256:
+            raise IntegrityError(f"{item.label()}: changed on disk while it was registered")
+        self._write_blob(adapter, entry.sha256)
+
+    def _insert_checked(
+        self,
+        db: sqlite3.Connection,
+        entry: Entry,
         embedding: tuple[np.ndarray, int] | None,
         replace: bool,
-    ) -> tuple[int, sqlite3.Row | None, int]:
-        """The row, in one transaction: (new id, the row it replaced, new generation)."""
-        with self._write() as db:
-            # Checked again under the write lock: another process may have just written.
-            check_shapes_match(
-                adapter, self.shapes(adapter.base_model.name), adapter.base_model.name
-            )
-            old = db.execute("SELECT id, sha256 FROM adapters WHERE name = ?", (name,)).fetchone()
-            if old is not None and not replace:
-                raise DuplicateNameError(
-                    f"an adapter named {name!r} exists; pass replace=True (--replace)"
-                )
-            if old is not None:
-                db.execute("DELETE FROM adapters WHERE id = ?", (old["id"],))
-            if not self.blob_path(sha).exists():  # removed by a concurrent remove
-                self._write_blob(adapter, sha)
-            row_id = self._insert(db, name, sha, adapter, embedding)
-            return row_id, old, self._bump(db)
+        restore_blob: Callable[[], None],
+    ) -> tuple[int, sqlite3.Row | None]:
+        """Inside a write transaction: checks again what another process may have just
+        changed, then the row (new id, the row it replaced)."""
+        base = entry.base_model.name
+        check_shapes_match(entry.shapes, self.shapes(base), base)
+        old = db.execute("SELECT id, sha256 FROM adapters WHERE name = ?", (entry.name,)).fetchone()
+        if old is not None and not replace:
+            raise _duplicate(entry.name)
+        if not self.blob_path(entry.sha256).exists():  # removed by a concurrent remove
+            restore_blob()
+        if old is not None:
+            db.execute("DELETE FROM adapters WHERE id = ?", (old["id"],))
+        return self._insert(db, entry, embedding), old
 
     def remove(self, name: str) -> None:
         """Forget an adapter; its blob goes too unless another name shares it."""
@@ -291,7 +439,7 @@ class Registry:
                 raise AdapterNotFoundError(f"no adapter named {name!r} in {self.root}")
             db.execute("DELETE FROM adapters WHERE id = ?", (row["id"],))
             generation = self._bump(db)
-        self._update_index(generation, add=None, remove=row["id"])
+        self._update_index(generation, removed=[row["id"]])
         self._collect_blob(row["sha256"])
 
     def doctor(self, repair: bool = False, verify: bool = True) -> list[str]:
@@ -327,32 +475,30 @@ class Registry:
     def _insert(
         self,
         db: sqlite3.Connection,
-        name: str,
-        sha: str,
-        adapter: LoraAdapter,
+        entry: Entry,
         embedding: tuple[np.ndarray, int] | None,
     ) -> int:
-        base = adapter.base_model
+        base = entry.base_model
         cur = db.execute(
             "INSERT INTO adapters (name, sha256, base_model, architecture, rank, targets, "
             "n_modules, n_params, nbytes, meta, created) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
             (
-                name,
-                sha,
+                entry.name,
+                entry.sha256,
                 base.name,
                 base.architecture,
-                adapter.rank,
-                json.dumps(adapter.targets),
-                len(adapter.modules),
-                adapter.num_parameters,
-                adapter.nbytes,
-                json.dumps(adapter.meta.to_json()),
+                entry.rank,
+                json.dumps(list(entry.targets)),
+                len(entry.shapes),
+                entry.n_params,
+                entry.nbytes,
+                json.dumps(entry.meta.to_json()),
                 time.time(),
             ),
         )
         db.executemany(
             "INSERT INTO adapter_modules VALUES (?,?,?,?)",
-            [(cur.lastrowid, m, d_in, d_out) for m, (d_in, d_out) in adapter.shapes().items()],
+            [(cur.lastrowid, m, d_in, d_out) for m, (d_in, d_out) in entry.shapes.items()],
         )
         if embedding is not None:
             vec, n = embedding
@@ -420,7 +566,7 @@ class Registry:
                 (rec.id, self._embedder().id, vec.shape[0], n_texts, vec.tobytes()),
             )
             generation = self._bump(db)
-        self._update_index(generation, add=None, remove=None)
+        self._update_index(generation)
 
     # -- search ---------------------------------------------------------------------
     def _embedder(self) -> Embedder:
@@ -444,19 +590,21 @@ class Registry:
     def _update_index(
         self,
         generation: int,
-        add: tuple[int, tuple[np.ndarray, int] | None] | None,
-        remove: int | None,
+        added: Sequence[tuple[int, np.ndarray]] = (),
+        removed: Sequence[int] = (),
     ) -> None:
-        """Keep a loaded index in step with our own write; anything else invalidates it."""
+        """Keep a loaded index in step with our own write (one generation: `added` rows
+        (id, vector), `removed` ids); anything else invalidates it."""
         index = self._index
         if index is None or self.embedder is None or index.stamp != self._stamp(generation - 1):
             self._index = None
             return
-        if remove is not None and not index.remove(remove):
+        if not all(index.remove(i) for i in removed):
             self._index = None
             return
-        if add is not None and add[1] is not None:
-            index.add(add[0], add[1][0])
+        if added:
+            ids, vectors = zip(*added, strict=True)
+            index.add(np.array(ids, np.int64), np.stack(vectors))
         index.stamp = self._stamp(generation)
 
     def embeddings(self) -> tuple[np.ndarray, np.ndarray]:
@@ -524,6 +672,26 @@ class Registry:
         marks = ",".join("?" * len(ids))
         rows = self._db.execute(f"SELECT id, name FROM adapters WHERE id IN ({marks})", ids)
         return {r[0]: r[1] for r in rows}
+
+
+def _duplicate(name: str) -> DuplicateNameError:
+    return DuplicateNameError(f"an adapter named {name!r} exists; pass replace=True (--replace)")
+
+
+def _added(row_id: int, embedding: tuple[np.ndarray, int] | None) -> list[tuple[int, np.ndarray]]:
+    return [] if embedding is None else [(row_id, embedding[0])]
+
+
+def _removed(old: sqlite3.Row | None) -> list[int]:
+    return [] if old is None else [old["id"]]
+
+
+def _name_or_none(item: Submission) -> str | None:
+    """The name a failed source would have had, for its report."""
+    try:
+        return item.name or _default_name(item.source)
+    except AdapterError:
+        return None
 
 
 def _default_name(source: object) -> str:

@@ -65,9 +65,12 @@ def check_size(nbytes: int, limits: Limits) -> None:
         raise AdapterLimitError(f"{nbytes} bytes of tensors exceed max_bytes {limits.max_bytes}")
 
 
-def check_shapes_match(adapter: LoraAdapter, known: dict[str, tuple[int, int]], base: str) -> None:
-    """`known`: module -> (d_in, d_out) already established for base model `base`."""
-    for name, shape in adapter.shapes().items():
+def check_shapes_match(
+    shapes: dict[str, tuple[int, int]], known: dict[str, tuple[int, int]], base: str
+) -> None:
+    """An adapter's module -> (d_in, d_out) against `known`, those already established for
+    base model `base`."""
+    for name, shape in shapes.items():
         if name in known and known[name] != shape:
             raise AdapterShapeError(
                 f"{name}: (d_in, d_out) = {shape} contradicts {known[name]} of the adapters "

@@ -19,6 +19,7 @@ from registry import (
     LoraModule,
     Registry,
     VectorIndex,
+    write_peft_folder,
 )
 
 
@@ -338,3 +339,83 @@ def test_other_threads_read_and_load_through_their_own_connection(tmp_path: Path
         with ThreadPoolExecutor(4) as pool:
             loaded = list(pool.map(lambda _: reg.load("a").sha256(), range(8)))
         assert set(loaded) == {reg.get("a").sha256}
+
+
+class CountingEmbedder:
+    """The real embedder, counting its `encode` calls and texts."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.id, self.dim = inner, inner.id, inner.dim
+        self.calls: list[int] = []
+
+    def encode(self, texts):
+        self.calls.append(len(texts))
+        return self.inner.encode(texts)
+
+
+def bulk_folders(root: Path, n: int) -> list[Path]:
+    """n PEFT folders carrying their examples, each its own weights."""
+    folders = []
+    for i in range(n):
+        examples = (f"What is {i} plus {i + 1}?", f"Translate item {i} into French.")
+        adapter = random_adapter(i).with_meta(examples=examples, task=f"task{i % 3}")
+        folders.append(write_peft_folder(adapter, root / f"ad{i}"))
+    return folders
+
+
+def registry_state(reg: Registry) -> dict[str, tuple]:
+    """name -> (sha256, embedding) and the blob files: what registration leaves."""
+    ids, vecs = reg.embeddings()
+    by_id = {r.id: r for r in reg.list()}
+    return {by_id[int(i)].name: (by_id[int(i)].sha256, v) for i, v in zip(ids, vecs, strict=True)}
+
+
+def test_register_many_equals_one_by_one_and_skips_the_bad_source(tmp_path: Path, embedder) -> None:
+    folders = bulk_folders(tmp_path / "src", 12)
+    corrupt = folders[5] / "adapter_model.safetensors"
+    corrupt.write_bytes(corrupt.read_bytes()[:100])  # truncated
+    wide = write_peft_folder(random_adapter(99, dim=24), tmp_path / "src" / "wide")
+    sources = [*folders, wide, folders[2]]  # shapes contradict; a name given twice
+
+    with Registry(tmp_path / "oracle", embedder=embedder) as oracle:
+        for folder in folders[:5] + folders[6:]:
+            oracle.register(folder)
+        expected = registry_state(oracle)
+        expected_blobs = sorted(p.name for p in (tmp_path / "oracle" / "blobs").rglob("*.*"))
+
+    counting = CountingEmbedder(embedder)
+    with Registry(tmp_path / "bulk", embedder=counting) as reg:
+        generation = reg.generation()
+        results = reg.register_many(sources, batch_size=16)
+        assert counting.calls == [16, 6]  # 22 texts across 11 adapters, batches of 16
+        assert reg.generation() == generation + 1  # one transaction
+        got = registry_state(reg)
+        assert len(reg.search("What is 3 plus 4?", k=20)) == 11
+    assert [r.ok for r in results] == [i != 5 for i in range(12)] + [False, False]
+    assert results[5].name == "ad5" and "ad5" in results[5].source
+    assert "contradicts" in str(results[12].error) and results[12].name == "wide"
+    assert "given to two sources" in str(results[13].error)
+    assert [r.record.name for r in results if r.ok] == [f"ad{i}" for i in range(12) if i != 5]
+    assert sorted(got) == sorted(expected)
+    for name, (sha, vec) in expected.items():
+        assert got[name][0] == sha
+        np.testing.assert_allclose(got[name][1], vec, atol=1e-5)
+    blobs = sorted(p.name for p in (tmp_path / "bulk" / "blobs").rglob("*.*"))
+    assert blobs == expected_blobs  # nothing of the bad sources stored
+    assert not list((tmp_path / "bulk" / "tmp").iterdir())
+
+
+def test_an_interrupted_register_many_stores_nothing(tmp_path: Path, embedder) -> None:
+    folders = bulk_folders(tmp_path / "src", 4)
+
+    def interrupt(stage: str, done: int, total: int) -> None:
+        if stage == "embed":
+            raise KeyboardInterrupt
+
+    with Registry(tmp_path / "reg", embedder=embedder) as reg:
+        reg.register(random_adapter(50), name="kept", examples=["x"])
+        generation = reg.generation()
+        with pytest.raises(KeyboardInterrupt):
+            reg.register_many(folders, progress=interrupt)
+        assert reg.names() == ["kept"] and reg.generation() == generation
+    assert len(list((tmp_path / "reg" / "blobs").rglob("*.safetensors"))) == 1
