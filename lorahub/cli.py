@@ -54,9 +54,13 @@ def _parser() -> argparse.ArgumentParser:
     # handled before parsing (main): every flag after it is lm-evaluation-harness's own
     sub.add_parser("lm-eval", help="lm-evaluation-harness with the `loraplex` model")
 
-    s = sub.add_parser("register", parents=[common], help="validate and store an adapter")
-    s.add_argument("source", help="PEFT folder, .safetensors file or hf://owner/name[@revision]")
-    s.add_argument("--name", help="registry name (default: the folder or file name)")
+    s = sub.add_parser("register", parents=[common], help="validate and store adapters")
+    s.add_argument(
+        "source",
+        nargs="+",
+        help="PEFT folders, .safetensors files, globs or hf://owner/name[@revision]",
+    )
+    s.add_argument("--name", help="registry name of a single source (default: its folder name)")
     s.add_argument("--examples", help="example inputs: .txt (one a line) or .jsonl with 'input'")
     s.add_argument("--description", help="what the adapter does (embedded if no examples)")
     s.add_argument("--tags", help="comma-separated tags")
@@ -87,8 +91,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="DARE's random seed")
     s.add_argument("--out", type=Path, required=True, help="output folder")
     s.set_defaults(func=cmd_merge)
-    s = sub.add_parser("route", parents=[common], help="which adapters a prompt gets")
-    s.add_argument("prompt")
+    s = sub.add_parser("route", parents=[common], help="which adapters each prompt gets")
+    s.add_argument("prompt", nargs="*")
+    s.add_argument(
+        "--prompts", help="a .txt (one prompt a line), .jsonl with 'input', or - (stdin)"
+    )
     s.add_argument("-k", type=int, default=3, help="adapters per prompt (default 3)")
     s.add_argument("--router", choices=sorted(ROUTERS), default=DEFAULT_ROUTER)
     s.add_argument("--classifier", help="folder of a saved ClassifierRouter")
@@ -96,7 +103,9 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("generate", parents=[common], help="answer prompts with routed adapters")
     s.add_argument("prompt", nargs="*")
-    s.add_argument("--prompts", help="a .txt (one prompt a line) or .jsonl with 'input'")
+    s.add_argument(
+        "--prompts", help="a .txt (one prompt a line), .jsonl with 'input', or - (stdin)"
+    )
     s.add_argument("-k", type=int, default=3, help="adapters per prompt (default 3)")
     s.add_argument(
         "--compose", choices=["mixture", "fusion", "selection", "none"], default="mixture"

@@ -5,12 +5,25 @@ turns it into one line on stderr and exit code 1."""
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
-from collections.abc import Sequence
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
-from registry import AdapterError, Registry, UnsafePathError, check_name, write_peft_folder
+from registry import (
+    AdapterError,
+    Registration,
+    Registry,
+    Submission,
+    UnsafePathError,
+    check_name,
+    write_peft_folder,
+)
+from registry.bulk import Progress
 from router import SentenceEmbedder
 
 
@@ -54,26 +67,81 @@ def open_registry(args: argparse.Namespace) -> Registry:
 
 
 def cmd_register(args: argparse.Namespace) -> int:
-    examples = read_examples(Path(args.examples)) if args.examples else None
-    tags = [t.strip() for t in args.tags.split(",") if t.strip()] if args.tags else None
-    with open_registry(args) as reg:
-        rec = reg.register(
-            args.source,
-            name=args.name,
-            examples=examples,
-            description=args.description,
-            tags=tags,
-            replace=args.replace,
-        )
+    sources = expand_sources(args.source)
+    if args.name and len(sources) > 1:
+        raise AdapterError(f"--name names one adapter, but {len(sources)} sources were given")
+    examples = tuple(read_examples(Path(args.examples))) if args.examples else None
+    tags = tuple(t.strip() for t in args.tags.split(",") if t.strip()) if args.tags else None
+    items = [Submission(s, args.name, examples, args.description, tags) for s in sources]
+    start = time.perf_counter()
+    with open_registry(args) as reg, _progress_bar(len(items)) as progress:
+        results = reg.register_many(items, replace=args.replace, progress=progress)
         reg.save_index()
+    seconds = time.perf_counter() - start
+    failed = [r for r in results if not r.ok]
+    for r in failed:
+        print(f"loraplex: error: {_failure_line(r)}", file=sys.stderr)
     if args.json:
-        print(json.dumps(rec.to_json()))
+        shown = [r.record.to_json() if r.ok else r.to_json() for r in results]
+        single = list(args.source) == sources and len(sources) == 1  # no glob: as before
+        print(json.dumps(shown[0] if single else shown))
     else:
-        print(
-            f"registered {rec.name} (rank {rec.rank}, {rec.n_modules} modules, "
-            f"sha256 {rec.sha256[:12]})"
-        )
-    return 0
+        for r in results:
+            if r.ok:
+                rec = r.record
+                print(
+                    f"registered {rec.name} (rank {rec.rank}, {rec.n_modules} modules, "
+                    f"sha256 {rec.sha256[:12]})"
+                )
+        if len(results) > 1:
+            print(
+                f"registered {len(results) - len(failed)} of {len(results)} adapters in "
+                f"{seconds:.1f} s ({len(failed)} failed)"
+            )
+    return 1 if failed else 0
+
+
+def expand_sources(specs: Sequence[str]) -> list[str]:
+    """Sources as given, with glob patterns (quoted past the shell) expanded, sorted; a
+    pattern that matches nothing is an error. `hf://` ids are never globbed."""
+    out: list[str] = []
+    for spec in specs:
+        if spec.startswith("hf://") or not glob.has_magic(spec):
+            out.append(spec)
+            continue
+        matches = sorted(glob.glob(os.path.expanduser(spec)))
+        if not matches:
+            raise AdapterError(f"{spec}: no file or folder matches")
+        out += matches
+    return out
+
+
+def _failure_line(r: Registration) -> str:
+    message = " ".join(str(r.error).split()) or type(r.error).__name__
+    return message if message.startswith(r.source) else f"{r.source}: {message}"
+
+
+@contextmanager
+def _progress_bar(total: int) -> Iterator[Progress]:
+    """A bar on stderr per stage (reading sources, embedding texts), shown for several
+    sources on a terminal only."""
+    from tqdm import tqdm
+
+    bars: dict[str, tqdm] = {}
+    labels = {"read": "reading", "embed": "embedding"}
+
+    def update(stage: str, done: int, n: int) -> None:
+        if stage not in bars:
+            bars[stage] = tqdm(
+                total=n, desc=labels.get(stage, stage), unit="", disable=None if total > 1 else True
+            )
+        bars[stage].update(done - bars[stage].n)
+
+    try:
+        yield update
+    finally:
+        for bar in bars.values():
+            bar.close()
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -170,20 +238,34 @@ def _clip(text: str, n: int) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    """PROMPT arguments, then `--prompts FILE` (.txt, .jsonl, or `-` for stdin, one a line)."""
+    prompts = list(args.prompt)
+    if args.prompts == "-":
+        prompts += [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    elif args.prompts:
+        prompts += read_examples(Path(args.prompts))
+    if not prompts:
+        raise AdapterError("no prompts: give PROMPT arguments or --prompts FILE (- for stdin)")
+    if not all(p.strip() for p in prompts):
+        raise AdapterError("a prompt is empty")
+    return prompts
+
+
 def cmd_route(args: argparse.Namespace) -> int:
     from router import RouterOptions, make_router
 
-    if not args.prompt.strip():
-        raise AdapterError("the prompt is empty")
+    prompts = read_prompts(args)
     if args.router == "classifier" and not args.classifier:
         raise AdapterError("--router classifier needs --classifier DIR (a saved ClassifierRouter)")
     options = RouterOptions(classifier=Path(args.classifier) if args.classifier else None)
     with open_registry(args) as reg:
-        routing = make_router(args.router, reg, options).route([args.prompt], k=args.k)[0]
+        routings = make_router(args.router, reg, options).route(prompts, k=args.k)
     if args.json:
-        print(json.dumps(routing.to_json()))
+        shown = [r.to_json() for r in routings]
+        print(json.dumps(shown[0] if len(prompts) == 1 else shown))
     else:
-        _routings_table([args.prompt], [routing])
+        _routings_table(prompts, routings)
     return 0
 
 
@@ -191,9 +273,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from lorahub.hub import Hub
     from lorahub.inference import Sampling
 
-    prompts = list(args.prompt) + (read_examples(Path(args.prompts)) if args.prompts else [])
-    if not prompts:
-        raise AdapterError("no prompts: give PROMPT arguments or --prompts FILE")
+    prompts = read_prompts(args)
     Sampling(args.max_new_tokens, args.temperature, args.top_p, (), args.seed)  # checked first
     hub = Hub.open(registry=args.registry, base_model=args.base_model, router=args.router)
     try:

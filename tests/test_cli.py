@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -314,3 +316,56 @@ def test_export_writes_each_adapter_with_the_version_it_holds(
         }
         assert (out / name / "adapter_config.json").exists()
         assert f"{name}={(out / name).resolve()}" in (out / "lora-modules.txt").read_text()
+
+
+def test_register_takes_many_sources_and_names_the_one_that_failed(
+    tmp_path: Path, adapters, capsys
+) -> None:
+    zoo = tmp_path / "zoo"
+    for name in ("math", "french"):
+        shutil.copytree(adapters[name], zoo / name)
+    shutil.copytree(adapters["math"], zoo / "broken")
+    weights = zoo / "broken" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:64])
+    reg = ["--registry", str(tmp_path / "reg")]
+    code, out, err = run(capsys, "register", str(zoo / "*"), "--tags", "zoo", *reg)
+    assert code == 1
+    assert err.count("loraplex: error: ") == 1 and str(zoo / "broken") in err
+    assert "registered french" in out and "registered math" in out
+    assert out.splitlines()[-1].startswith("registered 2 of 3 adapters in ")
+    listed = json.loads(run(capsys, "list", "--json", *reg)[1])
+    assert [(r["name"], r["tags"]) for r in listed] == [("french", ["zoo"]), ("math", ["zoo"])]
+    code, out, _ = run(capsys, "register", str(zoo / "math"), str(zoo / "french"), "--json", *reg)
+    assert code == 1 and [r["name"] for r in json.loads(out)] == ["math", "french"]
+    assert all("exists" in r["error"] for r in json.loads(out))
+    code, _, err = run(capsys, "register", str(zoo / "m*"), str(zoo / "f*"), "--name", "x", *reg)
+    assert code == 1 and "--name names one adapter" in err
+    code, _, err = run(capsys, "register", str(zoo / "nothing*"), *reg)
+    assert code == 1 and "no file or folder matches" in err
+
+
+def test_route_takes_many_prompts_from_arguments_a_file_and_stdin(
+    tmp_path: Path, adapters, capsys, monkeypatch
+) -> None:
+    reg = ["--registry", str(tmp_path)]
+    for name in ("math", "french"):
+        examples = str(adapters[f"{name}_examples"])
+        assert run(capsys, "register", str(adapters[name]), "--examples", examples, *reg)[0] == 0
+    (tmp_path / "prompts.txt").write_text("Translate to French: house\n")
+    options = ("-k", "1", "--router", "retriever", "--json", *reg)
+    code, out, _ = run(
+        capsys, "route", "What is 6 plus 1?", "--prompts", str(tmp_path / "prompts.txt"), *options
+    )
+    routed = json.loads(out)
+    assert code == 0 and [r["adapters"][0]["name"] for r in routed] == ["math", "french"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("Compute 8 times 3.\n\nhello in French?\n"))
+    code, out, _ = run(capsys, "route", "--prompts", "-", *options)
+    from_stdin = json.loads(out)
+    assert code == 0 and [r["adapters"][0]["name"] for r in from_stdin] == ["math", "french"]
+    one_by_one = [
+        json.loads(run(capsys, "route", p, *options)[1])
+        for p in ("Compute 8 times 3.", "hello in French?")
+    ]
+    assert from_stdin == one_by_one  # the same routing as one prompt per call
+    code, _, err = run(capsys, "route", *reg)
+    assert code == 1 and "no prompts" in err
