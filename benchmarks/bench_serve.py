@@ -62,7 +62,7 @@ class Server:
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
 
     def __enter__(self) -> Server:
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 900  # the router's first fit: minutes on a loaded machine
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited: see {self.log.name}")
@@ -72,7 +72,7 @@ class Server:
             except httpx.TransportError:
                 pass
             time.sleep(0.5)
-        raise RuntimeError("server did not start in 300 s")
+        raise RuntimeError(f"server not ready in 900 s: see {self.log.name}")
 
     def __exit__(self, *exc: object) -> None:
         self.proc.terminate()
@@ -373,6 +373,9 @@ def main() -> None:
     ap.add_argument("--clients", default=None, help="comma-separated (default 1,8,32)")
     ap.add_argument("--per-client", type=int, default=3, help="requests per client (C=1: 8)")
     ap.add_argument(
+        "--work", type=Path, help="a folder kept between runs (the zoo registered once)"
+    )
+    ap.add_argument(
         "--run",
         help="a label: writes results/serve.<run>.json, and serve.json sums up every run",
     )
@@ -390,7 +393,7 @@ def main() -> None:
     rows = [(e["name"], d["input"]) for e in manifest for d in e["demo"]]
     random.Random(0).shuffle(rows)
     model_dir = BUILTIN[DEFAULT_MODEL]()  # the cached safetensors copy of SmolLM2
-    tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    tmp = args.work or Path(tempfile.mkdtemp(prefix="bench-serve-"))
     from registry import Registry
     from router import SentenceEmbedder
 
