@@ -12,11 +12,20 @@ adapter comes back first / among the first three. Compared: the off-the-shelf re
 tasks (MiniLM itself, and a static-embedding model started from MiniLM's token vectors),
 and a logistic-regression classifier on MiniLM embeddings of the same training inputs.
 Speed is measured for the off-the-shelf MiniLM and the trained static model.
+
+Scale (`--part scale`, also part of a full run): the task router's path past its
+candidates (router/heads.py) with 100, 1,000 and 10,000 synthetic adapters x 64 example
+vectors (random unit directions, examples scattered about them) and the shipped background:
+routing latency per prompt after embedding (shortlist + heads + softmax, one prompt at a
+time, p50 / p99), MiniLM's embedding of one prompt beside it, heads fitted for all and for
+one added adapter, and top-1 on held-out examples against scoring every adapter (exact).
+`--part scale` rewrites only results.scale and its targets in results/route.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from dataclasses import asdict
@@ -31,6 +40,8 @@ from lorahub.tasks import SplitConfig, fetch_bigbench, load_task, require_dev_ta
 from lorahub.zoo import ZOO_TASKS
 from registry import IndexKind, Registry
 from router import ClassifierRouter, Retriever, Routing, SentenceEmbedder
+from router.background import background_tasks, background_texts, shipped_vectors
+from router.heads import HeadTable, ShortlistConfig, background_heads, score, shared_precision, unit
 from router.training import RetrieverTrainConfig, train_retriever
 
 N_EXAMPLES, N_TEST, N_TRAIN_EXTRA = 24, 20, 64
@@ -166,10 +177,118 @@ def bench_speed(
     return rows
 
 
+SCALE_SIZES, SCALE_EXAMPLES, SCALE_QUERIES = (100, 1_000, 10_000), 64, 500
+
+
+def synthetic_means(n: int, rng: np.random.Generator, d: int = 384) -> tuple:
+    """n adapters' (n, d) mean example vectors and two held-out examples each (n, 2, d),
+    made 1,000 adapters at a time (10,000 x 64 x 384 floats would be 1 GB)."""
+    means, held = [], []
+    for start in range(0, n, 1000):
+        c = unit(rng.standard_normal((min(1000, n - start), d)))
+        ex = unit(c[:, None] + 0.08 * rng.standard_normal((len(c), SCALE_EXAMPLES + 2, d)))
+        means.append(ex[:, :SCALE_EXAMPLES].mean(1))
+        held.append(ex[:, SCALE_EXAMPLES:])
+    return np.concatenate(means), np.concatenate(held)
+
+
+def bench_scale(sizes: tuple[int, ...], emb: SentenceEmbedder) -> list[dict]:
+    texts = list(background_texts())
+    from registry.embedding import examples_key
+
+    bg = shipped_vectors(examples_key(emb, texts)).numpy()
+    groups = np.asarray(background_tasks())
+    cfg = ShortlistConfig()
+    precision = shared_precision(bg, groups, cfg.shrink)
+    none = background_heads(precision, bg, groups)
+    prompts = texts[: SCALE_QUERIES // 5]
+    emb.encode(prompts[:4])
+    embed_ms = []
+    for p in prompts:
+        start = time.perf_counter()
+        emb.encode([p])
+        embed_ms.append((time.perf_counter() - start) * 1000)
+    rows = []
+    for n in sizes:
+        rng = np.random.default_rng(n)
+        means, held = synthetic_means(n + 1, rng)
+        keys = {f"{i}": "synthetic" for i in range(n + 1)}
+        mean_of = lambda m, means=means: means[int(m)]  # noqa: E731
+        table = HeadTable(precision, cfg)
+        start = time.perf_counter()
+        table.sync(dict(list(keys.items())[:n]), mean_of)
+        table.index()
+        build_s = time.perf_counter() - start
+        start = time.perf_counter()
+        table.sync(keys, mean_of)  # one adapter more
+        table.index()
+        add_one_ms = (time.perf_counter() - start) * 1000
+        picks = rng.choice(n, SCALE_QUERIES)
+        queries = held[picks, 0]
+        ms = []
+        for q in queries:
+            start = time.perf_counter()
+            score(table, none, q[None])
+            ms.append((time.perf_counter() - start) * 1000)
+        cand, prob, _ = score(table, none, queries)
+        rows_of = np.array([int(m) for m in table.names])  # table row -> adapter
+        top1 = rows_of[cand[np.arange(len(queries)), prob.argmax(1)]]
+        exact = rows_of[(queries @ table.coef.T + table.intercept).argmax(1)]  # every head
+        rows.append(
+            {
+                "adapters": n,
+                "examples_each": SCALE_EXAMPLES,
+                "index": type(table.index()).__name__,
+                "candidates": min(cfg.candidates, n + 1),
+                "route_ms_p50": float(np.percentile(ms, 50)),
+                "route_ms_p99": float(np.percentile(ms, 99)),
+                "embed_ms_p50": float(np.percentile(embed_ms, 50)),
+                "embed_ms_p99": float(np.percentile(embed_ms, 99)),
+                "route_plus_embed_ms_p50": float(np.median(ms) + np.median(embed_ms)),
+                "fit_all_s": build_s,
+                "add_one_ms": add_one_ms,
+                "heads_fitted_adding_one": table.fitted - n,
+                "top1_equals_exact": float((top1 == exact).mean()),
+                "top1_own": float((top1 == picks).mean()),
+            }
+        )
+        print(rows[-1], flush=True)
+    return rows
+
+
+def scale_targets(rows: list[dict]) -> list[dict]:
+    big = max(rows, key=lambda r: r["adapters"])
+    return [
+        target("scale_route_ms_p50_at_10000", big["route_ms_p50"], 5.0, "<="),
+        target("scale_route_plus_embed_ms_p50_at_10000", big["route_plus_embed_ms_p50"], 5.0, "<="),
+        target("scale_top1_equals_exact_at_10000", big["top1_equals_exact"], 0.99, ">="),
+        target("scale_heads_fitted_adding_one", big["heads_fitted_adding_one"], 1.0, "<="),
+    ]
+
+
+def scale_only() -> None:
+    """Rewrite results.scale and its targets in results/route.json; the rest stays."""
+    rows = bench_scale(SCALE_SIZES, SentenceEmbedder())
+    print_table(rows, [*rows[0]])
+    path = Path(__file__).parent / "results" / "route.json"
+    data = json.loads(path.read_text())
+    data["results"]["scale"] = rows
+    data["config"]["scale"] = {"date": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())}
+    kept = [t for t in data["targets"] if not t["name"].startswith("scale_")]
+    data["targets"] = kept + scale_targets(rows)
+    for t in data["targets"]:
+        print(f"target {t['name']}: {t['value']:.4g} (goal {t['op']} {t['goal']}) met={t['met']}")
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--part", choices=["all", "scale"], default="all")
     args = ap.parse_args()
+    if args.part == "scale":
+        return scale_only()
     torch.manual_seed(0)
     tasks = ZOO_TASKS[:8] if args.quick else ZOO_TASKS
     with tempfile.TemporaryDirectory() as tmp:
@@ -181,6 +300,7 @@ def main() -> None:
         fast = {k: embedders[k] for k in ("off-the-shelf MiniLM", "trained static")}
         sizes = [1000, 10_000] if args.quick else [1000, 10_000, 100_000]
         speed = bench_speed(sizes, prompts, tmp, fast)
+        scale = bench_scale(SCALE_SIZES[:2] if args.quick else SCALE_SIZES, SentenceEmbedder())
     print_table(speed, ["embedder", "adapters", "prompts_per_s", "search_ms"])
     print_table(acc, ["router", "top1", "top3", "top1_distinct", "train_s"])
     by = {r["router"]: r for r in acc}
@@ -198,6 +318,7 @@ def main() -> None:
         target("trained_static_top1", by["retriever (trained static)"]["top1"], 0.95, ">="),
         target("best_trained_top1", best["top1"], 0.95, ">="),
         target("best_trained_minus_off_the_shelf_top1", best["top1"] - shelf["top1"], 0.0, ">"),
+        *scale_targets(scale),
     ]
     write_result(
         "route",
@@ -209,7 +330,7 @@ def main() -> None:
             "trained": {k: [b, asdict(c)] for k, (b, c) in TRAINED.items()},
             "quick": args.quick,
         },
-        {"speed": speed, "accuracy": acc},
+        {"speed": speed, "accuracy": acc, "scale": scale},
         targets,
         quick=args.quick,
     )

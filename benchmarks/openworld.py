@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from _common import RESULTS, machine, print_table, target
 from crosstask import CONFUSABLE, UNSEEN
+from safetensors.torch import save_file
 
 from lorahub.evaluate import EvalConfig, evaluate
 from lorahub.hub import Hub
@@ -40,12 +41,16 @@ from lorahub.zoo import read_manifest, register_zoo
 from registry import Registry
 from registry.embedding import examples_key
 from router import Routing, SentenceEmbedder
-from router.background import BACKGROUND_PATH, truncate
+from router.background import BACKGROUND_PATH, BACKGROUND_VECTORS, shipped_vectors, truncate
 from router.classifier import fit_linear, softmax_rows
+from router.heads import HeadTable, ShortlistConfig, background_heads, score, shared_precision
 from router.task import TaskRouter, TaskRouterConfig, adapter_fit
 
 SPLIT = RESULTS / "openworld" / "split.json"
 EVERYDAY = Path(__file__).parent / "data" / "everyday.jsonl"
+# chat-shaped prompts for the background (tuning only): written for this purpose, disjoint
+# from EVERYDAY (no prompt shared or paraphrased; tests/test_background.py checks it)
+CHAT_TUNING = Path(__file__).parent / "data" / "chat_tuning.jsonl"
 SEED = 0
 PER_TASK_BACKGROUND = 16  # train inputs per tuning-half task shipped as background
 PER_TASK_PROMPTS = 20  # prompts per zoo and UNSEEN task scored in the diagnostic
@@ -78,17 +83,30 @@ def read_everyday() -> list[dict]:
     return [json.loads(ln) for ln in EVERYDAY.read_text().splitlines() if ln.strip()]
 
 
+def read_chat_tuning() -> list[dict]:
+    return [json.loads(ln) for ln in CHAT_TUNING.read_text().splitlines() if ln.strip()]
+
+
 def write_background(split: dict) -> None:
     """The first PER_TASK_BACKGROUND train inputs of every tuning-half task (BIG-bench,
-    Apache-2.0), one JSON object a line."""
+    Apache-2.0) and the chat tuning prompts (task "chat/KIND"), one JSON object a line,
+    then their vectors by the default embedder (keyed by embedder and texts)."""
     fetch_bigbench(split["tuning"])
-    lines = [
-        json.dumps({"task": t, "input": truncate(ex.input)}, ensure_ascii=False)
+    rows = [
+        {"task": t, "input": truncate(ex.input)}
         for t in split["tuning"]
         for ex in load_task(t).splits().train[:PER_TASK_BACKGROUND]
-    ]
+    ] + [{"task": f"chat/{c['kind']}", "input": c["prompt"]} for c in read_chat_tuning()]
+    lines = [json.dumps(r, ensure_ascii=False) for r in rows]
     BACKGROUND_PATH.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    print(f"wrote {BACKGROUND_PATH}: {len(lines)} inputs from {len(split['tuning'])} tasks")
+    print(f"wrote {BACKGROUND_PATH}: {len(lines)} inputs")
+    embedder = SentenceEmbedder()
+    texts = [r["input"] for r in rows]
+    vectors = torch.from_numpy(np.asarray(embedder.encode(texts), np.float32))
+    save_file(
+        {"vectors": vectors}, BACKGROUND_VECTORS, metadata={"key": examples_key(embedder, texts)}
+    )
+    print(f"wrote {BACKGROUND_VECTORS}: {tuple(vectors.shape)}")
 
 
 # -- the diagnostic ---------------------------------------------------------------------------
@@ -145,17 +163,26 @@ class Context:
     background: np.ndarray
     plain: tuple[np.ndarray, np.ndarray]
     with_none_balanced: tuple[np.ndarray, np.ndarray]
+    heads: tuple[HeadTable, tuple[np.ndarray, np.ndarray]]
 
 
-def make_context(zoo: Zoo, background: np.ndarray, C: float = 100.0) -> Context:
+def make_context(zoo: Zoo, background: tuple[np.ndarray, np.ndarray], C: float = 100.0) -> Context:
+    """`background`: (N, d) vectors and their (N,) tasks."""
     a = len(zoo.names)
-    X = np.concatenate([zoo.flat, background])
-    y = np.concatenate([zoo.labels, np.full(len(background), a)])
+    vectors, groups = background
+    X = np.concatenate([zoo.flat, vectors])
+    y = np.concatenate([zoo.labels, np.full(len(vectors), a)])
+    precision = shared_precision(vectors, groups, ShortlistConfig().shrink)
+    table = HeadTable(precision)
+    table.sync(
+        {n: n for n in zoo.names}, lambda n: zoo.flat[zoo.labels == zoo.names.index(n)].mean(0)
+    )
     return Context(
         zoo,
-        background,
+        vectors,
         fit_linear(zoo.flat, zoo.labels, C),
         fit_linear(X, y, C, balanced=True),
+        (table, background_heads(precision, vectors, groups)),
     )
 
 
@@ -187,6 +214,11 @@ def score_none_balanced(ctx: Context, Q: np.ndarray, texts: list[str]) -> np.nda
     return 1.0 - _probs(ctx.with_none_balanced, Q)[:, -1]
 
 
+def score_heads(ctx: Context, Q: np.ndarray, texts: list[str]) -> np.ndarray:
+    """The task router's path past its candidates (router/heads.py): 1 - P(none)."""
+    return 1.0 - score(*ctx.heads, Q)[2]
+
+
 def score_background_margin(ctx: Context, Q: np.ndarray, texts: list[str]) -> np.ndarray:
     """best adapter fit minus the fit to the nearest background examples."""
     bg = (Q @ ctx.background.T).clip(-1, 1)
@@ -213,6 +245,7 @@ CANDIDATES: dict[str, Callable[[Context, np.ndarray, list[str]], np.ndarray]] = 
     "calibrated fit (conformal p)": score_calibrated,
     "classifier max prob": score_classifier,
     "none class, balanced (1 - p_none)": score_none_balanced,
+    "per-adapter heads, shortlist path (1 - p_none)": score_heads,
     "background kNN margin": score_background_margin,
     "fit + router agreement": score_agreement,
     "fit - 0.1 length gap": score_length,
@@ -223,12 +256,15 @@ def prompts_of(tasks: list[str], split: str, n: int) -> dict[str, list[str]]:
     return {t: [ex.input for ex in getattr(load_task(t).splits(), split)[:n]] for t in tasks}
 
 
-def background_of(reg: Registry, tasks: list[str]) -> np.ndarray:
-    """The shipped background's vectors of `tasks` (a subset of the tuning half)."""
+def background_of(reg: Registry, tasks: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The shipped background's vectors and tasks: those of `tasks` (a subset of the
+    tuning half) and the chat tuning prompts."""
     rows = [json.loads(ln) for ln in BACKGROUND_PATH.read_text().splitlines() if ln.strip()]
-    vectors = embed(reg, [r["input"] for r in rows])
-    keep = set(tasks)
-    return vectors[[i for i, r in enumerate(rows) if r["task"] in keep]]
+    texts = [r["input"] for r in rows]
+    shipped = shipped_vectors(examples_key(reg.embedder, texts))
+    vectors = embed(reg, texts) if shipped is None else shipped.numpy()
+    keep = [i for i, r in enumerate(rows) if r["task"] in set(tasks) or r["task"][:5] == "chat/"]
+    return vectors[keep], np.array([rows[i]["task"] for i in keep])
 
 
 def auroc(pos: np.ndarray, neg: np.ndarray) -> float:
@@ -335,11 +371,13 @@ def tune(reg: Registry, split: dict) -> dict:
         texts = [p for ps in groups.values() for p in ps]
         decided = [decision(r) for r in TaskRouter(reg, cfg).route(texts, 3)]
         report[name] = {d: decided.count(d) / len(decided) for d in ("base", "broad", "adapters")}
-    everyday = [e["prompt"] for e in read_everyday()]
-    decided = [decision(r) for r in TaskRouter(reg, cfg).route(everyday, 3)]
-    report["everyday (reporting only)"] = {
-        d: decided.count(d) / len(decided) for d in ("base", "broad", "adapters")
+    sets = {
+        "chat tuning set (in the background)": [c["prompt"] for c in read_chat_tuning()],
+        "everyday (reporting only)": [e["prompt"] for e in read_everyday()],
     }
+    for name, texts in sets.items():
+        decided = [decision(r) for r in TaskRouter(reg, cfg).route(texts, 3)]
+        report[name] = {d: decided.count(d) / len(decided) for d in ("base", "broad", "adapters")}
     print(chosen)
     print_table(
         [{"prompts": k, **v} for k, v in report.items()], ["prompts", "base", "broad", "adapters"]
@@ -356,11 +394,12 @@ def tune(reg: Registry, split: dict) -> dict:
 
 RUN_CACHE = loraplex_home() / "openworld-run"  # per task and group: a restart continues
 # group -> (split key, test prompts per task, methods). 2 CPU cores shared by five
-# engineers bought 4 prompts per reporting task (122 tasks), 4 per zoo task (compared with
-# the committed crosstask run's auto on the same prompts) and 6 per UNSEEN task (the
-# committed uniform on the same ones); a run cut short reports the tasks it finished
+# engineers (load 7-10) bought 2 prompts per reporting task (122 tasks, base and auto), 4
+# per zoo task (compared with the committed crosstask run's auto on the same prompts) and
+# 6 per UNSEEN task (the committed uniform on the same ones); a run cut short reports the
+# tasks it finished
 GROUPS = {
-    "reporting": ("reporting", 4, ("base", "auto")),
+    "reporting": ("reporting", 2, ("base", "auto")),
     "zoo": ("zoo", 4, ("auto",)),
     "unseen": ("unseen", 6, ("auto",)),
 }

@@ -34,6 +34,13 @@ def background_texts(path: Path = BACKGROUND_PATH) -> tuple[str, ...]:
 
 
 @cache
+def background_tasks(path: Path = BACKGROUND_PATH) -> tuple[str, ...]:
+    """The task of each background input, in the order of `background_texts`."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return tuple(json.loads(ln)["task"] for ln in lines if ln.strip())
+
+
+@cache
 def shipped_vectors(key: str, path: Path = BACKGROUND_VECTORS) -> torch.Tensor | None:
     """The shipped background embeddings (n, d) if they were made under `key`
     (registry.embedding.examples_key of the embedder and the texts), else None."""

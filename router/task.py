@@ -21,13 +21,19 @@ Two things are read from those sets:
   `broad_threshold` the router is unsure which adapter fits: asked for a mixture (k > 1),
   it mixes its `broad_k` most probable adapters with equal weights instead of betting on
   the top k by weight; asked for one adapter (selection), it still picks one.
+
+At scale (more adapters than `shortlist.candidates`, background fit) the one classifier
+gives way to per-adapter heads scored over a faiss shortlist (router/heads.py): adding an
+adapter fits its head only, each prompt reads `candidates` heads, and the heads are cached
+in the registry by the catalogue's content, so a restart does not recompute them. Up to
+`candidates` adapters (the zoo's 24) the decision is the classifier's, exactly as above.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 import numpy as np
@@ -35,8 +41,9 @@ import torch
 
 from registry import Registry
 from registry.embedding import examples_key, meta_texts
-from router.background import background_texts, shipped_vectors
+from router.background import background_tasks, background_texts, shipped_vectors
 from router.classifier import fit_linear, softmax_rows
+from router.heads import HeadTable, ShortlistConfig, background_heads, score, shared_precision
 from router.routing import Routing
 
 
@@ -53,7 +60,8 @@ class TaskRouterConfig:
     neighbour fit; fit: the score `fit_threshold` and `broad_threshold` read; fit_threshold:
     fit below which no adapter is used (-1 = always compose); broad_threshold: fit below
     which the `broad_k` most probable adapters are mixed equally when the caller asks for
-    more than one (<= fit_threshold: never); C: the classifier's inverse regularization."""
+    more than one (<= fit_threshold: never); C: the classifier's inverse regularization;
+    shortlist: how a pool larger than `shortlist.candidates` is routed (router/heads.py)."""
 
     k: int = 3
     neighbours: int = 5
@@ -65,6 +73,7 @@ class TaskRouterConfig:
     broad_threshold: float = 0.98
     broad_k: int = 3
     C: float = 100.0  # benchmarks/tune_router.py, results/tune_router.json (validation)
+    shortlist: ShortlistConfig = field(default_factory=ShortlistConfig)
 
     def __post_init__(self) -> None:
         if self.k <= 0 or self.neighbours <= 0 or self.broad_k <= 0:
@@ -86,25 +95,30 @@ class TaskRouterConfig:
 class _Tasks:
     """The catalogue as the router reads it: names, example vectors (A, M, d) zero-padded
     with their mask (A, M), and the classifier (coef (A [+1 none], d), intercept) when it
-    has two classes or more."""
+    has two classes or more; at scale instead, the adapters' heads and the background's
+    (coef (B, d), intercept (B,))."""
 
     names: list[str]
     vectors: torch.Tensor
     mask: torch.Tensor
     coef: np.ndarray | None
     intercept: np.ndarray | None
+    table: HeadTable | None = None
+    none_heads: tuple[np.ndarray, np.ndarray] | None = None
 
 
 @dataclass(frozen=True)
 class Scores:
     """Per prompt: the adapters' classifier probabilities prob (P, A) (renormalized over
     the adapters), P(none) (P,) (zeros without a background) and, when the fit reads them,
-    the neighbour fits (P, A)."""
+    the neighbour fits (P, A). At scale, `candidates` (P, K) are the adapters scored per
+    prompt (prob is 0 elsewhere); None: every adapter."""
 
     names: list[str]
     prob: np.ndarray
     p_none: np.ndarray
     neighbour: np.ndarray | None
+    candidates: np.ndarray | None = None
 
 
 # fit of one prompt: (its scores row, allowed adapter indices) -> the decision's score.
@@ -128,7 +142,8 @@ class TaskRouter:
             raise ValueError("the task router needs a registry opened with an embedder")
         self.registry = registry
         self.config = config or TaskRouterConfig()
-        self._memo: tuple[str, _Tasks] | None = None
+        self._memo: tuple[int, str, _Tasks] | None = None
+        self._table: HeadTable | None = None
 
     @property
     def _background(self) -> tuple[str, ...]:
@@ -138,16 +153,26 @@ class TaskRouter:
         """The catalogue's example vectors and classifier, rebuilt only when the adapters,
         their examples or the background change (vectors and fit are also cached in the
         registry, keyed by embedder and texts)."""
+        generation = self.registry.generation()
+        if self._memo is not None and self._memo[0] == generation:
+            return self._memo[2]
         embedder = self.registry.embedder
         metas = {r.name: r.meta for r in self.registry.list() if meta_texts(r.meta)}
+        keys = {name: examples_key(embedder, meta_texts(meta)) for name, meta in metas.items()}
         key = hashlib.sha256(f"{self.config.C!r}".encode())
-        for name, meta in metas.items():
-            key.update(f"{name}\0{examples_key(embedder, meta_texts(meta))}\0".encode())
+        for name, examples in keys.items():
+            key.update(f"{name}\0{examples}\0".encode())
         if self._background:
             key.update(f"none\0{examples_key(embedder, self._background)}".encode())
         stamp = key.hexdigest()[:32]
-        if self._memo is not None and self._memo[0] == stamp:
-            return self._memo[1]
+        if self._memo is None or self._memo[1] != stamp:
+            at_scale = self._background and len(metas) > self.config.shortlist.candidates
+            tasks = self._at_scale(metas, keys, stamp) if at_scale else self._exact(metas, stamp)
+            self._memo = (generation, stamp, tasks)
+        self._memo = (generation, *self._memo[1:])
+        return self._memo[2]
+
+    def _exact(self, metas: dict, stamp: str) -> _Tasks:
         blocks = {
             name: torch.from_numpy(self.registry.example_vectors(meta)).float()
             for name, meta in metas.items()
@@ -165,9 +190,30 @@ class TaskRouter:
         if names and len(classes) >= 2:
             fit = self.registry.cached_tensors(f"task-router-{stamp}", lambda: self._fit(classes))
             coef, intercept = fit["coef"].numpy(), fit["intercept"].numpy()
-        tasks = _Tasks(names, vectors, mask, coef, intercept)
-        self._memo = (stamp, tasks)
-        return tasks
+        return _Tasks(names, vectors, mask, coef, intercept)
+
+    def _at_scale(self, metas: dict, keys: dict[str, str], stamp: str) -> _Tasks:
+        """Per-adapter heads: restored from the registry's cache when this catalogue was
+        seen before, else synced one adapter at a time (only new or changed ones fitted)."""
+        cfg = self.config.shortlist
+        bg, groups = self._background_vectors().numpy(), np.asarray(background_tasks())
+        if self._table is None:
+            self._table = HeadTable(shared_precision(bg, groups, cfg.shrink), cfg)
+        table, names = self._table, list(metas)
+
+        def fitted() -> dict[str, torch.Tensor]:
+            table.sync(keys, lambda n: self.registry.example_vectors(metas[n]).mean(0))
+            row = {n: i for i, n in enumerate(table.names)}
+            order = [row[n] for n in names]
+            return {
+                name: torch.from_numpy(getattr(table, name)[order])
+                for name in ("coef", "intercept", "centroids")
+            }
+
+        made = self.registry.cached_tensors(f"task-heads-{stamp}-{cfg.shrink:g}", fitted)
+        table.restore(names, [keys[n] for n in names], {k: v.numpy() for k, v in made.items()})
+        none = background_heads(table.precision, bg, groups)
+        return _Tasks(names, torch.zeros(0), torch.zeros(0), None, None, table, none)
 
     def _background_vectors(self) -> torch.Tensor:
         """Shipped for the default embedder; else embedded once per process and registry
@@ -198,6 +244,8 @@ class TaskRouter:
         if not a or not prompts:
             return Scores(tasks.names, np.zeros((n, a), np.float32), np.zeros(n, np.float32), None)
         queries = self.registry.embedder.encode(list(prompts))
+        if tasks.table is not None:
+            return _scaled_scores(tasks, queries)
         neighbour = None
         if self.config.fit == FitScore.neighbours:
             neighbour = adapter_fit(
@@ -227,7 +275,8 @@ class TaskRouter:
         out = [Routing(note="empty prompt")] * len(prompts)
         for row, i in enumerate(live):
             banned = set(exclude_each[i]) if exclude_each is not None else set()
-            allowed = [j for j in range(len(names)) if names[j] not in banned]
+            pool = range(len(names)) if scores.candidates is None else scores.candidates[row]
+            allowed = [int(j) for j in pool if names[j] not in banned]
             if not allowed:
                 out[i] = Routing(note="no adapter to route to")
                 continue
@@ -263,6 +312,13 @@ class TaskRouter:
             tuple(float(prob[j]) for j in top),
             confidence=fit,
         )
+
+
+def _scaled_scores(tasks: _Tasks, queries: np.ndarray) -> Scores:
+    cand, prob_cand, p_none = score(tasks.table, tasks.none_heads, queries)
+    prob = np.zeros((len(queries), len(tasks.names)), np.float32)
+    np.put_along_axis(prob, cand, prob_cand.astype(np.float32), 1)
+    return Scores(tasks.names, prob, p_none, None, cand)
 
 
 def adapter_fit(
