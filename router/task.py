@@ -10,8 +10,9 @@ Two things are read from those sets:
   them where their means sit close (benchmarks/tune_router.py);
 - whether any adapter fits at all: the `fit`, that is `Routing.confidence`. By default
   (`FitScore.background`) the classifier has one more class, `none`, learned from
-  example inputs of tasks no adapter was made for (router/data/background.jsonl, the
-  tuning half of the open-world split), and the fit is 1 - P(none). The older score,
+  example inputs of tasks no adapter was made for (router/data/background.jsonl: the
+  tuning half of the open-world split and a chat-shaped tuning set), and the fit is
+  1 - P(none). The older score,
   `FitScore.neighbours` (the mean cosine of the prompt's nearest examples of the best
   adapter), measures how alike two short strings look, not whether a task fits: greetings,
   gibberish and emoji fit the zoo better than its own prompts do. (How well each score
@@ -66,10 +67,11 @@ class TaskRouterConfig:
     k: int = 3
     neighbours: int = 5
     fit: FitScore = FitScore.background
-    # chosen on the zoo's validation prompts with the tuning half's background: abstain
-    # keeps 99% of them, 95% keep their top k, and the 3 likeliest hold the own adapter of
-    # 95% of those in between (benchmarks/openworld.py tune, results/openworld/tune.json)
-    fit_threshold: float = 0.95
+    # chosen on the zoo's validation prompts with the background (tuning half + chat
+    # tuning set): abstain keeps 99% of them, 95% keep their top k, and the 3 likeliest
+    # hold the own adapter of 95% of those in between (benchmarks/openworld.py tune,
+    # results/openworld/tune.json)
+    fit_threshold: float = 0.94
     broad_threshold: float = 0.98
     broad_k: int = 3
     C: float = 100.0  # benchmarks/tune_router.py, results/tune_router.json (validation)
