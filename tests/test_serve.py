@@ -700,11 +700,14 @@ def test_an_empty_prompt_is_400_and_its_neighbours_are_answered(
         assert e.value.body["code"] == "context_length_exceeded"
 
 
-def test_a_non_streaming_client_that_disconnects_frees_its_row(server) -> None:
+@pytest.mark.parametrize("prompt", ["x", ["x", "yz", "w"]])
+def test_a_non_streaming_client_that_disconnects_frees_its_rows(server, prompt) -> None:
+    """One prompt or a list (a row each): a client that leaves frees every row."""
     url, engine = server
-    body = {"model": "math", "prompt": "x", "max_tokens": 105, "temperature": 0}
+    body = {"model": "math", "prompt": prompt, "max_tokens": 105, "temperature": 0}
     full = client(url).completions.create(**body)
-    assert full.usage.completion_tokens == 105  # it would decode all 105 if nobody stopped it
+    rows = len(full.choices)
+    assert full.usage.completion_tokens == 105 * rows  # all 105 each if nobody stopped them
     steps: list[int] = []
     started = threading.Event()
     report = engine.on_step
