@@ -565,6 +565,7 @@ BAD = {
             ("logit_bias", {"5": 10}),
             ("best_of", 2),
             ("top_k", 5),
+            ("echo", True),
         ]
     },
 }  # fmt: skip

@@ -165,10 +165,15 @@ UNSUPPORTED: dict[str, tuple[object, ...]] = {
 }
 
 
+# ... and on chat completions only (vLLM's chat `echo` repeats the last message)
+CHAT_UNSUPPORTED: dict[str, tuple[object, ...]] = {"echo": (False,)}
+
+
 def refuse_unsupported(req: _Common) -> None:
     """A 400 naming the first field set to something we cannot do."""
     fields = {**(req.model_extra or {}), **{k: getattr(req, k) for k in type(req).model_fields}}
-    for name, harmless in UNSUPPORTED.items():
+    table = UNSUPPORTED | (CHAT_UNSUPPORTED if isinstance(req, ChatRequest) else {})
+    for name, harmless in table.items():
         value = fields.get(name)
         if value is not None and not any(_same(value, h) for h in harmless):
             raise APIError(
