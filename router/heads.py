@@ -161,7 +161,8 @@ def score(
     over the candidates) and P(none) (P,): the shortlisted adapters' heads and the
     background's (`background_heads`) in one softmax, P(none) the background's mass."""
     cand = table.shortlist(queries)
-    z = np.concatenate([table.logits(queries, cand), queries @ none[0].T + none[1]], 1)
-    z = np.exp(z - z.max(1, keepdims=True))
-    k = cand.shape[1]
-    return cand, z[:, :k] / z[:, :k].sum(1, keepdims=True), z[:, k:].sum(1) / z.sum(1)
+    z = table.logits(queries, cand).astype(np.float64)  # (P, K)
+    z_none = (queries @ none[0].T + none[1]).astype(np.float64)  # (P, B)
+    # heads' logits span hundreds of nats: normalize in log space, never exp a raw sum
+    lse, lse_none = np.logaddexp.reduce(z, axis=1), np.logaddexp.reduce(z_none, axis=1)
+    return cand, np.exp(z - lse[:, None]), np.exp(-np.logaddexp(0.0, lse - lse_none))

@@ -557,3 +557,18 @@ def test_up_to_its_candidates_the_task_router_uses_the_one_classifier(registry) 
     router = TaskRouter(registry, TaskRouterConfig(fit_threshold=-1.0, broad_threshold=-1.0))
     router.route(list(QUERIES.values()), k=2)
     assert router._table is None and len(TASKS) <= TaskRouterConfig().shortlist.candidates
+
+
+def test_heads_scores_stay_finite_when_one_side_wins_by_hundreds_of_nats() -> None:
+    from router.heads import score
+
+    names, examples = _synthetic_pool(80, m=4)
+    table = _table(names, examples, candidates=8)
+    q = examples[:3, 0]
+    d = q.shape[1]
+    for bias, none_wins in ((1e3, True), (-1e3, False)):
+        none = (np.zeros((2, d), np.float32), np.full(2, bias, np.float32))
+        cand, prob, p_none = score(table, none, q)
+        assert np.isfinite(prob).all() and np.allclose(prob.sum(1), 1.0)
+        np.testing.assert_allclose(p_none, 1.0 if none_wins else 0.0, atol=1e-6)
+        assert (table.logits(q, cand).argmax(1) == prob.argmax(1)).all()
