@@ -63,16 +63,15 @@ class Server:
 
     def __enter__(self) -> Server:
         deadline = time.monotonic() + 900  # the router's first fit: minutes on a loaded machine
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: see {self.log.name}")
+        while time.monotonic() < deadline and self.proc.poll() is None:
             try:
                 if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
                     return self
             except httpx.TransportError:
                 pass
             time.sleep(0.5)
-        raise RuntimeError(f"server not ready in 900 s: see {self.log.name}")
+        self.__exit__()  # never leave a server behind
+        raise RuntimeError(f"server exited or not ready in 900 s: see {self.log.name}")
 
     def __exit__(self, *exc: object) -> None:
         self.proc.terminate()
