@@ -739,6 +739,36 @@ def test_a_non_streaming_client_that_disconnects_frees_its_rows(server, prompt) 
     assert sum(1 for b in steps if b) < 90  # freed long before its 105 tokens
 
 
+def test_a_prompt_that_fails_fails_its_list_at_once(server) -> None:
+    """One prompt of a list fails its prefill (an injected fault): the answer is that
+    error, and the other prompts' rows are freed rather than decoded to the end."""
+    url, engine = server
+    tok = engine.tokenizer
+    poison = tok("~", add_special_tokens=False)["input_ids"][0]
+
+    def explode(module, args, kwargs):
+        ids = kwargs["input_ids"]
+        if ids.shape[1] > 1 and (ids == poison).any():  # prefill passes only
+            raise RuntimeError("injected fault")
+
+    steps: list[int] = []
+    report = engine.on_step
+    engine.on_step = lambda batch, waiting: (steps.append(batch), report(batch, waiting))
+    hook = engine.model.register_forward_pre_hook(explode, with_kwargs=True)
+    try:
+        body = {"model": "math", "prompt": ["x", "~~~"], "max_tokens": 105, "temperature": 0}
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=300)
+        deadline = time.monotonic() + 60
+        while engine.stats()["running"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        hook.remove()
+        engine.on_step = report
+    assert error_of(r, 500)["code"] == "generation_failed"
+    assert engine.stats()["running"] == 0
+    assert sum(1 for b in steps if b) < 90  # "x" was not decoded to its 105 tokens
+
+
 def test_unknown_routes_and_the_openai_client_see_the_same_envelope(server) -> None:
     url, _ = server
     r = httpx.get(f"{url}/v1/nothing-here", timeout=10)

@@ -260,14 +260,16 @@ class Serving:
         gone = asyncio.Event()
         watch = asyncio.create_task(_cancel_when_gone(receive, subs, gone))
         try:
-            answers = await asyncio.gather(*(self._answer(q) for _, q in subs))
+            answers = await asyncio.gather(*(self._answer(q, handles) for _, q in subs))
         finally:
             watch.cancel()
             for handle in handles:
                 handle.cancel()  # a no-op once finished
         if gone.is_set() or any(a is None for a in answers):
             return None
-        error = next((a.end for a in answers if a.end.kind == "error"), None)
+        errors = [a.end for a in answers if a.end.kind == "error"]
+        # the failure itself, not the prompts cancelled because of it
+        error = next((e for e in errors if e.code != "cancelled"), errors[0] if errors else None)
         if error is not None:
             raise event_error(error)
         usage = {
@@ -288,14 +290,18 @@ class Serving:
         ]
         return p.completion_response(rid, prepared.model, choices, usage, prepared.report)
 
-    async def _answer(self, events: asyncio.Queue) -> _Answer | None:
-        """One choice's events until its end (None: the client left)."""
+    async def _answer(self, events: asyncio.Queue, handles: list[Handle]) -> _Answer | None:
+        """One choice's events until its end (None: the client left). A choice that fails
+        cancels the request's other prompts: the answer is that error."""
         timing = Timing(self.metrics)
         answer = _Answer()
         while (ev := await events.get()) is not None:
             timing.seen(ev)
             if ev.kind != "token":
                 answer.end = ev
+                if ev.kind == "error":
+                    for handle in handles:
+                        handle.cancel()
                 return answer
             answer.text.append(ev.text)
             answer.logprobs.extend(ev.logprobs)
