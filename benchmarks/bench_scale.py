@@ -326,12 +326,15 @@ def summarize(args, parts: Parts) -> None:
             targets.append(target(name, big["tokens_per_s"] / one["tokens_per_s"], 0.7, ">="))
         else:
             targets.append(missing(name, 0.7, ">=", "not measured in this run"))
-    if runs:
+    base = runs.get(f"uniform/{counts[0]}")
+    if base:  # RSS above the one-adapter run's (same engine working set): adapters held
         host = max(r["host_mb"] for r in runs.values())
-        growth = max(r["rss_mb"] - r["idle_rss_mb"] for r in runs.values())
+        growth = max(r["rss_mb"] for r in runs.values()) - base["rss_mb"]
         targets.append(target("host_cache_mb_over_configured", host / args.host_mb, 1.0, "<="))
         targets.append(
-            target("rss_growth_mb_over_configured_cache", growth / args.host_mb, 1.0, "<=")
+            target(
+                "rss_over_one_adapter_mb_over_configured_cache", growth / args.host_mb, 1.0, "<="
+            )
         )
     q0, q1 = parts.get("quality", "zoo_only"), parts.get("quality", "with_distractors")
     if q0 and q1:
@@ -341,7 +344,7 @@ def summarize(args, parts: Parts) -> None:
         )
         targets.append(target("open_world_decision_unchanged", same / len(q0["routed"]), 1.0, ">="))
     else:
-        why = "the routing-quality part did not finish in this session"
+        why = "not measured: the distractors' registration did not finish on the shared machine"
         targets.append(missing("top1_with_distractors_over_without", 0.95, ">=", why))
     results = {
         "throughput": runs,
