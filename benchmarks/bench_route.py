@@ -17,7 +17,7 @@ Scale (`--part scale`, also part of a full run): the task router's path past its
 candidates (router/heads.py) with 100, 1,000 and 10,000 synthetic adapters x 64 example
 vectors (random unit directions, examples scattered about them) and the shipped background:
 routing latency per prompt after embedding (shortlist + heads + softmax, one prompt at a
-time, p50 / p99), MiniLM's embedding of one prompt beside it, heads fitted for all and for
+time, p50 / p99), MiniLM's embedding of one chat prompt beside it, heads fitted for all and for
 one added adapter, and top-1 on held-out examples against scoring every adapter (exact).
 `--part scale` rewrites only results.scale and its targets in results/route.json.
 """
@@ -201,7 +201,8 @@ def bench_scale(sizes: tuple[int, ...], emb: SentenceEmbedder) -> list[dict]:
     cfg = ShortlistConfig()
     precision = shared_precision(bg, groups, cfg.shrink)
     none = background_heads(precision, bg, groups)
-    prompts = texts[: SCALE_QUERIES // 5]
+    chat = Path(__file__).parent / "data" / "chat_tuning.jsonl"  # short, as users type
+    prompts = [json.loads(ln)["prompt"] for ln in chat.read_text().splitlines()][:50]
     emb.encode(prompts[:4])
     embed_ms = []
     for p in prompts:

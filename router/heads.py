@@ -109,6 +109,7 @@ class HeadTable:
         fresh = np.stack([mean_of(n) for n in new]) if new else np.zeros((0, d), np.float32)
         coef, intercept = heads(self.precision, fresh)
         self.fitted += len(new)
+        index = self._index if len(keep) == len(self.names) else None  # only additions
         self.restore(
             [self.names[i] for i in keep] + new,
             [self.keys[i] for i in keep] + [keys[n] for n in new],
@@ -118,13 +119,29 @@ class HeadTable:
                 "centroids": np.concatenate([self.centroids.reshape(-1, d)[keep], unit(fresh)]),
             },
         )
+        if index is not None and isinstance(index, self._kind()):
+            index.add(unit(fresh))  # HNSW grows in place; a removal rebuilds it
+            self._index = index
 
-    def restore(self, names: list[str], keys: list[str], tensors: dict[str, np.ndarray]) -> None:
-        """Hold `names` (with their keys) and their coef, intercept and centroids."""
+    def restore(
+        self,
+        names: list[str],
+        keys: list[str],
+        tensors: dict[str, np.ndarray],
+        index: faiss.Index | None = None,
+    ) -> None:
+        """Hold `names` (with their keys), their coef, intercept and centroids, and the
+        centroids' index if one was kept (else it is built on first use)."""
         self.names, self.keys = list(names), list(keys)
         self.coef, self.intercept = tensors["coef"], tensors["intercept"]
         self.centroids = tensors["centroids"]
-        self._index = None
+        if isinstance(index, faiss.IndexHNSWFlat):
+            index.hnsw.efSearch = self.config.ef_search
+        self._index = index
+
+    def _kind(self) -> type:
+        hnsw = len(self.names) > self.config.hnsw_above
+        return faiss.IndexHNSWFlat if hnsw else faiss.IndexFlatIP
 
     def index(self) -> faiss.Index:
         if self._index is None:

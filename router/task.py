@@ -37,6 +37,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+import faiss
 import numpy as np
 import torch
 
@@ -132,6 +133,7 @@ FITS: dict[FitScore, Callable[[Scores, int, list[int]], float]] = {
 }
 
 
+_HEAD_TENSORS = ("coef", "intercept", "centroids")
 _BACKGROUND_VECTORS: dict[str, torch.Tensor] = {}  # examples key -> (N, d), per process
 
 
@@ -205,17 +207,21 @@ class TaskRouter:
 
         def fitted() -> dict[str, torch.Tensor]:
             table.sync(keys, lambda n: self.registry.example_vectors(metas[n]).mean(0))
-            row = {n: i for i, n in enumerate(table.names)}
-            order = [row[n] for n in names]
-            return {
-                name: torch.from_numpy(getattr(table, name)[order])
-                for name in ("coef", "intercept", "centroids")
+            pos = {n: i for i, n in enumerate(names)}
+            index = faiss.serialize_index(table.index())  # HNSW takes seconds to build
+            return {k: torch.from_numpy(getattr(table, k)) for k in _HEAD_TENSORS} | {
+                "rows": torch.tensor([pos[n] for n in table.names]),
+                "index": torch.from_numpy(index),
             }
 
         made = self.registry.cached_tensors(f"task-heads-{stamp}-{cfg.shrink:g}", fitted)
-        table.restore(names, [keys[n] for n in names], {k: v.numpy() for k, v in made.items()})
+        held = [names[i] for i in made["rows"].tolist()]
+        if table.names != held:  # a cache hit: this catalogue was routed before
+            tensors = {k: made[k].numpy() for k in _HEAD_TENSORS}
+            index = faiss.deserialize_index(made["index"].numpy())
+            table.restore(held, [keys[n] for n in held], tensors, index)
         none = background_heads(table.precision, bg, groups)
-        return _Tasks(names, torch.zeros(0), torch.zeros(0), None, None, table, none)
+        return _Tasks(table.names, torch.zeros(0), torch.zeros(0), None, None, table, none)
 
     def _background_vectors(self) -> torch.Tensor:
         """Shipped for the default embedder; else embedded once per process and registry
