@@ -275,15 +275,22 @@ def register_all(registry: Registry, folders: list[Path]) -> tuple[str, int]:
     return "register in a loop", 0
 
 
+def quality_keys(args) -> tuple[str, str]:
+    """The two routing-quality measurements of one size (the same prompts in both)."""
+    size = f"{args.test_prompts}_prompts_per_task"
+    return f"zoo_only/{size}", f"with_{args.distractors}_distractors/{size}"
+
+
 def registration_and_quality(args, parts: Parts) -> None:
-    if parts.get("quality", "with_distractors"):
+    zoo_only, crowded = quality_keys(args)
+    if parts.get("quality", crowded):
         return
     prompts = zoo_test_prompts(args.test_prompts)
     root = args.work / "routing"
     registry = Registry(root / "registry", embedder=SentenceEmbedder())
     manifest = register_zoo(registry)
-    if not parts.get("quality", "zoo_only"):
-        parts.put("quality", "zoo_only", route_quality(registry, prompts))
+    if not parts.get("quality", zoo_only):
+        parts.put("quality", zoo_only, route_quality(registry, prompts))
     folders = []
     shapes = {n: (m.d_in, m.d_out) for n, m in registry.load(manifest[0]["name"]).modules.items()}
     made = distractor_examples(args.distractors, args.examples, {e["task"] for e in manifest})
@@ -301,7 +308,7 @@ def registration_and_quality(args, parts: Parts) -> None:
         row = {"adapters": len(todo), "failed": failed, "seconds": seconds}
         row |= {"per_s": len(todo) / seconds, "how": how, "examples_each": args.examples}
         parts.put("registration", "bulk", row)
-    parts.put("quality", "with_distractors", route_quality(registry, prompts))
+    parts.put("quality", crowded, route_quality(registry, prompts))
 
 
 # -- the summary ---------------------------------------------------------------------------------
@@ -336,7 +343,7 @@ def summarize(args, parts: Parts) -> None:
                 "rss_over_one_adapter_mb_over_configured_cache", growth / args.host_mb, 1.0, "<="
             )
         )
-    q0, q1 = parts.get("quality", "zoo_only"), parts.get("quality", "with_distractors")
+    q0, q1 = (parts.get("quality", k) for k in quality_keys(args))
     if q0 and q1:
         same = sum(a == b for a, b in zip(q0["routed"], q1["routed"], strict=True))
         targets.append(
@@ -346,6 +353,8 @@ def summarize(args, parts: Parts) -> None:
     else:
         why = "not measured: the distractors' registration did not finish on the shared machine"
         targets.append(missing("top1_with_distractors_over_without", 0.95, ">=", why))
+    latency, route_targets = route_latency()
+    targets += route_targets
     results = {
         "throughput": runs,
         "registration": parts.data.get("registration", {}),
@@ -353,20 +362,26 @@ def summarize(args, parts: Parts) -> None:
             k: {x: y for x, y in v.items() if x != "routed"}
             for k, v in parts.data.get("quality", {}).items()
         },
-        "routing_latency": route_latency(),
+        "routing_latency": latency,
     }
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     write_result("scale", config, results, targets, args.quick)
 
 
-def route_latency() -> dict:
-    """bench_route.py's latency figures by number of adapters, where it has them."""
+def route_latency() -> tuple[dict, list[dict]]:
+    """bench_route.py's routing latency by number of adapters and its scale targets, where
+    results/route.json has them (measured there, not twice)."""
     path = RESULTS / "route.json"
     if not path.exists():
-        return {"note": "results/route.json is missing"}
+        return {"note": "results/route.json is missing"}, []
     data = json.loads(path.read_text())
-    scale = {k: v for k, v in data.get("results", {}).items() if "latency" in k or "scale" in k}
-    return scale or {"note": f"results/route.json ({data.get('date')}) holds no latency by size"}
+    scale = data.get("results", {}).get("scale")
+    if scale is None:
+        return {"note": "results/route.json holds no latency by number of adapters"}, []
+    targets = [
+        t | {"from": "route.json"} for t in data["targets"] if t["name"].startswith("scale_")
+    ]
+    return {"from": "results/route.json", "by_adapters": scale}, targets
 
 
 def main() -> None:
