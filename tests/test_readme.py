@@ -3,7 +3,7 @@ marker comment on the line before its fence saying why it cannot run here:
 
     <!-- readme: skip — needs a vLLM replica -->
     <!-- readme: xfail — what is wrong, until its section is fixed -->
-    <!-- readme: server — the test starts its first line and the blocks below talk to it -->
+    <!-- readme: server — the test starts its first `loraplex serve`; the blocks below talk to it -->
 
 Blocks run in a scratch folder holding `my-registry` (the zoo, registered once) and
 `lorahub/zoo`, on the offline base model and embedder; a server block's port becomes a
@@ -117,8 +117,8 @@ def environment(ws: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def server(workspace: Path) -> Iterator[str]:
-    """The server block's first line, started on a free port; yields that port once
-    /health says ready."""
+    """The server block's first `loraplex serve` line, started on a free port; yields that
+    port once /health says ready."""
     import httpx
 
     block = next((b for b in BLOCKS if b.marker == "server"), None)
@@ -126,7 +126,8 @@ def server(workspace: Path) -> Iterator[str]:
         yield README_PORT
         return
     port = str(free_port())
-    line = block.code.splitlines()[0].split("#")[0].replace(README_PORT, port)
+    serve = next(ln for ln in block.code.splitlines() if ln.startswith("loraplex serve"))
+    line = serve.split("#")[0].replace(README_PORT, port)
     log = workspace / "server.log"
     proc = subprocess.Popen(
         shlex.split(line),
