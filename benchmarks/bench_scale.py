@@ -364,7 +364,7 @@ def summarize(args, parts: Parts) -> None:
         },
         "routing_latency": latency,
     }
-    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    config = {k: v for k, v in vars(args).items() if k not in ("parts", "work")}
     write_result("scale", config, results, targets, args.quick)
 
 
