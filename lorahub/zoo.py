@@ -30,7 +30,7 @@ from lorahub.inference import accuracy
 from lorahub.models import DEFAULT_MODEL, load_base_model, loraplex_home
 from lorahub.tasks import SplitConfig, Task, TaskKind, fetch_bigbench, load_task, require_dev_task
 from lorahub.train import TrainConfig, save_adapter, train_lora
-from registry import AdapterError, Registry, load_source
+from registry import AdapterError, Registry, Submission, load_source
 
 ZOO_DIR = Path(__file__).parent / "zoo"
 
@@ -239,9 +239,12 @@ def register_zoo(reg: Registry, zoo: Path = ZOO_DIR) -> list[dict]:
     """Register every zoo adapter not yet in `reg` (their metadata carries task and routing
     examples); returns the manifest."""
     manifest = read_manifest(zoo)
-    for entry in manifest:
-        if entry["name"] not in reg:
-            reg.register(zoo / entry["name"], name=entry["name"])
+    missing = [
+        Submission(zoo / e["name"], name=e["name"]) for e in manifest if e["name"] not in reg
+    ]
+    failed = [r for r in reg.register_many(missing) if not r.ok]
+    if failed:
+        raise failed[0].error
     return manifest
 
 
