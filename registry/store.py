@@ -243,7 +243,12 @@ class Registry:
         try:
             with self._write() as db:
                 row_id, old = self._insert_checked(
-                    db, entry, embedding, replace, lambda: self._write_blob(adapter, entry.sha256)
+                    db,
+                    entry,
+                    embedding,
+                    replace,
+                    lambda: self._write_blob(adapter, entry.sha256),
+                    {},
                 )
                 generation = self._bump(db)
         except AdapterError:
@@ -331,7 +336,9 @@ class Registry:
         if not replace and name in self:
             raise _duplicate(name)
         base = adapter.base_model.name
-        shapes = known.setdefault(base, self.shapes(base))
+        if base not in known:
+            known[base] = self.shapes(base)
+        shapes = known[base]
         check_shapes_match(adapter.shapes(), shapes, base)
         entry = Entry.of(name, adapter, adapter.sha256())
         self._write_blob(adapter, entry.sha256)
@@ -379,6 +386,7 @@ class Registry:
         old_blobs: list[str] = []
         if not staged:
             return refused
+        known: dict[str, dict[str, tuple[int, int]]] = {}
         with self._write() as db:
             for (i, entry), embedding in zip(staged.items(), embeddings, strict=True):
                 try:
@@ -388,6 +396,7 @@ class Registry:
                         embedding,
                         replace,
                         lambda i=i: self._restore_blob(items[i], staged[i]),
+                        known,
                     )
                 except AdapterError as e:
                     refused[i] = e
@@ -417,11 +426,15 @@ class Registry:
         embedding: tuple[np.ndarray, int] | None,
         replace: bool,
         restore_blob: Callable[[], None],
+        known: dict[str, dict[str, tuple[int, int]]],
     ) -> tuple[int, sqlite3.Row | None]:
         """Inside a write transaction: checks again what another process may have just
-        changed, then the row (new id, the row it replaced)."""
+        changed, then the row (new id, the row it replaced). `known` (base -> shapes) is
+        read once per transaction and grows with each row, so a bulk call stays linear."""
         base = entry.base_model.name
-        check_shapes_match(entry.shapes, self.shapes(base), base)
+        if base not in known:
+            known[base] = self.shapes(base)
+        check_shapes_match(entry.shapes, known[base], base)
         old = db.execute("SELECT id, sha256 FROM adapters WHERE name = ?", (entry.name,)).fetchone()
         if old is not None and not replace:
             raise _duplicate(entry.name)
@@ -429,7 +442,9 @@ class Registry:
             restore_blob()
         if old is not None:
             db.execute("DELETE FROM adapters WHERE id = ?", (old["id"],))
-        return self._insert(db, entry, embedding), old
+        row = self._insert(db, entry, embedding)
+        known[base].update(entry.shapes)
+        return row, old
 
     def remove(self, name: str) -> None:
         """Forget an adapter; its blob goes too unless another name shares it."""
