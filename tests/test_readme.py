@@ -154,8 +154,11 @@ def server(workspace: Path) -> Iterator[str]:
 # -- what each block shows ---------------------------------------------------------------
 def check_using_it(out: str, ns: dict) -> None:
     answers = ns["answers"]
-    assert [a.prompt for a in answers] == ["What is 12 plus 30?", "Translate 'cat' into German."]
-    assert all(isinstance(a.text, str) and a.text for a in answers)
+    assert [a.prompt for a in answers] == ["What is the capital of France?", "normalisieren"]
+    france, verb = answers
+    assert "Paris" in france.text and not france.routing.adapters  # the base model answered
+    assert verb.text.strip() == "normalisiert"
+    assert all("past_tense" in name for name in verb.routing.adapters[:2])
     assert all(str(a.routing.as_dict()) in out for a in answers)
     assert len(ns["scores"]) == 1 and len(ns["scores"][0]) == 2
 
