@@ -46,6 +46,7 @@ from router.classifier import fit_linear, softmax_rows
 from router.heads import HeadTable, ShortlistConfig, background_heads, score, shared_precision
 from router.task import TaskRouter, TaskRouterConfig, adapter_fit
 
+README_EXAMPLE = "What is the capital of France?"  # the README's first `auto` prompt
 SPLIT = RESULTS / "openworld" / "split.json"
 EVERYDAY = Path(__file__).parent / "data" / "everyday.jsonl"
 # chat-shaped prompts for the background (tuning only): written for this purpose, disjoint
@@ -559,7 +560,7 @@ def summarize(result: dict) -> dict:
     }
     every = result["everyday"]
     checked = [e for e in every if e["accept"] is not None]
-    readme = next((e for e in every if e["prompt"] == "What is 12 plus 30?"), None)
+    readme = next((e for e in every if e["prompt"] == README_EXAMPLE), None)
     diag_file = RESULTS / "openworld" / "diagnostic.json"
     diag = json.loads(diag_file.read_text()) if diag_file.exists() else {"reporting": {}}
     nan = float("nan")

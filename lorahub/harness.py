@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -38,6 +39,7 @@ from lorahub.decoding import Sampling
 from lorahub.hub import COMPOSE, Compose, Hub, compose_choice, groups
 from lorahub.inference import by_length, decode
 from lorahub.models import DEFAULT_MODEL
+from lorahub.tasks import Task
 from router import DEFAULT_ROUTER, Routing
 
 T = TypeVar("T")
@@ -286,3 +288,53 @@ def main(argv: list[str]) -> int:
     finally:
         sys.argv = saved
     return 0
+
+
+# exact match as `lorahub.inference.normalize` reads an answer: case and surrounding
+# punctuation or spaces ignored (the harness's generation stops at the first line)
+_PUNCT = r"""[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~\s]"""
+NORMALIZE = {"ignore_case": True, "regexes_to_ignore": [f"^{_PUNCT}+", f"{_PUNCT}+$"]}
+
+
+def write_task(folder: Path, task: Task, max_gen_toks: int = 8) -> None:
+    """`task` (its examples as they are: pass a split) as a harness task: a YAML config
+    and a JSONL file beside it in `folder`, scored as `loraplex eval` scores it (multiple
+    choice by accuracy; generation to the first newline, exact match ignoring case and
+    surrounding punctuation or spaces)."""
+    data = folder / f"{task.name}.jsonl"
+    mc = task.examples[0].answer is not None
+    with data.open("w") as f:
+        for ex in task.examples:
+            row = {"input": ex.input}
+            row |= (
+                {"options": list(ex.options), "answer": ex.answer} if mc else {"target": ex.target}
+            )
+            f.write(json.dumps(row) + "\n")
+    config = {
+        "task": task.name,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(data)}},
+        "test_split": "test",
+        "doc_to_text": "input",
+        "target_delimiter": "",
+    }
+    if mc:
+        config |= {
+            "output_type": "multiple_choice",
+            "doc_to_choice": "options",
+            "doc_to_target": "answer",
+            "metric_list": [{"metric": "acc"}],
+        }
+    else:
+        config |= {
+            "output_type": "generate_until",
+            "doc_to_target": "target",
+            "generation_kwargs": {
+                "until": ["\n"],
+                "max_gen_toks": max_gen_toks,
+                "do_sample": False,
+            },
+            "metric_list": [{"metric": "exact_match", **NORMALIZE}],
+        }
+    # JSON is YAML
+    (folder / f"{task.name}.yaml").write_text(json.dumps(config, indent=1))

@@ -19,7 +19,7 @@ lm_eval = pytest.importorskip("lm_eval")  # the `harness` extra, part of `test`
 from lm_eval.tasks import TaskManager  # noqa: E402
 
 from lorahub.evaluate import EvalConfig, evaluate  # noqa: E402
-from lorahub.harness import LoraplexLM, main  # noqa: E402
+from lorahub.harness import LoraplexLM, main, write_task  # noqa: E402
 from lorahub.hub import Hub  # noqa: E402
 from lorahub.inference import normalize  # noqa: E402
 from lorahub.tasks import Task, TaskKind, parse_bigbench  # noqa: E402
@@ -30,10 +30,6 @@ CHAT = (
     "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<assistant>{% endif %}"
 )
-# exact match as `lorahub.inference.normalize` reads an answer: case and surrounding
-# punctuation or spaces ignored (the harness's generation stops at the first line)
-_PUNCT = r"""[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~\s]"""
-NORMALIZE = {"ignore_case": True, "regexes_to_ignore": [f"^{_PUNCT}+", f"{_PUNCT}+$"]}
 
 
 def _numbers(n: int, op: str, fn) -> list[tuple[int, int, int]]:
@@ -91,47 +87,6 @@ def lora(model: torch.nn.Module):
     targets = FAMILIES["llama"][1]
     config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
     return get_peft_model(copy.deepcopy(model), config).eval()
-
-
-def write_task(folder: Path, task: Task, max_gen_toks: int = 8) -> None:
-    """`task` as a harness task: a YAML config and a JSONL file beside it."""
-    data = folder / f"{task.name}.jsonl"
-    mc = task.examples[0].answer is not None
-    with data.open("w") as f:
-        for ex in task.examples:
-            row = {"input": ex.input}
-            row |= (
-                {"options": list(ex.options), "answer": ex.answer} if mc else {"target": ex.target}
-            )
-            f.write(json.dumps(row) + "\n")
-    config = {
-        "task": task.name,
-        "dataset_path": "json",
-        "dataset_kwargs": {"data_files": {"test": str(data)}},
-        "test_split": "test",
-        "doc_to_text": "input",
-        "target_delimiter": "",
-    }
-    if mc:
-        config |= {
-            "output_type": "multiple_choice",
-            "doc_to_choice": "options",
-            "doc_to_target": "answer",
-            "metric_list": [{"metric": "acc"}],
-        }
-    else:
-        config |= {
-            "output_type": "generate_until",
-            "doc_to_target": "target",
-            "generation_kwargs": {
-                "until": ["\n"],
-                "max_gen_toks": max_gen_toks,
-                "do_sample": False,
-            },
-            "metric_list": [{"metric": "exact_match", **NORMALIZE}],
-        }
-    # JSON is YAML
-    (folder / f"{task.name}.yaml").write_text(json.dumps(config, indent=1))
 
 
 @pytest.fixture(scope="module")
