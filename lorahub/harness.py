@@ -106,6 +106,7 @@ class LoraplexLM(TemplateLM):
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 16
         self._max_length = int(max_length) if max_length else None
         self.max_gen_toks = int(max_gen_toks)
+        self._said: dict[str, str] = {}  # templated context -> its last user turn
 
     # -- what the harness asks of a TemplateLM ------------------------------------------------
     @property
@@ -141,9 +142,15 @@ class LoraplexLM(TemplateLM):
     def apply_chat_template(
         self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True
     ) -> str:
-        return self.tokenizer.apply_chat_template(
+        """The templated context; its last user turn is what gets routed (routers know
+        prompts, not chat markup: routed on the markup, the task router abstains)."""
+        rendered = self.tokenizer.apply_chat_template(
             chat_history, tokenize=False, add_generation_prompt=add_generation_prompt
         )
+        users = [turn["content"] for turn in chat_history if turn.get("role") == "user"]
+        if users:
+            self._said[rendered] = users[-1]
+        return rendered
 
     def chat_template(self, chat_template: bool | str = False) -> str | None:
         return self.tokenizer.chat_template if chat_template else None
@@ -153,7 +160,7 @@ class LoraplexLM(TemplateLM):
         """One routing per context: the named adapter, or the router's choice."""
         if self.adapter:
             return [Routing((self.adapter,), (1.0,))] * len(contexts)
-        return self.hub.route(contexts, self.k, self.compose)
+        return self.hub.route([self._said.get(c, c) for c in contexts], self.k, self.compose)
 
     def _composed(
         self, keys: Sequence[str], lengths: Sequence[int], step: Callable[[list[int]], list[T]]

@@ -274,3 +274,16 @@ def test_rolling_loglikelihood_over_windows_equals_hf(setup: dict) -> None:
     got = ours.loglikelihood_rolling(requests)
     assert got == pytest.approx(expected, abs=1e-4)
     assert len(docs[0]) > 2 * 16  # more than two windows
+
+
+def test_a_templated_context_is_routed_on_its_user_turn(setup: dict) -> None:
+    """With --apply_chat_template the harness hands over the templated string; the router
+    must see what the user said, as `loraplex eval` and the server route it."""
+    ours = loraplex(setup, router="retriever", k=1)
+    routed: list[str] = []
+    route = ours.hub.route
+    ours.hub.route = lambda prompts, *a, **kw: routed.extend(prompts) or route(prompts, *a, **kw)
+    rendered = ours.apply_chat_template([{"role": "user", "content": "What is 4 plus 9?"}])
+    assert rendered != "What is 4 plus 9?"
+    ours.routings([rendered, "a raw prompt"])
+    assert routed == ["What is 4 plus 9?", "a raw prompt"]

@@ -32,7 +32,7 @@ from lorahub.hub import Hub
 from lorahub.models import BaseModel, load_base_model
 from lorahub.serve.app import ServeConfig, create_app
 from lorahub.serve.batching import BatchingEngine
-from lorahub.serve.engine import GenerationRequest, RequestError
+from lorahub.serve.engine import GenerationRequest, RequestError, UnsupportedCompositionError
 from lorahub.serve.gateway import GatewayConfig, VllmGateway
 from registry import LoraAdapter, LoraModule, Registry
 from router import ArrowRouter, Retriever, Routing
@@ -295,15 +295,25 @@ def test_the_applied_weights_are_reported_and_rank_limits_hold(gateway) -> None:
 
 
 def test_per_token_gating_is_refused_never_downgraded(world, replicas, embedder) -> None:
+    """`serve` refuses a per-token router at startup; the gateway itself refuses a
+    per-token routing whoever submits it, before anything reaches a replica."""
     reg = Registry(world["registry"], embedder=embedder)
     hub = Hub(reg, tiny_base(world, False), ArrowRouter(reg))
     config = GatewayConfig(tuple(url for _, url in replicas), world["root"] / "folders", MAX_RANK)
-    with serving(create_app(hub, VllmGateway(hub, config), ServeConfig(router="arrow"))) as url:
-        body = {"model": "auto", "prompt": "x", "max_tokens": 8}
-        r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
-    reg.close()
-    assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_composition"
-    assert "per_token" in r.json()["error"]["message"]
+    with pytest.raises(ValueError, match="per token"):
+        create_app(hub, VllmGateway(hub, config), ServeConfig(router="arrow"))
+    gateway = VllmGateway(hub, config)
+    gateway.start()
+    try:
+        (routing,) = hub.route(["x"])
+        assert routing.per_token is not None
+        request = GenerationRequest((5, 6), routing, Mode.mixture, Sampling(4))
+        with pytest.raises(UnsupportedCompositionError, match="per_token"):
+            gateway.submit(request, lambda event: None)
+        assert gateway.stats()["running"] == 0
+    finally:
+        gateway.stop()
+        reg.close()
 
 
 def test_exported_adapters_serve_without_the_gateway(replicas) -> None:
