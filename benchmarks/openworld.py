@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 
 from lorahub.evaluate import EvalConfig, evaluate
 from lorahub.hub import Hub
-from lorahub.models import DEFAULT_MODEL, loraplex_home
+from lorahub.models import DEFAULT_MODEL, load_base_model, loraplex_home
 from lorahub.tasks import dev_tasks, fetch_bigbench, load_task
 from lorahub.zoo import read_manifest, register_zoo
 from registry import Registry
@@ -415,11 +415,11 @@ def decision(routing: Routing) -> str:
     return "adapters" if routing.adapters else "base"
 
 
-def run_task(hub: Hub, task: str, limit: int, methods: tuple[str, ...]) -> dict:
+def run_task(hub: Hub, task: str, limit: int, methods: tuple[str, ...], on: str = "test") -> dict:
     """Per prompt: the auto decision, its score and whether each method was right."""
-    cfg = EvalConfig(protocol="iid", limit=limit, methods=methods)
+    cfg = EvalConfig(protocol="iid", limit=limit, methods=methods, on=on)
     results = evaluate(hub, [load_task(task)], cfg, progress=False)
-    prompts = [ex.input for ex in load_task(task).splits().test[:limit]]
+    prompts = [ex.input for ex in getattr(load_task(task).splits(), on)[:limit]]
     routed = dict(zip(prompts, hub.route(prompts, cfg.k, "mixture"), strict=True))
     rows: dict[str, dict] = {}
     for r in results["routings"]:
@@ -488,6 +488,27 @@ def run(split: dict) -> None:
                 lambda task=task, limit=limit, methods=methods: run_task(hub, task, limit, methods),
             )
             print(f"{group}: {task}", flush=True)
+    hub.close()
+    reg.close()
+
+
+GAIN_PROMPTS = 8  # validation prompts per tuning-half task, base and composed
+
+
+def measure_gains(split: dict) -> None:
+    """Per tuning-half task, on its validation prompts: right under the base model and under
+    `auto` with abstention off (the task router's top 3 by weight, what `auto` would compose
+    had it not abstained). Cached per task: a restart continues."""
+    reg = open_registry()
+    never_abstain = TaskRouterConfig(fit_threshold=-1.0, broad_threshold=-1.0)
+    hub = Hub(reg, load_base_model(DEFAULT_MODEL), TaskRouter(reg, never_abstain))
+    fetch_bigbench(split["tuning"])
+    for task in ordered(split, "tuning"):
+        cached(
+            task_file("gains", task),
+            lambda task=task: run_task(hub, task, GAIN_PROMPTS, ("base", "auto"), "validation"),
+        )
+        print(f"gains: {task}", flush=True)
     hub.close()
     reg.close()
 
@@ -618,7 +639,9 @@ def open_registry() -> Registry:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("step", choices=["split", "background", "diagnose", "tune", "run", "summary"])
+    ap.add_argument(
+        "step", choices=["split", "background", "diagnose", "tune", "gains", "run", "summary"]
+    )
     args = ap.parse_args()
     if args.step == "split":
         SPLIT.parent.mkdir(parents=True, exist_ok=True)
@@ -628,6 +651,8 @@ def main() -> None:
         write_background(read_split())
     elif args.step == "run":
         run(read_split())
+    elif args.step == "gains":
+        measure_gains(read_split())
     elif args.step == "summary":
         result = collect(read_split())
         out = RESULTS / "openworld" / "e2e.json"
