@@ -3,6 +3,7 @@
 from composition.bank import AdapterBank
 from composition.composer import (
     Composer,
+    Composition,
     ComputePath,
     GateError,
     Mode,
@@ -18,6 +19,7 @@ __all__ = [
     "MERGES",
     "AdapterBank",
     "Composer",
+    "Composition",
     "ComputePath",
     "GateError",
     "LearnedGate",

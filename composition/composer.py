@@ -88,8 +88,10 @@ class MultiLoraLinear(nn.Module):
 
 
 @dataclass
-class _Active:
-    """The composition in force inside one `compose()` block."""
+class Composition:
+    """A composition ready to apply (`Composer.prepare`): in force inside `Composer.use`.
+    It keeps the per-sample factors it builds, so using it again (a decode step of the same
+    rows) costs nothing more; it is valid while the bank's adapters do not change."""
 
     fusion: Tensor | None  # (b,) bool: which rows average parameters; None with a token gate
     path: ComputePath
@@ -126,7 +128,7 @@ class Composer:
     def __init__(self, model: nn.Module, bank: AdapterBank) -> None:
         self.model = model
         self.bank = bank
-        self._active: _Active | None = None
+        self._active: Composition | None = None
         self._originals: dict[str, nn.Module] = {}
         self._attach()
 
@@ -194,24 +196,41 @@ class Composer:
         `mode` is one for all rows or one per row (mixture and fusion rows share a pass).
         `merge=False` keeps `auto` from folding a batch-wide composition into the weights:
         worth it for a long block (a whole generate), not for one decode step."""
-        if self._active is not None:
-            raise AdapterError("compose() blocks do not nest")
+        with self.use(self.prepare(gates, mode, token_gate, path, merge)):
+            yield
+
+    def prepare(
+        self,
+        gates: Tensor | None = None,
+        mode: Mode | str | Sequence[Mode | str] = Mode.mixture,
+        token_gate: TokenGate | None = None,
+        path: ComputePath | str = ComputePath.auto,
+        merge: bool = True,
+    ) -> Composition:
+        """The composition `compose` would apply, checked, for `use` (once or many times)."""
         if (gates is None) == (token_gate is None):
             raise GateError("give exactly one of gates (per sample) or token_gate (per token)")
         path = ComputePath(path)
         if token_gate is not None:
             if _modes(mode, 1).any() or path in (ComputePath.gathered, ComputePath.merged):
                 raise GateError("per-token gates use the dense mixture path")
-            fusion, k = None, len(self.bank)
-        else:
-            gates = self._check(gates)
-            fusion, k = _modes(mode, len(gates)), _max_nonzero(gates)
-            path = _choose_path(path, gates, fusion, merge)
+            return Composition(None, path, None, token_gate, len(self.bank))
+        gates = self._check(gates)
+        fusion = _modes(mode, len(gates))
+        path = _choose_path(path, gates, fusion, merge)
+        return Composition(fusion, path, gates, None, _max_nonzero(gates))
+
+    @contextmanager
+    def use(self, composition: Composition) -> Iterator[None]:
+        """Within the block, every forward pass applies `composition`."""
+        if self._active is not None:
+            raise AdapterError("compose() blocks do not nest")
         # One state for every path: nesting and detach() are refused inside any block.
-        self._active = _Active(fusion, path, gates, token_gate, k)
+        self._active = composition
         try:
-            if path == ComputePath.merged:
-                with self._merged(gates[0], Mode.fusion if fusion[0] else Mode.mixture):
+            if composition.path == ComputePath.merged:
+                c = composition
+                with self._merged(c.gates[0], Mode.fusion if c.fusion[0] else Mode.mixture):
                     yield
             else:
                 yield
@@ -257,7 +276,7 @@ class Composer:
         return add_gathered(out3, x3, At, Bt).view(out.shape)
 
     def _factors(
-        self, active: _Active, name: str, stack: ModuleStack, gates: Tensor
+        self, active: Composition, name: str, stack: ModuleStack, gates: Tensor
     ) -> tuple[Tensor, Tensor]:
         """Per-sample factors, made once per block and batch size (decode steps reuse them)."""
         key = (name, gates.shape[0])
@@ -315,7 +334,7 @@ def _max_nonzero(gates: Tensor) -> int:
     return max(int((gates != 0).sum(1).max()), 1)
 
 
-def _use_dense(active: _Active, stack: ModuleStack) -> bool:
+def _use_dense(active: Composition, stack: ModuleStack) -> bool:
     """Dense costs R = sum of ranks per token; gathered costs k * r_max per token plus a
     one-off gather. Gather when it at least halves the per-token work."""
     if active.path != ComputePath.auto:

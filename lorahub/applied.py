@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from composition import Composer, Mode, TokenGate
+from composition import Composer, Composition, Mode, TokenGate
 from registry import LoraAdapter
 
 
@@ -34,12 +34,20 @@ class Applied:
 
     def rows(self, idx: Tensor) -> AbstractContextManager:
         """The composition of rows `idx` (a 1-D long tensor) for one forward or generate."""
+        return self.use(self.prepare(idx))
+
+    def prepare(self, idx: Tensor) -> Composition | None:
+        """The composition of rows `idx`, ready to `use` for any number of forwards (its
+        per-sample factors are built once); None: the base model."""
         if self.composer is None:
-            return nullcontext()
+            return None
         if self.token_gate is not None:
-            return self.composer.compose(token_gate=self.token_gate)
+            return self.composer.prepare(token_gate=self.token_gate)
         modes = [self.modes[i] for i in idx.tolist()]
-        return self.composer.compose(self.gates[idx], mode=modes, merge=self.merge)
+        return self.composer.prepare(self.gates[idx], mode=modes, merge=self.merge)
+
+    def use(self, composition: Composition | None) -> AbstractContextManager:
+        return nullcontext() if composition is None else self.composer.use(composition)
 
 
 @contextmanager

@@ -255,8 +255,13 @@ def test_a_long_request_decodes_in_its_own_lane_without_padding_the_short_ones(
 ) -> None:
     long_prompt = "A long question about many things. " * 3  # 105 tokens
     with engine(registry, start=False) as eng:
-        seen = []
-        shorts = [Listener(on_token=lambda ev: seen.append(eng.stats())) for _ in range(3)]
+        seen, prepared = [], {}  # id -> composition (held: an id stays its own)
+
+        def step(ev) -> None:
+            seen.append(eng.stats())
+            prepared.update({id(c): c for _, c in eng._compositions.values() if c is not None})
+
+        shorts = [Listener(on_token=step) for _ in range(3)]
         twenty = {"max_new_tokens": 20, "min_new_tokens": 20}
         eng.submit(request(eng, long_prompt, {"math": 1.0}, **twenty), Listener())
         for i, listener in enumerate(shorts):
@@ -267,6 +272,8 @@ def test_a_long_request_decodes_in_its_own_lane_without_padding_the_short_ones(
         assert got == [run(eng, req).text for req in alone]
     both = [s for s in seen if s["running"] == 4]
     assert both and all(s["lanes"] == 2 for s in both)
+    # each lane's composition is prepared once for its rows, not once per decode step
+    assert len(both) >= 30 and len(prepared) <= 4
     assert all(s["kv_tokens"] < 2 * 125 for s in both)  # not 4 rows x 105-125 columns
 
 

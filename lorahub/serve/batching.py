@@ -30,14 +30,14 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable
-from contextlib import ExitStack
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 from transformers import DynamicCache
 
-from composition import Mode
+from composition import Composition, Mode
 from lorahub.applied import NOTHING, Applied
 from lorahub.decoding import RowOutput, prompt_logprobs
 from lorahub.hub import Hub, _fits
@@ -186,10 +186,11 @@ class BatchingEngine:
         self._waiting: deque[_Row] = deque()
         self._prefilling: list[_Row] = []  # admitted, prompt not yet all in a cache
         self._lanes: list[_Lane] = []  # the rows decoding, by length
-        # The decode steps' composition stays open while the running rows do not change,
-        # so the per-row factors are built once per batch rather than once per step.
-        self._block: ExitStack | None = None
-        self._block_rows: tuple[int, ...] = ()
+        # Each lane's composition (its per-row factors) is built once and reused by its
+        # decode steps while its rows and the bank's slots stay the same: key -> (the rows,
+        # held so their ids stay theirs; the composition), made under `_bank_state`.
+        self._compositions: dict[tuple[int, ...], tuple[tuple[_Row, ...], Composition | None]]
+        self._compositions, self._bank_state = {}, None
         self._lock = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -205,7 +206,7 @@ class BatchingEngine:
             self._lock.notify_all()
         if self._thread is not None:
             self._thread.join()
-        self._close_block()
+        self._compositions.clear()
         self.stack.close()
 
     def submit(self, request: GenerationRequest, emit: Callable[[Event], None]) -> _Row:
@@ -305,7 +306,6 @@ class BatchingEngine:
         self._drop_cancelled()
         group, chunked = self._prefill_work()
         if group or chunked:
-            self._close_block()
             group, chunked = self._stack_for(group, chunked)
         if group:
             self._prefill_group(group)
@@ -326,7 +326,7 @@ class BatchingEngine:
         """`rows` end with an error; the engine stays consistent (failed running rows leave
         the batch, their cache with them)."""
         log.error("engine step failed for %d request(s)", len(rows), exc_info=e)
-        self._close_block()
+        self._compositions.clear()
         for row in rows:
             row.fail(f"generation failed: {type(e).__name__}")
         self._prefilling = [r for r in self._prefilling if not r.ended]
@@ -475,16 +475,14 @@ class BatchingEngine:
         rows = lane.rows
         mask = torch.cat([lane.mask, torch.ones((len(rows), 1), dtype=torch.long)], 1)
         last = torch.tensor([[r.out.ids[-1]] for r in rows])
-        if len(self._lanes) > 1:  # one composition at a time: each lane opens its own
-            self._close_block()
-        self._open_block(rows)
-        out = self.model(
-            input_ids=last,
-            attention_mask=mask,
-            position_ids=mask.sum(1, keepdim=True) - 1,
-            use_cache=True,
-            **cache_arg(self.model, lane.cache),
-        )
+        with self._use(self._composition(rows)):
+            out = self.model(
+                input_ids=last,
+                attention_mask=mask,
+                position_ids=mask.sum(1, keepdim=True) - 1,
+                use_cache=True,
+                **cache_arg(self.model, lane.cache),
+            )
         lane.mask = mask
         self._advance(lane, out.logits[:, -1].float(), offset=0)
 
@@ -552,20 +550,21 @@ class BatchingEngine:
         return running + sum(r.prefilled for r in self._prefilling)
 
     # -- composition ---------------------------------------------------------------------------
-    def _open_block(self, rows: list[_Row]) -> None:
-        """The composition of these rows, kept open across decode steps until they change."""
+    def _composition(self, rows: list[_Row]) -> Composition | None:
+        """These rows' composition, prepared once while they and the bank stay the same."""
         key = tuple(id(r) for r in rows)
-        if self._block is not None and key == self._block_rows:
-            return
-        self._close_block()
-        block = ExitStack()
-        block.enter_context(self._applied(rows).rows(torch.arange(len(rows))))
-        self._block, self._block_rows = block, key
+        bank = (id(self.stack.composer), frozenset(self.stack.slot_of.items()))
+        if bank != self._bank_state:  # paged since: the gates may point elsewhere
+            self._compositions, self._bank_state = {}, bank
+        if key not in self._compositions:
+            live = {tuple(id(r) for r in lane.rows) for lane in self._lanes}
+            self._compositions = {k: v for k, v in self._compositions.items() if k in live}
+            prepared = self._applied(rows).prepare(torch.arange(len(rows)))
+            self._compositions[key] = (tuple(rows), prepared)
+        return self._compositions[key][1]
 
-    def _close_block(self) -> None:
-        if self._block is not None:
-            block, self._block, self._block_rows = self._block, None, ()
-            block.close()
+    def _use(self, composition: Composition | None) -> AbstractContextManager:
+        return nullcontext() if composition is None else self.stack.composer.use(composition)
 
     def _applied(self, rows: list[_Row]) -> Applied:
         """These rows' compositions over the stack, per pass (never merged into the
