@@ -3,6 +3,12 @@
     python benchmarks/openworld.py split         # results/openworld/split.json
     python benchmarks/openworld.py background    # router/data/background.jsonl (tuning half)
     python benchmarks/openworld.py diagnose      # results/openworld/diagnostic.json
+    python benchmarks/openworld.py tune          # results/openworld/tune.json (thresholds)
+    python benchmarks/openworld.py gains         # base vs composed, tuning half, validation
+    python benchmarks/openworld.py tune-gains    # router/data/background-gains.json,
+                                                 # results/openworld/tune_gains.json
+    python benchmarks/openworld.py run           # the end-to-end answers (cached per task)
+    python benchmarks/openworld.py summary       # results/openworld/e2e.json
 
 Every dev task without a zoo adapter, less crosstask's UNSEEN (tasks near the zoo, kept as
 their own group), is "no adapter fits" traffic. A seeded shuffle splits those tasks BY TASK
@@ -33,7 +39,7 @@ from _common import RESULTS, machine, print_table, target
 from crosstask import CONFUSABLE, UNSEEN
 from safetensors.torch import save_file
 
-from lorahub.evaluate import EvalConfig, evaluate
+from lorahub.evaluate import EvalConfig, Item, score_items
 from lorahub.hub import Hub
 from lorahub.models import DEFAULT_MODEL, load_base_model, loraplex_home
 from lorahub.tasks import dev_tasks, fetch_bigbench, load_task
@@ -41,7 +47,13 @@ from lorahub.zoo import read_manifest, register_zoo
 from registry import Registry
 from registry.embedding import examples_key
 from router import Routing, SentenceEmbedder
-from router.background import BACKGROUND_PATH, BACKGROUND_VECTORS, shipped_vectors, truncate
+from router.background import (
+    BACKGROUND_GAINS,
+    BACKGROUND_PATH,
+    BACKGROUND_VECTORS,
+    shipped_vectors,
+    truncate,
+)
 from router.classifier import fit_linear, softmax_rows
 from router.heads import HeadTable, ShortlistConfig, background_heads, score, shared_precision
 from router.task import TaskRouter, TaskRouterConfig, adapter_fit
@@ -291,6 +303,13 @@ def evaluate_scores(
     return out
 
 
+def tuning_folds(split: dict) -> list[list[str]]:
+    """The tuning half in two folds by task (seeded): one fold's background scores the other."""
+    tuning = list(split["tuning"])
+    random.Random(SEED).shuffle(tuning)
+    return [sorted(tuning[: len(tuning) // 2]), sorted(tuning[len(tuning) // 2 :])]
+
+
 def diagnose(reg: Registry, split: dict) -> dict:
     zoo = load_zoo(reg)
     fetch_bigbench(split["tuning"] + split["reporting"] + split["zoo"] + split["unseen"])
@@ -300,9 +319,7 @@ def diagnose(reg: Registry, split: dict) -> dict:
         return embed(reg, texts), texts
 
     n, m = PER_TASK_PROMPTS, NEGATIVE_PROMPTS
-    tuning = list(split["tuning"])
-    random.Random(SEED).shuffle(tuning)
-    folds = [sorted(tuning[: len(tuning) // 2]), sorted(tuning[len(tuning) // 2 :])]
+    folds = tuning_folds(split)
     zoo_val = flat(prompts_of(split["zoo"], "validation", n))
     unseen_val = flat(prompts_of(split["unseen"], "validation", n))
     per_fold = []
@@ -391,46 +408,172 @@ def tune(reg: Registry, split: dict) -> dict:
     }
 
 
+GAIN_NEIGHBOURS = (5, 10, 20, 40)
+GAIN_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 13))
+CHAT_HELPED_MAX = 0.02  # chat tuning prompts that may compose on the gain of their neighbours
+
+
+def measured_gains(split: dict) -> dict[str, dict]:
+    """task -> its validation prompts' rights under base and composed (`gains`), and the gain."""
+    out = {}
+    for task in split["tuning"]:
+        if task_file("gains", task).exists():
+            rows = json.loads(task_file("gains", task).read_text())["prompts"]
+            base, composed = _acc(rows, "base"), _acc(rows, "auto")
+            out[task] = {"base": base, "composed": composed, "gain": composed - base}
+            out[task] |= {"prompts": len(rows), "rows": rows}
+    return out
+
+
+def knn_gain(Q: np.ndarray, vectors: np.ndarray, gains: np.ndarray, m: int) -> np.ndarray:
+    """The mean gain of each query's m nearest rows (as TaskRouter._gain)."""
+    m = min(m, len(vectors))
+    return gains[np.argpartition(-(Q @ vectors.T), m - 1, axis=1)[:, :m]].mean(1)
+
+
+def tune_gains(reg: Registry, split: dict) -> dict:
+    """gain_neighbours and gain_threshold, cross-fitted by task on the tuning half: a fold's
+    validation prompts get their fit from a background of the other fold (and the chat set)
+    and their gain estimate from the other fold's measured gains; the pair that answers
+    most of them right wins, among those that compose at most CHAT_HELPED_MAX of the chat
+    tuning prompts (each scored without its own kind's rows). Ties: the higher threshold."""
+    measured = measured_gains(split)
+    zoo = load_zoo(reg)
+    cfg = TaskRouterConfig()
+    rows = [json.loads(ln) for ln in BACKGROUND_PATH.read_text().splitlines() if ln.strip()]
+    tasks = np.array([r["task"] for r in rows])
+    vectors, _ = background_of(reg, sorted({t for t in tasks if t[:5] != "chat/"}))
+    row_gain = np.array([measured.get(t, {}).get("gain", 0.0) for t in tasks], np.float32)
+    held: list[tuple[bool, bool, bool, np.ndarray]] = []  # (abstains, base, composed, estimate)
+    for f, fold in enumerate(tuning_folds(split)):
+        others = [t for t in tuning_folds(split)[1 - f] if t in measured]
+        keep = np.isin(tasks, others) | np.char.startswith(tasks.astype(str), "chat/")
+        ctx = make_context(zoo, (vectors[keep], tasks[keep]))
+        for task in (t for t in fold if t in measured):
+            texts = [ex.input for ex in load_task(task).splits().validation[:GAIN_PROMPTS]]
+            Q = embed(reg, texts)
+            fit = 1.0 - _probs(ctx.with_none_balanced, Q)[:, -1]
+            est = np.stack([knn_gain(Q, vectors[keep], row_gain[keep], m) for m in GAIN_NEIGHBOURS])
+            got = {r["prompt"]: r for r in measured[task]["rows"]}
+            for i, text in enumerate(texts):
+                r = got[text[:200]]
+                held.append((fit[i] < cfg.fit_threshold, r["base"], r["auto"], est[:, i]))
+    chat = read_chat_tuning()
+    chat_est = np.zeros((len(GAIN_NEIGHBOURS), len(chat)))
+    Qc = embed(reg, [c["prompt"] for c in chat])
+    for i, c in enumerate(chat):
+        keep = tasks != f"chat/{c['kind']}"
+        chat_est[:, i] = [
+            knn_gain(Qc[i : i + 1], vectors[keep], row_gain[keep], m)[0] for m in GAIN_NEIGHBOURS
+        ]
+    grid = []
+    for j, m in enumerate(GAIN_NEIGHBOURS):
+        for tau in GAIN_THRESHOLDS:
+            right = [c if (a and e[j] >= tau) else (b if a else c) for a, b, c, e in held]
+            helped = [a and e[j] >= tau for a, _, _, e in held]
+            grid.append(
+                {
+                    "gain_neighbours": m,
+                    "gain_threshold": tau,
+                    "tuning_right": float(np.mean(right)),
+                    "tuning_helped": float(np.mean(helped)),
+                    "chat_helped": float(np.mean(chat_est[j] >= tau)),
+                }
+            )
+    allowed = [g for g in grid if g["chat_helped"] <= CHAT_HELPED_MAX]
+    best = max(allowed, key=lambda g: (round(g["tuning_right"], 6), g["gain_threshold"]))
+    never = float(np.mean([b if a else c for a, b, c, _ in held]))
+    chosen = {k: best[k] for k in ("gain_neighbours", "gain_threshold")}
+    print(chosen, f"tuning right {best['tuning_right']:.4f} vs {never:.4f} never composing")
+    ship = {t: {k: v for k, v in g.items() if k != "rows"} for t, g in sorted(measured.items())}
+    BACKGROUND_GAINS.write_text(
+        json.dumps(
+            {
+                "rule": "per tuning-half task, its first GAIN_PROMPTS validation prompts: right "
+                "under auto with abstention off (composed) minus right under the base model",
+                "prompts_per_task": GAIN_PROMPTS,
+                "tasks": ship,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
+    return {
+        "chosen": chosen,
+        "rule": tune_gains.__doc__,
+        "tuning_prompts": len(held),
+        "tuning_prompts_abstaining": int(sum(a for a, *_ in held)),
+        "tuning_right_never_composing_below_threshold": never,
+        "grid": grid,
+    }
+
+
 # -- end to end --------------------------------------------------------------------------------
 
 RUN_CACHE = loraplex_home() / "openworld-run"  # per task and group: a restart continues
-# group -> (split key, test prompts per task, methods). 2 CPU cores shared by five
-# engineers (load 7-10) bought 2 prompts per reporting task (122 tasks, base and auto), 4
-# per zoo task (compared with the committed crosstask run's auto on the same prompts) and
-# 6 per UNSEEN task (the committed uniform on the same ones); a run cut short reports the
-# tasks it finished
+# group -> (split key, test prompts per task, methods, composed only). The reporting half
+# answers only what auto composes for (elsewhere auto is the base model, see run_task), so
+# it affords 30 prompts per task, as UNSEEN (compared with the committed crosstask run's
+# uniform on the same 30) and 10 per zoo task (with the committed run's auto)
 GROUPS = {
-    "reporting": ("reporting", 2, ("base", "auto")),
-    "zoo": ("zoo", 4, ("auto",)),
-    "unseen": ("unseen", 6, ("auto",)),
+    "reporting": ("reporting", 30, ("base", "auto"), True),
+    "zoo": ("zoo", 10, ("auto",), False),
+    "unseen": ("unseen", 30, ("auto",), False),
 }
-DECISIONS = {"no adapter fits": "base", "unsure": "broad", "empty prompt": "base"}
+ZOO_ROUTING_PROMPTS = 30  # per zoo task, routing only: the top-1 figure
+DECISIONS = {
+    "no adapter fits": "base",
+    "unsure": "broad",
+    "helped": "helped",
+    "empty prompt": "base",
+}
 
 
 def decision(routing: Routing) -> str:
-    """base (no adapter), broad (the unsure regime) or adapters."""
+    """base (no adapter), broad (the unsure regime), helped (composed below the fit
+    threshold on its neighbours' measured gain) or adapters."""
     for prefix, name in DECISIONS.items():
         if routing.note.startswith(prefix):
             return name
     return "adapters" if routing.adapters else "base"
 
 
-def run_task(hub: Hub, task: str, limit: int, methods: tuple[str, ...], on: str = "test") -> dict:
-    """Per prompt: the auto decision, its score and whether each method was right."""
-    cfg = EvalConfig(protocol="iid", limit=limit, methods=methods, on=on)
-    results = evaluate(hub, [load_task(task)], cfg, progress=False)
-    prompts = [ex.input for ex in getattr(load_task(task).splits(), on)[:limit]]
-    routed = dict(zip(prompts, hub.route(prompts, cfg.k, "mixture"), strict=True))
-    rows: dict[str, dict] = {}
-    for r in results["routings"]:
-        rows.setdefault(r["prompt"], {"prompt": r["prompt"]})[r["method"]] = r["right"]
-    for p, routing in routed.items():
-        rows[p[:200]] |= {
-            "decision": decision(routing),
-            "fit": routing.confidence,
-            "adapters": list(routing.adapters),
+def run_task(
+    hub: Hub,
+    task: str,
+    limit: int,
+    methods: tuple[str, ...],
+    on: str = "test",
+    composed_only: bool = False,
+) -> dict:
+    """Per prompt: the auto decision, its score and whether each method was right.
+    composed_only: only the prompts auto composes for are answered (by every method); a
+    prompt auto sends to the base model is answered by the base model under both, the same
+    forward: its `vs_base` is 0 by construction, recorded as `same`."""
+    cfg = EvalConfig(protocol="iid", limit=limit, on=on)
+    examples = getattr(load_task(task).splits(), on)[:limit]
+    routed = hub.route([ex.input for ex in examples], cfg.k, "mixture")
+    rows = [
+        {
+            "prompt": ex.input[:200],
+            "decision": decision(r),
+            "fit": r.confidence,
+            "adapters": list(r.adapters),
+            "weights": list(r.weights),
         }
-    return {"task": task, "limit": limit, "prompts": list(rows.values())}
+        for ex, r in zip(examples, routed, strict=True)
+    ]
+    todo = [i for i, r in enumerate(routed) if r.adapters or not composed_only]
+    items = [Item(task, examples[i], None) for i in todo]
+    given = {"base": [Routing()] * len(todo), "auto": [routed[i] for i in todo]}
+    with torch.inference_mode():
+        for method in methods:
+            right = score_items(hub, items, cfg, routings=given[method])
+            for i, ok in zip(todo, right, strict=True):
+                rows[i][method] = ok
+    for i in set(range(len(rows))) - set(todo):
+        rows[i]["same"] = True
+    return {"task": task, "limit": limit, "prompts": rows}
 
 
 def run_everyday(hub: Hub, max_new_tokens: int = 32) -> list[dict]:
@@ -444,6 +587,7 @@ def run_everyday(hub: Hub, max_new_tokens: int = 32) -> list[dict]:
     out = []
     for i, (e, r) in enumerate(zip(items, auto, strict=True)):
         row = e | {"decision": decision(r), "fit": r.confidence, "adapters": list(r.adapters)}
+        row |= {"weights": list(r.weights)}
         for method, got in answers.items():
             text = got[i].text
             ok = None if e["accept"] is None else bool(re.search(e["accept"], text, re.I))
@@ -474,22 +618,59 @@ def ordered(split: dict, key: str) -> list[str]:
     return tasks
 
 
+def routed_as(hub: Hub, prompts: list[str], rows: list[dict]) -> bool:
+    """Whether the hub routes `prompts` as cached `rows` say (adapters and weights): a
+    cached answer stands only for the routing it was made under."""
+    now = hub.route(prompts, 3, "mixture")
+    return len(rows) == len(prompts) and all(
+        r.get("weights") is not None
+        and r["adapters"] == list(n.adapters)
+        and np.allclose(r["weights"], n.weights, atol=1e-6)
+        for r, n in zip(rows, now, strict=True)
+    )
+
+
+def cached_unless_rerouted(path: Path, hub: Hub, prompts: list[str], make: Callable) -> None:
+    if path.exists():
+        rows = json.loads(path.read_text())
+        if not routed_as(hub, prompts, rows if isinstance(rows, list) else rows["prompts"]):
+            path.unlink()
+    cached(path, make)
+
+
 def run(split: dict) -> None:
-    """Everyday, UNSEEN, zoo, then the reporting half, each task cached as it ends."""
+    """Everyday, UNSEEN, zoo, then the reporting half, each task cached as it ends (and run
+    again if the router now routes its prompts otherwise)."""
     reg = open_registry()
     hub = Hub.open(registry=reg, base_model=DEFAULT_MODEL)
     fetch_bigbench(split["reporting"] + split["zoo"] + split["unseen"])
-    cached(RUN_CACHE / "everyday.json", lambda: run_everyday(hub))
+    everyday = [e["prompt"] for e in read_everyday()]
+    cached_unless_rerouted(RUN_CACHE / "everyday.json", hub, everyday, lambda: run_everyday(hub))
     for group in ("unseen", "zoo", "reporting"):
-        key, limit, methods = GROUPS[group]
+        key, limit, methods, composed_only = GROUPS[group]
         for task in ordered(split, key):
-            cached(
+            prompts = [ex.input for ex in load_task(task).splits().test[:limit]]
+            cached_unless_rerouted(
                 task_file(group, task),
-                lambda task=task, limit=limit, methods=methods: run_task(hub, task, limit, methods),
+                hub,
+                prompts,
+                lambda task=task, limit=limit, methods=methods, only=composed_only: run_task(
+                    hub, task, limit, methods, composed_only=only
+                ),
             )
             print(f"{group}: {task}", flush=True)
+    cached(RUN_CACHE / "zoo_routing.json", lambda: zoo_routing(hub, split))
     hub.close()
     reg.close()
+
+
+def zoo_routing(hub: Hub, split: dict) -> dict[str, list[list[str]]]:
+    """task -> the adapters auto picks for each of its first ZOO_ROUTING_PROMPTS test prompts."""
+    out = {}
+    for task in split["zoo"]:
+        prompts = [ex.input for ex in load_task(task).splits().test[:ZOO_ROUTING_PROMPTS]]
+        out[task] = [list(r.adapters) for r in hub.route(prompts, 3, "mixture")]
+    return out
 
 
 GAIN_PROMPTS = 8  # validation prompts per tuning-half task, base and composed
@@ -521,10 +702,11 @@ def collect(split: dict) -> dict:
             for t in split[key]
             if task_file(group, t).exists()
         ]
-        for group, (key, _, _) in GROUPS.items()
+        for group, (key, *_) in GROUPS.items()
     }
-    every = RUN_CACHE / "everyday.json"
+    every, routing = RUN_CACHE / "everyday.json", RUN_CACHE / "zoo_routing.json"
     return {
+        "zoo_routing": json.loads(routing.read_text()) if routing.exists() else {},
         "limits": {g: v[1] for g, v in GROUPS.items()},
         "tasks_run": {g: f"{len(groups[g])} of {len(split[GROUPS[g][0]])}" for g in GROUPS},
         "groups": groups,
@@ -551,7 +733,8 @@ def _macro(tasks: list[dict], key: str) -> float:
 
 
 def _gap(task: dict) -> float:
-    return _acc(task["prompts"], "auto") - _acc(task["prompts"], "base")
+    """auto - base over the task's prompts (0 where auto sent a prompt to the base model)."""
+    return _mean([0 if r.get("same") else int(r["auto"]) - int(r["base"]) for r in task["prompts"]])
 
 
 def summarize(result: dict) -> dict:
@@ -570,12 +753,12 @@ def summarize(result: dict) -> dict:
     rep = groups["reporting"]
     for t in rep:
         for r in t["prompts"]:
-            r["vs_base"] = int(r["auto"]) - int(r["base"])
+            r["vs_base"] = 0 if r.get("same") else int(r["auto"]) - int(r["base"])
     worst = min(rep, key=_gap, default=None)
     decisions = {
         g: {
             d: _mean([r["decision"] == d for t in tasks for r in t["prompts"]])
-            for d in ("base", "broad", "adapters")
+            for d in ("base", "broad", "helped", "adapters")
         }
         for g, tasks in groups.items()
     }
@@ -588,11 +771,16 @@ def summarize(result: dict) -> dict:
     chosen = diag["reporting"].get(
         "none class, balanced (1 - p_none)", {"auroc_reporting": nan, "auroc_everyday": nan}
     )
-    distinguishable = [t for t in groups["zoo"] if owners[t["task"]] not in CONFUSABLE]
-    top1 = _mean([r["routed_own"] for t in distinguishable for r in t["prompts"]])
+    top1 = _mean(
+        [
+            picked[:1] == [owners[task]]
+            for task, routed in result["zoo_routing"].items()
+            if owners[task] not in CONFUSABLE
+            for picked in routed
+        ]
+    )
     m = {
-        "reporting_auto": _macro(rep, "auto"),
-        "reporting_base": _macro(rep, "base"),
+        "reporting_auto_minus_base": _mean([_gap(t) for t in rep]),
         "reporting_worst_task": [worst["task"], _gap(worst)] if worst else None,
         "reporting_prompts_better_worse_than_base": [
             sum(r["vs_base"] > 0 for t in rep for r in t["prompts"]),
@@ -616,7 +804,7 @@ def summarize(result: dict) -> dict:
     targets = [
         target("auroc_zoo_vs_reporting_half", m["auroc_reporting"], 0.95, ">="),
         target("everyday_routed_to_base", m["everyday_to_base"], 0.90, ">="),
-        target("reporting_auto_minus_base", m["reporting_auto"] - m["reporting_base"], 0.0, ">="),
+        target("reporting_auto_minus_base", m["reporting_auto_minus_base"], 0.0, ">="),
         target("reporting_worst_task_vs_base", _gap(worst) if worst else nan, -0.05, ">="),
         target("zoo_iid_auto_over_before", m["zoo_auto"] / m["zoo_auto_before"], 0.98, ">="),
         target("zoo_iid_routing_top1_distinguishable", top1, 0.95, ">="),
@@ -640,7 +828,17 @@ def open_registry() -> Registry:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument(
-        "step", choices=["split", "background", "diagnose", "tune", "gains", "run", "summary"]
+        "step",
+        choices=[
+            "split",
+            "background",
+            "diagnose",
+            "tune",
+            "gains",
+            "tune-gains",
+            "run",
+            "summary",
+        ],
     )
     args = ap.parse_args()
     if args.step == "split":
@@ -653,6 +851,13 @@ def main() -> None:
         run(read_split())
     elif args.step == "gains":
         measure_gains(read_split())
+    elif args.step == "tune-gains":
+        reg = open_registry()
+        out = RESULTS / "openworld" / "tune_gains.json"
+        result = tune_gains(reg, read_split())
+        out.write_text(json.dumps({"machine": machine(), **result}, indent=1) + "\n")
+        print(f"wrote {out}")
+        reg.close()
     elif args.step == "summary":
         result = collect(read_split())
         out = RESULTS / "openworld" / "e2e.json"

@@ -187,7 +187,7 @@ def _prior(names: list[str]) -> Routing:
     return Routing(tuple(names), tuple([1.0 / len(names)] * len(names))) if names else Routing()
 
 
-def _score_items(
+def score_items(
     hub: Hub,
     items: list[Item],
     cfg: EvalConfig,
@@ -290,7 +290,7 @@ def _per_task(
         context, info = PER_TASK[method](hub, names, shots, len(mine), cfg)
         learned[task.name] = {**info, "shots": [ex.input for ex in shots]}
         with context as applied, torch.inference_mode():
-            right = _score_items(hub, mine, cfg, applied=applied)
+            right = score_items(hub, mine, cfg, applied=applied)
         for it, ok in zip(mine, right, strict=True):
             it.right[method], it.routed[method] = ok, tuple(names)
     return learned
@@ -322,7 +322,7 @@ def evaluate(
             routings = _routings_for(hub, method, items, cfg, candidates)
             keys = [_key(it, r, compose, cfg) for it, r in zip(items, routings, strict=True)]
             todo = list({k: i for i, k in enumerate(keys) if k not in seen}.values())
-            right = _score_items(
+            right = score_items(
                 hub, [items[i] for i in todo], cfg, compose, [routings[i] for i in todo]
             )
         seen.update({keys[i]: ok for i, ok in zip(todo, right, strict=True)})

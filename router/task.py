@@ -1,7 +1,7 @@
 """Task-level routing in the spirit of LoRAuter (arXiv 2601.21795): an adapter stands for
 its task through the set of its task's example inputs, not their mean.
 
-Two things are read from those sets:
+Three things are read from those sets:
 - which adapter: a linear classifier (logistic regression) over the example embeddings of
   all adapters, fitted when the catalogue changes and cached; its probabilities, over the
   top k, are the mixture weights. On the zoo's validation prompts it routes the
@@ -15,13 +15,21 @@ Two things are read from those sets:
   1 - P(none). The older score,
   `FitScore.neighbours` (the mean cosine of the prompt's nearest examples of the best
   adapter), measures how alike two short strings look, not whether a task fits: greetings,
-  gibberish and emoji fit the zoo better than its own prompts do. (How well each score
-  ranks zoo prompts above other tasks' prompts, as AUROC, is what `benchmarks/openworld.py
-  diagnose` measures; not yet measured at the time of writing.) Below `fit_threshold` the routing is
+  gibberish and emoji fit the zoo better than its own prompts do. Ranking zoo prompts above
+  other tasks' prompts (reporting half, test), 1 - P(none) scores AUROC 0.99, the older
+  score 0.94 (`benchmarks/openworld.py diagnose`). Below `fit_threshold` the routing is
   empty, the base model answers, and `Routing.note` says why. Between `fit_threshold` and
   `broad_threshold` the router is unsure which adapter fits: asked for a mixture (k > 1),
   it mixes its `broad_k` most probable adapters with equal weights instead of betting on
   the top k by weight; asked for one adapter (selection), it still picks one.
+- whether composing helps anyway: "no adapter's task" is not "nothing helps" (a
+  subtraction prompt beside the addition adapters is helped by them). Each background task
+  carries its measured gain of composing over the base model (router/data/
+  background-gains.json: accuracy on its validation prompts, `auto` with abstention off
+  minus base). Below `fit_threshold`, a prompt whose `gain_neighbours` nearest background
+  inputs average a gain >= `gain_threshold` gets the top k anyway, and its note says
+  `helped`; LoRAuter's helpfulness estimate from a measured adapter-by-task matrix, kept to
+  the one decision the router cannot make from similarity alone.
 
 At scale (more adapters than `shortlist.candidates`, background fit) the one classifier
 gives way to per-adapter heads scored over a faiss shortlist (router/heads.py): adding an
@@ -34,7 +42,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 import faiss
@@ -43,7 +51,12 @@ import torch
 
 from registry import Registry
 from registry.embedding import examples_key, meta_texts
-from router.background import background_tasks, background_texts, shipped_vectors
+from router.background import (
+    background_gains,
+    background_tasks,
+    background_texts,
+    shipped_vectors,
+)
 from router.classifier import fit_linear, softmax_rows
 from router.heads import HeadTable, ShortlistConfig, background_heads, score, shared_precision
 from router.routing import Routing
@@ -63,6 +76,7 @@ class TaskRouterConfig:
     fit below which no adapter is used (-1 = always compose); broad_threshold: fit below
     which the `broad_k` most probable adapters are mixed equally when the caller asks for
     more than one (<= fit_threshold: never); C: the classifier's inverse regularization;
+    gain_neighbours / gain_threshold: when composing anyway below fit_threshold (below);
     shortlist: how a pool larger than `shortlist.candidates` is routed (router/heads.py)."""
 
     k: int = 3
@@ -75,14 +89,20 @@ class TaskRouterConfig:
     fit_threshold: float = 0.94
     broad_threshold: float = 0.98
     broad_k: int = 3
+    # below fit_threshold, compose the top k anyway where the prompt's `gain_neighbours`
+    # nearest background inputs come from tasks that composing helped by >= gain_threshold
+    # on average (router/data/background-gains.json; > 1: never); chosen on the tuning half
+    # by task-wise cross-fitting (benchmarks/openworld.py tune-gains)
+    gain_neighbours: int = 10
+    gain_threshold: float = 0.25
     C: float = 100.0  # benchmarks/tune_router.py, results/tune_router.json (validation)
     shortlist: ShortlistConfig = field(default_factory=ShortlistConfig)
 
     def __post_init__(self) -> None:
-        if self.k <= 0 or self.neighbours <= 0 or self.broad_k <= 0:
+        counts = (self.k, self.neighbours, self.broad_k, self.gain_neighbours)
+        if min(counts) <= 0:
             raise ValueError(
-                f"k, neighbours and broad_k must be positive, got "
-                f"{self.k}, {self.neighbours}, {self.broad_k}"
+                f"k, neighbours, broad_k and gain_neighbours must be positive, got {counts}"
             )
         if self.fit not in set(FitScore):
             raise ValueError(f"unknown fit {self.fit!r}; choose from {[f.value for f in FitScore]}")
@@ -115,13 +135,15 @@ class Scores:
     """Per prompt: the adapters' classifier probabilities prob (P, A) (renormalized over
     the adapters), P(none) (P,) (zeros without a background) and, when the fit reads them,
     the neighbour fits (P, A). At scale, `candidates` (P, K) are the adapters scored per
-    prompt (prob is 0 elsewhere); None: every adapter."""
+    prompt (prob is 0 elsewhere); None: every adapter. `gain` (P,): the measured gain of
+    composing on the tasks of the prompt's nearest background inputs (None: no background)."""
 
     names: list[str]
     prob: np.ndarray
     p_none: np.ndarray
     neighbour: np.ndarray | None
     candidates: np.ndarray | None = None
+    gain: np.ndarray | None = None
 
 
 # fit of one prompt: (its scores row, allowed adapter indices) -> the decision's score.
@@ -252,6 +274,20 @@ class TaskRouter:
         if not a or not prompts:
             return Scores(tasks.names, np.zeros((n, a), np.float32), np.zeros(n, np.float32), None)
         queries = self.registry.embedder.encode(list(prompts))
+        scores = self._scores(tasks, queries)
+        return replace(scores, gain=self._gain(queries)) if self._background else scores
+
+    def _gain(self, queries: np.ndarray) -> np.ndarray:
+        """(P, d) unit queries -> (P,): the mean measured gain of composing over the tasks
+        of each query's `gain_neighbours` nearest background inputs."""
+        vectors = self._background_vectors().numpy()
+        gains = np.asarray(background_gains(), np.float32)
+        m = min(self.config.gain_neighbours, len(vectors))
+        nearest = np.argpartition(-(queries @ vectors.T), m - 1, axis=1)[:, :m]
+        return gains[nearest].mean(1)
+
+    def _scores(self, tasks: _Tasks, queries: np.ndarray) -> Scores:
+        n, a = len(queries), len(tasks.names)
         if tasks.table is not None:
             return _scaled_scores(tasks, queries)
         neighbour = None
@@ -289,14 +325,28 @@ class TaskRouter:
                 out[i] = Routing(note="no adapter to route to")
                 continue
             fit = FITS[self.config.fit](scores, row, allowed)
-            out[i] = self._weigh(names, allowed, fit, scores.prob[row], k)
+            gain = None if scores.gain is None else float(scores.gain[row])
+            out[i] = self._weigh(names, allowed, fit, gain, scores.prob[row], k)
         return out
 
     def _weigh(
-        self, names: list[str], allowed: list[int], fit: float, prob: np.ndarray, k: int
+        self,
+        names: list[str],
+        allowed: list[int],
+        fit: float,
+        gain: float | None,
+        prob: np.ndarray,
+        k: int,
     ) -> Routing:
         cfg = self.config
         order = sorted(allowed, key=lambda j: -prob[j])
+        if fit < cfg.fit_threshold and gain is not None and gain >= cfg.gain_threshold:
+            note = (
+                f"helped: {cfg.fit} fit {fit:.3f} < {cfg.fit_threshold:.3f}, but composing "
+                f"helped the nearest tasks without an adapter by {gain:+.2f} "
+                f"(>= {cfg.gain_threshold:.2f})"
+            )
+            return _weighted(names, order[:k], prob, fit, note)
         if fit < cfg.fit_threshold:
             return Routing(
                 confidence=fit,
@@ -312,14 +362,19 @@ class TaskRouter:
                 note=f"unsure: {cfg.fit} fit {fit:.3f} < {cfg.broad_threshold:.3f}, "
                 f"the {len(top)} likeliest adapters mixed equally",
             )
-        top = order[:k]
-        total = float(prob[top].sum()) or 1.0
-        return Routing(
-            tuple(names[j] for j in top),
-            tuple(float(prob[j]) / total for j in top),
-            tuple(float(prob[j]) for j in top),
-            confidence=fit,
-        )
+        return _weighted(names, order[:k], prob, fit)
+
+
+def _weighted(names: list[str], top: list[int], prob: np.ndarray, fit: float, note: str = ""):
+    """The `top` adapters weighted by their probabilities, renormalized."""
+    total = float(prob[top].sum()) or 1.0
+    return Routing(
+        tuple(names[j] for j in top),
+        tuple(float(prob[j]) / total for j in top),
+        tuple(float(prob[j]) for j in top),
+        confidence=fit,
+        note=note,
+    )
 
 
 def _scaled_scores(tasks: _Tasks, queries: np.ndarray) -> Scores:

@@ -162,10 +162,10 @@ def test_prompts_come_from_the_asked_split_and_alike_routings_are_scored_once(
     import lorahub.evaluate as ev
 
     scored = []
-    real = ev._score_items
+    real = ev.score_items
     monkeypatch.setattr(
         ev,
-        "_score_items",
+        "score_items",
         lambda h, items, *a, **kw: scored.append(len(items)) or real(h, items, *a, **kw),
     )
     seen: dict = {}
