@@ -408,7 +408,7 @@ def tune(reg: Registry, split: dict) -> dict:
     }
 
 
-GAIN_NEIGHBOURS = (5, 10, 20, 40)
+GAIN_NEIGHBOURS = (5, 10, 20, 40, 80)
 GAIN_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 13))
 CHAT_HELPED_MAX = 0.02  # chat tuning prompts that may compose on the gain of their neighbours
 
