@@ -408,6 +408,37 @@ def test_the_unsure_regime_mixes_at_most_broad_k_adapters(registry) -> None:
         TaskRouterConfig(broad_k=0)
 
 
+def test_below_its_fit_threshold_the_router_composes_where_composing_helped_nearby_tasks(
+    registry,
+) -> None:
+    from registry.embedding import examples_key
+    from router import TaskRouter, TaskRouterConfig
+    from router.background import background_gains, background_texts, shipped_vectors
+
+    prompts = ["hello", "What is 98765 minus 12345?", "zzqx vlorp", QUERIES["sentiment"]]
+    scores = TaskRouter(registry).scores(prompts)
+    # oracle: the mean measured gain of each prompt's nearest background inputs
+    vectors = shipped_vectors(examples_key(registry.embedder, background_texts())).numpy()
+    m = TaskRouterConfig().gain_neighbours
+    nearest = np.argsort(-(registry.embedder.encode(prompts) @ vectors.T), axis=1)[:, :m]
+    np.testing.assert_allclose(scores.gain, np.asarray(background_gains())[nearest].mean(1), 1e-6)
+    assert np.ptp(scores.gain) > 0  # the shipped gains tell these prompts apart
+    # nothing fits (fit_threshold 1): each prompt composes iff its gain clears the threshold
+    threshold = float(np.median(scores.gain))
+    cfg = TaskRouterConfig(fit_threshold=1.0, gain_threshold=threshold)
+    for r, gain, prob in zip(
+        TaskRouter(registry, cfg).route(prompts, k=2), scores.gain, scores.prob, strict=True
+    ):
+        assert r.confidence < 1.0
+        if gain >= threshold:
+            top = np.argsort(-prob)[:2]
+            assert r.adapters == tuple(scores.names[j] for j in top), r
+            assert r.weights == pytest.approx(prob[top] / prob[top].sum(), rel=1e-5)
+            assert r.note.startswith("helped") and f"{gain:+.2f}" in r.note
+        else:
+            assert r.adapters == () and r.note.startswith("no adapter fits"), r
+
+
 def test_the_shipped_background_is_the_tuning_half_of_the_open_world_split() -> None:
     import json
 
