@@ -43,8 +43,8 @@ def stack_module(
     present = [(i, a) for i, a in enumerate(adapters) if name in a.modules]
     d_in, d_out = present[0][1].modules[name].d_in, present[0][1].modules[name].d_out
     r_max = max(a.modules[name].rank for _, a in present)
-    A_pad = torch.zeros(len(adapters), r_max, d_in, dtype=torch.float32)
-    B_pad = torch.zeros(len(adapters), d_out, r_max, dtype=torch.float32)
+    A_pad = torch.zeros(len(adapters), r_max, d_in, dtype=dtype, device=device)
+    B_pad = _b_store(len(adapters), r_max, d_out, dtype, device)
     A_rows, B_cols, slot = [], [], []
     for i, a in present:
         m = a.modules[name]
@@ -63,8 +63,8 @@ def stack_module(
         torch.cat(A_rows).to(**to),
         torch.cat(B_cols, dim=1).to(**to),
         torch.tensor(slot, device=device),
-        A_pad.to(**to),
-        B_pad.to(**to),
+        A_pad,
+        B_pad,
     )
 
 
@@ -73,15 +73,17 @@ def empty_stack(
 ) -> ModuleStack:
     """n zero slots of one rank; A_cat / B_cat are views of the padded tensors."""
     A_pad = torch.zeros(n, rank, d_in, dtype=dtype, device=device)
-    B_store = torch.zeros(d_out, n, rank, dtype=dtype, device=device)  # B_cat's layout
+    B_pad = _b_store(n, rank, d_out, dtype, device)
     slot = torch.arange(n, device=device).repeat_interleave(rank)
     return ModuleStack(
-        A_pad.view(n * rank, d_in),
-        B_store.view(d_out, n * rank),
-        slot,
-        A_pad,
-        B_store.permute(1, 0, 2),
+        A_pad.view(n * rank, d_in), B_pad.permute(1, 0, 2).view(d_out, n * rank), slot, A_pad, B_pad
     )
+
+
+def _b_store(n: int, rank: int, d_out: int, dtype: torch.dtype, device) -> Tensor:
+    """Zeros viewed as B_pad (n, d_out, rank), stored as (d_out, n, rank): B_cat's layout,
+    where `gather_mixture` selects adapters along one contiguous dimension."""
+    return torch.zeros(d_out, n, rank, dtype=dtype, device=device).permute(1, 0, 2)
 
 
 @dataclass(frozen=True)
@@ -184,10 +186,12 @@ def gather_mixture(s: ModuleStack, idx: Tensor, w: Tensor) -> tuple[Tensor, Tens
     idx, w: (b, k) adapter indices and weights -> At (b, d_in, k*r), Bt (b, k*r, d_out),
     transposed for `add_gathered`, with the weights folded into Bt.
     """
-    b = idx.shape[0]
-    At = s.A_pad[idx].reshape(b, -1, s.A_pad.shape[-1]).transpose(1, 2)
-    Bt = (s.B_pad[idx] * w[:, :, None, None]).permute(0, 1, 3, 2).reshape(b, -1, s.B_pad.shape[1])
-    return At.contiguous(), Bt.contiguous()
+    (b, k), (_, r, d_in) = idx.shape, s.A_pad.shape
+    flat = idx.reshape(-1)  # index_select: ~10x faster than advanced indexing here
+    At = s.A_pad.index_select(0, flat).view(b, k * r, d_in).transpose(1, 2)
+    B = s.B_pad.permute(1, 0, 2).index_select(1, flat)  # (d_out, b*k, r): B_pad's storage
+    Bt = B.view(-1, b, k, r).mul_(w[None, :, :, None]).view(-1, b, k * r).permute(1, 2, 0)
+    return At, Bt  # strided views that bmm reads as transposed matrices, no copy
 
 
 def gather_fusion(s: ModuleStack, gates: Tensor) -> tuple[Tensor, Tensor]:

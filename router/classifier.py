@@ -48,7 +48,8 @@ class ClassifierRouter:
 
     def probabilities(self, prompts: Sequence[str]) -> np.ndarray:
         """(len(prompts), C) class probabilities."""
-        return softmax_rows(self.embedder.encode(list(prompts)) @ self.coef.T + self.intercept)
+        queries = self.embedder.encode(list(prompts))
+        return softmax_rows(matmul(queries, self.coef.T) + self.intercept)
 
     def route(
         self,
@@ -137,6 +138,13 @@ def fit_linear(
         coef = np.vstack([-coef / 2, coef / 2])
         intercept = np.array([-intercept[0] / 2, intercept[0] / 2])
     return np.ascontiguousarray(coef, np.float32), intercept.astype(np.float32)
+
+
+def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a @ b, computed by torch. Not by numpy: OpenBLAS's threads spin for a while after
+    each call, and beside torch's threads (the embedder, a server's engine) they fight for
+    the cores: routing one prompt took 98 ms instead of 36 on 2 cores."""
+    return (torch.from_numpy(np.ascontiguousarray(a)) @ torch.from_numpy(b)).numpy()
 
 
 def softmax_rows(logits: np.ndarray) -> np.ndarray:

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 import faiss
 import numpy as np
 
+from router.classifier import matmul
+
 # fewer queries than this are searched on one thread: on a loaded 2-core machine a single
 # query took 2 ms on one thread and 17 ms with faiss's OpenMP team (HNSW, 10,000 centroids)
 SERIAL_BELOW = 8
@@ -189,7 +191,7 @@ def score(
     background's (`background_heads`) in one softmax, P(none) the background's mass."""
     cand = table.shortlist(queries)
     z = table.logits(queries, cand).astype(np.float64)  # (P, K)
-    z_none = (queries @ none[0].T + none[1]).astype(np.float64)  # (P, B)
+    z_none = (matmul(queries, none[0].T) + none[1]).astype(np.float64)  # (P, B)
     # heads' logits span hundreds of nats: normalize in log space, never exp a raw sum
     lse, lse_none = np.logaddexp.reduce(z, axis=1), np.logaddexp.reduce(z_none, axis=1)
     return cand, np.exp(z - lse[:, None]), np.exp(-np.logaddexp(0.0, lse - lse_none))

@@ -12,6 +12,7 @@ from enum import StrEnum
 import numpy as np
 
 from registry import Registry
+from router.classifier import matmul
 from router.routing import Routing, softmax, uniform
 
 
@@ -106,7 +107,7 @@ class Retriever:
         ids, vectors = self._candidates(tags, base_model)
         if not len(ids):
             return _empty(queries)
-        sims = queries @ vectors.T  # (q, n) cosine: unit vectors
+        sims = matmul(queries, vectors.T)  # (q, n) cosine: unit vectors
         top = np.argsort(-sims, axis=1, kind="stable")[:, :k]
         return np.take_along_axis(sims, top, axis=1), ids[top]
 

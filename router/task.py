@@ -57,7 +57,7 @@ from router.background import (
     background_texts,
     shipped_vectors,
 )
-from router.classifier import fit_linear, softmax_rows
+from router.classifier import fit_linear, matmul, softmax_rows
 from router.heads import HeadTable, ShortlistConfig, background_heads, score, shared_precision
 from router.routing import Routing
 
@@ -285,7 +285,7 @@ class TaskRouter:
         vectors = self._background_vectors().numpy()
         gains = np.asarray(background_gains(), np.float32)
         m = min(self.config.gain_neighbours, len(vectors))
-        nearest = np.argpartition(-(queries @ vectors.T), m - 1, axis=1)[:, :m]
+        nearest = np.argpartition(-matmul(queries, vectors.T), m - 1, axis=1)[:, :m]
         return gains[nearest].mean(1)
 
     def _scores(self, tasks: _Tasks, queries: np.ndarray) -> Scores:
@@ -301,7 +301,7 @@ class TaskRouter:
             return Scores(
                 tasks.names, np.ones((n, a), np.float32), np.zeros(n, np.float32), neighbour
             )
-        prob = softmax_rows(queries @ tasks.coef.T + tasks.intercept)
+        prob = softmax_rows(matmul(queries, tasks.coef.T) + tasks.intercept)
         p_none = prob[:, a] if prob.shape[1] > a else np.zeros(n, np.float32)
         prob = prob[:, :a] / prob[:, :a].sum(1, keepdims=True)
         return Scores(tasks.names, prob, p_none, neighbour)

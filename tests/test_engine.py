@@ -254,7 +254,7 @@ def test_a_long_request_decodes_in_its_own_lane_without_padding_the_short_ones(
     registry: Registry,
 ) -> None:
     long_prompt = "A long question about many things. " * 3  # 105 tokens
-    with engine(registry, start=False) as eng:
+    with engine(registry, start=False, lane_floor=0) as eng:  # no floor: lanes split at 2x
         seen, prepared = [], {}  # id -> composition (held: an id stays its own)
 
         def step(ev) -> None:
@@ -275,6 +275,24 @@ def test_a_long_request_decodes_in_its_own_lane_without_padding_the_short_ones(
     # each lane's composition is prepared once for its rows, not once per decode step
     assert len(both) >= 30 and len(prepared) <= 4
     assert all(s["kv_tokens"] < 2 * 125 for s in both)  # not 4 rows x 105-125 columns
+
+
+def test_rows_within_the_lane_floor_decode_in_one_lane(registry: Registry) -> None:
+    """Below `lane_floor` positions a separate pass costs more than the padding it saves."""
+    long_prompt = "A long question about many things. " * 3  # 105 tokens
+    with engine(registry, start=False, lane_floor=200) as eng:
+        seen = []
+        shorts = [Listener(on_token=lambda ev: seen.append(eng.stats())) for _ in range(3)]
+        twenty = {"max_new_tokens": 20, "min_new_tokens": 20}
+        eng.submit(request(eng, long_prompt, {"math": 1.0}, **twenty), Listener())
+        for i, listener in enumerate(shorts):
+            eng.submit(request(eng, f"Hi {i}", {"mood": 1.0}, **twenty), listener)
+        eng.start()
+        got = [s.wait().text for s in shorts]
+        alone = [request(eng, f"Hi {i}", {"mood": 1.0}, **twenty) for i in range(3)]
+        assert got == [run(eng, req).text for req in alone]
+    both = [s for s in seen if s["running"] == 4]
+    assert both and all(s["lanes"] == 1 for s in both)
 
 
 def test_a_miss_pages_one_adapter_into_one_slot(registry: Registry) -> None:
