@@ -270,7 +270,7 @@ class Composer:
             gates = active.token_gate(name, x3).to(x3.dtype)
             return add_dense(out3, x3, stack, gates).view(out.shape)
         gates = active.gates_for(x3.shape[0], x3)
-        if not active.fusion.any() and _use_dense(active, stack):
+        if _use_dense(active, stack) and not active.fusion.any():
             return add_dense(out3, x3, stack, gates).view(out.shape)
         At, Bt = self._factors(active, name, stack, gates)
         return add_gathered(out3, x3, At, Bt).view(out.shape)
