@@ -43,8 +43,8 @@ def stack_module(
     present = [(i, a) for i, a in enumerate(adapters) if name in a.modules]
     d_in, d_out = present[0][1].modules[name].d_in, present[0][1].modules[name].d_out
     r_max = max(a.modules[name].rank for _, a in present)
-    A_pad = torch.zeros(len(adapters), r_max, d_in, dtype=dtype, device=device)
-    B_pad = _b_store(len(adapters), r_max, d_out, dtype, device)
+    A_pad = torch.zeros(len(adapters), r_max, d_in, dtype=torch.float32)
+    B_pad = _b_store(len(adapters), r_max, d_out, torch.float32, "cpu")
     A_rows, B_cols, slot = [], [], []
     for i, a in present:
         m = a.modules[name]
@@ -63,8 +63,8 @@ def stack_module(
         torch.cat(A_rows).to(**to),
         torch.cat(B_cols, dim=1).to(**to),
         torch.tensor(slot, device=device),
-        A_pad,
-        B_pad,
+        A_pad.to(**to),
+        B_pad.to(**to),  # keeps the (d_out, n, r) storage order
     )
 
 

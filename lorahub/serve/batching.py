@@ -80,7 +80,7 @@ class BatchingConfig:
     def __post_init__(self) -> None:
         limits = (self.max_batch, self.max_queue, self.max_lanes)
         if min(*limits, self.prefill_tokens, self.max_kv_tokens) <= 0 or self.lane_floor < 0:
-            raise ValueError(f"batching limits must be positive: {self}")
+            raise ValueError(f"batching limits must be positive (lane_floor >= 0): {self}")
 
 
 class _Row:
