@@ -10,12 +10,16 @@ from whatever is there, so a partial run still reports figures):
   q_proj and v_proj of every layer); each request names one, drawn uniformly or by
   Zipf(1.0) popularity from the first N. Closed loop: C clients, each submitting its next
   request when the last one ends; every answer is exactly `tokens` long (min_tokens).
-  Per N: output tokens/s, adapter loads (host-cache misses), host cache bytes, RSS.
+  Per N: output tokens/s, adapter loads (host-cache misses), host cache bytes, RSS. Each
+  run in a process of its own (the model loaded again), so RSS is one engine's.
 - registration: the zoo registered into a registry with the default embedder, then 1,000
   PEFT folders (synthetic weights, examples from the train splits of dev tasks outside the
   zoo) registered in one process; adapters per second.
 - quality: the default (task) router's top-1 on the zoo's test prompts, and its open-world
-  decision (an adapter or the base), before and after those 1,000 distractors.
+  decision (an adapter or the base), before and after those 1,000 distractors; also the
+  zoo alone under the router's at-scale path (per-adapter heads and a shortlist, which it
+  takes past 64 adapters), to tell the distractors' cost from the change of algorithm; and
+  where the prompts that the distractors moved went.
 Routing latency at 100 / 1,000 / 10,000 adapters is measured by bench_route.py; its
 figures are copied from results/route.json when present.
 
@@ -29,10 +33,12 @@ import ctypes
 import json
 import os
 import random
+import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -47,10 +53,12 @@ from lorahub.models import DEFAULT_MODEL, load_base_model
 from lorahub.serve.batching import BatchingConfig, BatchingEngine
 from lorahub.serve.engine import GenerationRequest
 from lorahub.serve.stack import PagerConfig
-from lorahub.tasks import SplitConfig, dev_tasks, load_task
+from lorahub.tasks import SplitConfig, dev_tasks, fetch_bigbench, load_task
 from lorahub.zoo import read_manifest, register_zoo
 from registry import BaseModelInfo, LoraAdapter, LoraModule, Registry, write_peft_folder
-from router import ArrowRouter, Routing, SentenceEmbedder, make_router
+from router import ArrowRouter, RouterOptions, Routing, SentenceEmbedder, make_router
+from router.heads import ShortlistConfig
+from router.task import TaskRouterConfig
 
 
 def synthetic(shapes: dict[str, tuple[int, int]], seed: int, rank: int = 8) -> LoraAdapter:
@@ -114,13 +122,17 @@ class Parts:
     def get(self, part: str, key: str) -> dict | None:
         return self.data.get(part, {}).get(key)
 
+    def reload(self) -> None:
+        """What other processes have written since (parts run as separate processes)."""
+        if self.path.exists():
+            self.data = json.loads(self.path.read_text())
+
     def put(self, part: str, key: str, value: dict) -> None:
         value = value | {"load": os.getloadavg(), "at": time.strftime("%H:%M:%S", time.gmtime())}
-        if self.path.exists():  # parts may run as separate processes at once
-            self.data = json.loads(self.path.read_text())
+        self.reload()
         self.data.setdefault(part, {})[key] = value
         self.path.write_text(json.dumps(self.data, indent=2) + "\n")
-        print(part, key, {k: v for k, v in value.items() if k != "routed"}, flush=True)
+        print(part, key, {k: v for k, v in value.items() if k not in ("routed", "top")}, flush=True)
 
 
 # -- throughput ---------------------------------------------------------------------------------
@@ -171,16 +183,31 @@ def closed_loop(engine: BatchingEngine, work: list[tuple[tuple[int, ...], str]],
     return time.perf_counter() - start, made[0]
 
 
-def throughput(args, parts: Parts) -> None:
+def pending_runs(args, parts: Parts) -> list[str]:
+    """The throughput runs not yet in the parts file, as "popularity/N". The one-adapter run
+    and the largest first, side by side: the target's ratio sees the same load, and a run cut
+    short still has it. One adapter is one traffic whatever the popularity: measured once."""
     counts = [int(x) for x in args.adapters.split(",")]
-    # The one-adapter run and the largest first, side by side: the target's ratio sees the
-    # same load, and a run cut short still has it. One adapter is one traffic whatever the
-    # popularity: measured once.
     order = [counts[0], *sorted(counts[1:], reverse=True)]
-    todo = [(p, n) for n in order for p in ("uniform", "zipf") if n > 1 or p == "uniform"]
-    todo = [(p, n) for p, n in todo if not parts.get("throughput", f"{p}/{n}")]
-    if not todo:
+    runs = [f"{p}/{n}" for n in order for p in ("uniform", "zipf") if n > 1 or p == "uniform"]
+    return [r for r in runs if not parts.get("throughput", r)]
+
+
+def throughput_in_processes(args, parts: Parts) -> None:
+    """Each run in a process of its own, so its RSS shows what one engine holds with N
+    adapters, not what the engines run before it in the same process left in the heap."""
+    for run in pending_runs(args, parts):
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--parts", "throughput", "--run", run]
+        subprocess.run(cmd, check=True)
+    parts.reload()
+
+
+def throughput(args, parts: Parts) -> None:
+    """The run args.run (popularity/N) in this process."""
+    if parts.get("throughput", args.run):
         return
+    counts = [int(x) for x in args.adapters.split(",")]
+    popularity, n = args.run.split("/")[0], int(args.run.split("/")[1])
     base = load_base_model(DEFAULT_MODEL)
     registry = Registry(args.work / "synthetic")
     names = [f"syn{i:05d}" for i in range(max(counts))]
@@ -193,31 +220,29 @@ def throughput(args, parts: Parts) -> None:
         tuple(tok(base.format_prompt(p), add_special_tokens=False)["input_ids"]) for p in demo
     ]
     idle_rss = rss_mb()
-    for popularity, n in todo:
-        config = BatchingConfig(
-            max_batch=args.clients, pager=PagerConfig(host_bytes=args.host_mb << 20)
-        )
-        engine = BatchingEngine(hub, config)
-        engine.start()
-        rng = random.Random(n)
-        batch = [prompts[rng.randrange(len(prompts))] for _ in range(args.requests)]
-        work = list(zip(batch, draw(names[:n], popularity, args.requests, seed=n), strict=True))
-        closed_loop(engine, work[: args.clients], args.clients, args.tokens)  # warm
-        loads = engine.stack.loads
-        seconds, made = closed_loop(engine, work, args.clients, args.tokens)
-        row = {
-            "tokens_per_s": made / seconds,
-            "seconds": seconds,
-            "tokens": made,
-            "distinct_in_traffic": len({name for _, name in work}),
-            "loads": engine.stack.loads - loads,
-            "host_mb": engine.stack.host_bytes / 2**20,
-            "rss_mb": rss_mb(),
-            "idle_rss_mb": idle_rss,
-        }
-        engine.stop()
-        del engine
-        parts.put("throughput", f"{popularity}/{n}", row)
+    config = BatchingConfig(
+        max_batch=args.clients, pager=PagerConfig(host_bytes=args.host_mb << 20)
+    )
+    engine = BatchingEngine(hub, config)
+    engine.start()
+    rng = random.Random(n)
+    batch = [prompts[rng.randrange(len(prompts))] for _ in range(args.requests)]
+    work = list(zip(batch, draw(names[:n], popularity, args.requests, seed=n), strict=True))
+    closed_loop(engine, work[: args.clients], args.clients, args.tokens)  # warm
+    loads = engine.stack.loads
+    seconds, made = closed_loop(engine, work, args.clients, args.tokens)
+    row = {
+        "tokens_per_s": made / seconds,
+        "seconds": seconds,
+        "tokens": made,
+        "distinct_in_traffic": len({name for _, name in work}),
+        "loads": engine.stack.loads - loads,
+        "host_mb": engine.stack.host_bytes / 2**20,
+        "rss_mb": rss_mb(),
+        "idle_rss_mb": idle_rss,
+    }
+    engine.stop()
+    parts.put("throughput", args.run, row)
 
 
 # -- registration and routing quality --------------------------------------------------------
@@ -251,8 +276,17 @@ def zoo_test_prompts(limit: int) -> list[tuple[str, str]]:
     return out
 
 
-def route_quality(registry: Registry, prompts: list[tuple[str, str]]) -> dict:
-    router = make_router("task", registry)
+# The router past `ShortlistConfig.candidates` adapters (per-adapter heads, a shortlist) on
+# the zoo alone: a shortlist one short of the zoo's 24 makes it take that path.
+SCALE_HEADS_ON_THE_ZOO = RouterOptions(
+    task=TaskRouterConfig(shortlist=ShortlistConfig(candidates=23))
+)
+
+
+def route_quality(
+    registry: Registry, prompts: list[tuple[str, str]], options: RouterOptions | None = None
+) -> dict:
+    router = make_router("task", registry, options)
     start = time.perf_counter()
     routings = router.route([p for _, p in prompts], k=1)
     seconds = time.perf_counter() - start
@@ -261,6 +295,7 @@ def route_quality(registry: Registry, prompts: list[tuple[str, str]]) -> dict:
     return {
         "top1": right / len(prompts),
         "prompts": len(prompts),
+        "top": top,
         "routed": [t is not None for t in top],
         "route_seconds_incl_fit": seconds,
     }
@@ -275,22 +310,33 @@ def register_all(registry: Registry, folders: list[Path]) -> tuple[str, int]:
     return "register in a loop", 0
 
 
-def quality_keys(args) -> tuple[str, str]:
-    """The two routing-quality measurements of one size (the same prompts in both)."""
+def quality_keys(args) -> tuple[str, str, str]:
+    """The routing-quality measurements of one size (the same prompts in all): the zoo
+    alone, the zoo alone under the at-scale router, the zoo beside the distractors."""
     size = f"{args.test_prompts}_prompts_per_task"
-    return f"zoo_only/{size}", f"with_{args.distractors}_distractors/{size}"
+    return (
+        f"zoo_only/{size}",
+        f"zoo_only_scale_heads/{size}",
+        f"with_{args.distractors}_distractors/{size}",
+    )
 
 
 def registration_and_quality(args, parts: Parts) -> None:
-    zoo_only, crowded = quality_keys(args)
-    if parts.get("quality", crowded):
+    zoo_only, zoo_heads, crowded = quality_keys(args)
+    if all(parts.get("quality", k) for k in (zoo_only, zoo_heads, crowded)):
         return
+    fetch_bigbench(sorted(dev_tasks()))  # the zoo's and the distractors' tasks
     prompts = zoo_test_prompts(args.test_prompts)
     root = args.work / "routing"
     registry = Registry(root / "registry", embedder=SentenceEmbedder())
     manifest = register_zoo(registry)
-    if not parts.get("quality", zoo_only):
-        parts.put("quality", zoo_only, route_quality(registry, prompts))
+    for key, options in ((zoo_only, None), (zoo_heads, SCALE_HEADS_ON_THE_ZOO)):
+        if not parts.get("quality", key):
+            if len(registry.list()) != len(manifest):
+                raise SystemExit(f"{root} holds more than the zoo: measure {key} in a new --work")
+            parts.put("quality", key, route_quality(registry, prompts, options))
+    if parts.get("quality", crowded):
+        return
     folders = []
     shapes = {n: (m.d_in, m.d_out) for n, m in registry.load(manifest[0]["name"]).modules.items()}
     made = distractor_examples(args.distractors, args.examples, {e["task"] for e in manifest})
@@ -300,15 +346,31 @@ def registration_and_quality(args, parts: Parts) -> None:
             adapter = synthetic(shapes, 10**6 + i).with_meta(examples=tuple(examples), task=task)
             write_peft_folder(adapter, folder)
         folders.append(folder)
+    todo = [f for f in folders if f.name not in registry]  # all of them in a new work dir
+    start = time.perf_counter()
+    how, failed = register_all(registry, todo)
+    seconds = time.perf_counter() - start
     if not parts.get("registration", "bulk"):
-        start = time.perf_counter()
-        todo = [f for f in folders if f.name not in registry]
-        how, failed = register_all(registry, todo)
-        seconds = time.perf_counter() - start
         row = {"adapters": len(todo), "failed": failed, "seconds": seconds}
         row |= {"per_s": len(todo) / seconds, "how": how, "examples_each": args.examples}
         parts.put("registration", "bulk", row)
-    parts.put("quality", crowded, route_quality(registry, prompts))
+    crowd = route_quality(registry, prompts)
+    task_of = {f"distractor{i:05d}": task for i, (task, _) in enumerate(made)}
+    crowd["lost_to"] = lost_to(
+        parts.get("quality", zoo_only)["top"], crowd["top"], prompts, task_of
+    )
+    parts.put("quality", crowded, crowd)
+
+
+def lost_to(alone: list, crowded: list, prompts: list[tuple[str, str]], task_of: dict) -> dict:
+    """Prompts routed right alone and wrong beside the distractors, counted by where they went
+    (a distractor's task, another zoo adapter, or the base model)."""
+    lost = Counter(
+        task_of.get(now, "zoo adapter" if now else "base model")
+        for before, now, (want, _) in zip(alone, crowded, prompts, strict=True)
+        if before == want != now
+    )
+    return dict(lost.most_common())
 
 
 # -- the summary ---------------------------------------------------------------------------------
@@ -343,12 +405,19 @@ def summarize(args, parts: Parts) -> None:
                 "rss_over_one_adapter_mb_over_configured_cache", growth / args.host_mb, 1.0, "<="
             )
         )
-    q0, q1 = (parts.get("quality", k) for k in quality_keys(args))
+    q0, heads, q1 = (parts.get("quality", k) for k in quality_keys(args))
     if q0 and q1:
         same = sum(a == b for a, b in zip(q0["routed"], q1["routed"], strict=True))
-        targets.append(
-            target("top1_with_distractors_over_without", q1["top1"] / q0["top1"], 0.95, ">=")
-        )
+        top1 = target("top1_with_distractors_over_without", q1["top1"] / q0["top1"], 0.95, ">=")
+        if heads:
+            top1["why"] = (
+                f"past {ShortlistConfig().candidates} adapters the router scores per-adapter "
+                f"heads over a shortlist: on the zoo alone they get {heads['top1']:.3f} (the "
+                f"classifier {q0['top1']:.3f}), beside the distractors "
+                f"{q1['top1'] / heads['top1']:.3f} of that; prompts lost, by where they went: "
+                f"{q1.get('lost_to')}"
+            )
+        targets.append(top1)
         targets.append(target("open_world_decision_unchanged", same / len(q0["routed"]), 1.0, ">="))
     else:
         why = "not measured: the distractors' registration did not finish on the shared machine"
@@ -359,7 +428,7 @@ def summarize(args, parts: Parts) -> None:
         "throughput": runs,
         "registration": parts.data.get("registration", {}),
         "quality": {
-            k: {x: y for x, y in v.items() if x != "routed"}
+            k: {x: y for x, y in v.items() if x not in ("routed", "top")}
             for k, v in parts.data.get("quality", {}).items()
         },
         "routing_latency": latency,
@@ -399,6 +468,7 @@ def main() -> None:
     ap.add_argument("--test-prompts", type=int, default=50, help="per zoo task")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "bench-scale")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--run", help=argparse.SUPPRESS)  # one throughput run: set for a child
     args = ap.parse_args()
     if args.quick:
         args.adapters, args.requests, args.clients = "1,64,256", 64, 16
@@ -406,9 +476,12 @@ def main() -> None:
         args.work = args.work.with_name(args.work.name + "-quick")
     args.work.mkdir(parents=True, exist_ok=True)
     parts = Parts(RESULTS / ("scale.quick.parts.json" if args.quick else "scale.parts.json"))
+    if args.run:
+        throughput(args, parts)
+        return
     chosen = args.parts.split(",")
     if "throughput" in chosen:
-        throughput(args, parts)
+        throughput_in_processes(args, parts)
     if "quality" in chosen:
         registration_and_quality(args, parts)
     summarize(args, parts)
