@@ -102,14 +102,16 @@ class Composition:
 
     def distinct_rows(self, gates: Tensor, fusion: Tensor) -> tuple[Tensor, Tensor | None]:
         """The distinct (gate row, mode) pairs as rows of [gates | fusion], and each row's
-        index among them (None: all distinct). Rows repeat (LoraHub scores every candidate
-        on several examples; many prompts share a routing), and the per-sample factors need
-        building once per distinct row."""
+        index among them (None: build every row). Rows repeat (LoraHub scores every candidate
+        on several examples; many prompts share a routing); building the distinct rows'
+        factors and copying them out to every row pays only when at most a third of the rows
+        are distinct: a mixture row's build moves its factors about three times (gather,
+        gather, weigh), the copy out twice."""
         key = ("distinct", gates.shape[0])
         if key not in self.cache:
             keyed = torch.cat([gates, fusion[:, None].to(gates.dtype)], dim=1)
             rows, inverse = torch.unique(keyed, dim=0, return_inverse=True)
-            self.cache[key] = (keyed, None) if len(rows) == len(keyed) else (rows, inverse)
+            self.cache[key] = (keyed, None) if 3 * len(rows) > len(keyed) else (rows, inverse)
         return self.cache[key]
 
     def gates_for(self, batch: int, like: Tensor) -> Tensor:

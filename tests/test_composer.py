@@ -125,6 +125,30 @@ def test_mixture_equals_float64_weighted_sum(path: str) -> None:
     torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("distinct", [2, 4])
+def test_repeated_rows_equal_each_row_alone_whether_or_not_built_once(distinct: int) -> None:
+    """Six rows of `distinct` compositions: the factors are built once per distinct row only
+    when at most a third are distinct (else every row builds its own); the same result."""
+    torch.manual_seed(0)
+    model, adapters = OneLayer(), layer_adapters()
+    unique = torch.tensor(
+        [[0.5, 0.0, 0.3, 0.2], [0.0, 1.0, 0.0, 0.0], [-0.7, 0.4, 0.0, 0.0], [0, 0, 0.6, 0.6]]
+    )[:distinct]
+    gates = unique[torch.arange(6) % distinct]
+    x = torch.randn(6, 5, 12)
+    composer = Composer.attach(model, adapters)
+    with torch.no_grad():
+        composition = composer.prepare(gates, path="gathered")
+        with composer.use(composition):
+            together = model(x)
+        _, inverse = composition.distinct_rows(gates, torch.zeros(6, dtype=torch.bool))
+        assert (inverse is not None) == (3 * distinct <= 6)
+        for i in range(6):
+            with composer.compose(gates[i : i + 1], path="gathered"):
+                torch.testing.assert_close(together[i : i + 1], model(x[i : i + 1]))
+    composer.detach()
+
+
 def test_fusion_averages_parameters_per_sample() -> None:
     torch.manual_seed(0)
     model, adapters = OneLayer(), layer_adapters()[:2]
