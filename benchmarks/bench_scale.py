@@ -20,10 +20,13 @@ from whatever is there, so a partial run still reports figures):
   zoo alone under the router's at-scale path (per-adapter heads and a shortlist, which it
   takes past 64 adapters), to tell the distractors' cost from the change of algorithm; and
   where the prompts that the distractors moved went.
+- heads-validation: the at-scale router's shortlist size and covariance shrinkage beside the
+  distractors, on the zoo's validation prompts (the knobs one would tune; never the test).
 Routing latency at 100 / 1,000 / 10,000 adapters is measured by bench_route.py; its
 figures are copied from results/route.json when present.
 
-    python benchmarks/bench_scale.py [--quick] [--parts throughput,quality]   # quality includes registration
+    python benchmarks/bench_scale.py [--quick] [--parts throughput,quality,heads-validation]
+    # quality includes registration; heads-validation reads the quality part's registry
 """
 
 from __future__ import annotations
@@ -193,26 +196,39 @@ def pending_runs(args, parts: Parts) -> list[str]:
     return [r for r in runs if not parts.get("throughput", r)]
 
 
-def throughput_in_processes(args, parts: Parts) -> None:
+def throughput_in_processes(args: argparse.Namespace, parts: Parts) -> None:
     """Each run in a process of its own, so its RSS shows what one engine holds with N
-    adapters, not what the engines run before it in the same process left in the heap."""
-    for run in pending_runs(args, parts):
+    adapters, not what the engines run before it in the same process left in the heap. The
+    synthetic adapters are registered first, here, so that no measured process does it. A
+    run that fails is reported and the others go on."""
+    runs = pending_runs(args, parts)
+    if runs:
+        register_synthetic(
+            Registry(args.work / "synthetic"),
+            synthetic_names(args),
+            zoo_shapes(load_base_model(DEFAULT_MODEL).model),
+        )
+    for run in runs:
         cmd = [sys.executable, __file__, *sys.argv[1:], "--parts", "throughput", "--run", run]
-        subprocess.run(cmd, check=True)
+        if subprocess.run(cmd).returncode:
+            print(f"throughput {run}: failed (see above); going on", flush=True)
     parts.reload()
 
 
-def throughput(args, parts: Parts) -> None:
+def synthetic_names(args: argparse.Namespace) -> list[str]:
+    return [f"syn{i:05d}" for i in range(max(int(x) for x in args.adapters.split(",")))]
+
+
+def throughput_run(args: argparse.Namespace, parts: Parts) -> None:
     """The run args.run (popularity/N) in this process."""
     if parts.get("throughput", args.run):
         return
-    counts = [int(x) for x in args.adapters.split(",")]
-    popularity, n = args.run.split("/")[0], int(args.run.split("/")[1])
+    popularity, size = args.run.split("/")
+    n = int(size)
     base = load_base_model(DEFAULT_MODEL)
     registry = Registry(args.work / "synthetic")
-    names = [f"syn{i:05d}" for i in range(max(counts))]
-    shapes = zoo_shapes(base.model)
-    register_synthetic(registry, names, shapes)
+    names = synthetic_names(args)
+    register_synthetic(registry, names, zoo_shapes(base.model))  # done before: a no-op
     hub = Hub(registry, base, ArrowRouter(registry))  # unused: every request names its adapter
     tok = base.tokenizer
     demo = [d["input"] for e in read_manifest() for d in e["demo"]]
@@ -267,20 +283,19 @@ def distractor_examples(n: int, per: int, zoo_tasks: set[str]) -> list[tuple[str
     return out
 
 
-def zoo_test_prompts(limit: int) -> list[tuple[str, str]]:
-    """(adapter, prompt) for the first `limit` test inputs of every zoo task."""
+def zoo_prompts(limit: int, split: str = "test") -> list[tuple[str, str]]:
+    """(adapter, prompt) for the first `limit` inputs of `split` of every zoo task."""
     out = []
     for e in read_manifest():
-        test = load_task(e["task"]).splits(SplitConfig(**e["split"])).test[:limit]
-        out += [(e["name"], ex.input) for ex in test]
+        examples = getattr(load_task(e["task"]).splits(SplitConfig(**e["split"])), split)
+        out += [(e["name"], ex.input) for ex in examples[:limit]]
     return out
 
 
-# The router past `ShortlistConfig.candidates` adapters (per-adapter heads, a shortlist) on
-# the zoo alone: a shortlist one short of the zoo's 24 makes it take that path.
-SCALE_HEADS_ON_THE_ZOO = RouterOptions(
-    task=TaskRouterConfig(shortlist=ShortlistConfig(candidates=23))
-)
+def scale_heads_on(pool: int) -> RouterOptions:
+    """The router past `ShortlistConfig.candidates` adapters (per-adapter heads over a
+    shortlist), for a pool of `pool` adapters: a shortlist one short makes it take that path."""
+    return RouterOptions(task=TaskRouterConfig(shortlist=ShortlistConfig(candidates=pool - 1)))
 
 
 def route_quality(
@@ -326,11 +341,11 @@ def registration_and_quality(args, parts: Parts) -> None:
     if all(parts.get("quality", k) for k in (zoo_only, zoo_heads, crowded)):
         return
     fetch_bigbench(sorted(dev_tasks()))  # the zoo's and the distractors' tasks
-    prompts = zoo_test_prompts(args.test_prompts)
+    prompts = zoo_prompts(args.test_prompts)
     root = args.work / "routing"
     registry = Registry(root / "registry", embedder=SentenceEmbedder())
     manifest = register_zoo(registry)
-    for key, options in ((zoo_only, None), (zoo_heads, SCALE_HEADS_ON_THE_ZOO)):
+    for key, options in ((zoo_only, None), (zoo_heads, scale_heads_on(len(manifest)))):
         if not parts.get("quality", key):
             if len(registry.list()) != len(manifest):
                 raise SystemExit(f"{root} holds more than the zoo: measure {key} in a new --work")
@@ -350,23 +365,48 @@ def registration_and_quality(args, parts: Parts) -> None:
     start = time.perf_counter()
     how, failed = register_all(registry, todo)
     seconds = time.perf_counter() - start
-    if not parts.get("registration", "bulk"):
+    if len(todo) == args.distractors and not parts.get("registration", "bulk"):
         row = {"adapters": len(todo), "failed": failed, "seconds": seconds}
         row |= {"per_s": len(todo) / seconds, "how": how, "examples_each": args.examples}
         parts.put("registration", "bulk", row)
     crowd = route_quality(registry, prompts)
-    task_of = {f"distractor{i:05d}": task for i, (task, _) in enumerate(made)}
+    zoo = {e["name"] for e in manifest}
+    task_of = {r.name: r.meta.task or r.name for r in registry.list() if r.name not in zoo}
     crowd["lost_to"] = lost_to(
-        parts.get("quality", zoo_only)["top"], crowd["top"], prompts, task_of
+        parts.get("quality", zoo_heads)["top"], crowd["top"], prompts, task_of
     )
     parts.put("quality", crowded, crowd)
 
 
-def lost_to(alone: list, crowded: list, prompts: list[tuple[str, str]], task_of: dict) -> dict:
-    """Prompts routed right alone and wrong beside the distractors, counted by where they went
-    (a distractor's task, another zoo adapter, or the base model)."""
+def heads_on_validation(args: argparse.Namespace, parts: Parts) -> None:
+    """The at-scale router's knobs (shortlist size, the heads' covariance shrinkage) beside
+    the distractors, on the zoo's validation prompts (never the test): whether either would
+    keep 0.95 of the classifier's top-1 on the zoo alone. Needs the quality part's registry."""
+    if parts.get("heads_validation", "top1"):
+        return
+    prompts = zoo_prompts(args.test_prompts, "validation")
+    crowded = Registry(args.work / "routing" / "registry", embedder=SentenceEmbedder())
+    alone = Registry(args.work / "validation-zoo" / "registry", embedder=SentenceEmbedder())
+    register_zoo(alone)
+    row = {"prompts": len(prompts), "classifier_zoo_alone": route_quality(alone, prompts)["top1"]}
+    knobs = [("candidates", c) for c in (32, 64, 128, 256, 512)]
+    knobs += [("shrink", x) for x in (0.01, 0.02, 0.05, 0.1, 0.2, 0.4)]
+    for knob, value in knobs:
+        options = RouterOptions(task=TaskRouterConfig(shortlist=ShortlistConfig(**{knob: value})))
+        row[f"{knob}={value}"] = route_quality(crowded, prompts, options)["top1"]
+    parts.put("heads_validation", "top1", row)
+
+
+def lost_to(
+    alone: list[str | None],
+    crowded: list[str | None],
+    prompts: list[tuple[str, str]],
+    task_of: dict[str, str],
+) -> dict[str, int]:
+    """Prompts routed right alone and wrong beside the distractors (by the same router),
+    counted by where they went: a distractor's task, another zoo adapter, the base model."""
     lost = Counter(
-        task_of.get(now, "zoo adapter" if now else "base model")
+        task_of.get(now, "zoo adapter") if now else "base model"
         for before, now, (want, _) in zip(alone, crowded, prompts, strict=True)
         if before == want != now
     )
@@ -396,9 +436,10 @@ def summarize(args, parts: Parts) -> None:
         else:
             targets.append(missing(name, 0.7, ">=", "not measured in this run"))
     base = runs.get(f"uniform/{counts[0]}")
-    if base:  # RSS above the one-adapter run's (same engine working set): adapters held
+    if base:  # each run's RSS rise over its idle process, above the one-adapter run's
         host = max(r["host_mb"] for r in runs.values())
-        growth = max(r["rss_mb"] for r in runs.values()) - base["rss_mb"]
+        rise = {k: r["rss_mb"] - r["idle_rss_mb"] for k, r in runs.items()}
+        growth = max(rise.values()) - rise[f"uniform/{counts[0]}"]
         targets.append(target("host_cache_mb_over_configured", host / args.host_mb, 1.0, "<="))
         targets.append(
             target(
@@ -414,11 +455,18 @@ def summarize(args, parts: Parts) -> None:
                 f"past {ShortlistConfig().candidates} adapters the router scores per-adapter "
                 f"heads over a shortlist: on the zoo alone they get {heads['top1']:.3f} (the "
                 f"classifier {q0['top1']:.3f}), beside the distractors "
-                f"{q1['top1'] / heads['top1']:.3f} of that; prompts lost, by where they went: "
-                f"{q1.get('lost_to')}"
+                f"{q1['top1'] / heads['top1']:.3f} of that; the prompts they route right alone "
+                f"and wrong beside the distractors, by where they went: {q1.get('lost_to')}"
             )
         targets.append(top1)
-        targets.append(target("open_world_decision_unchanged", same / len(q0["routed"]), 1.0, ">="))
+        decision = target("open_world_decision_unchanged", same / len(q0["routed"]), 1.0, ">=")
+        if heads:
+            kept = sum(a == b for a, b in zip(heads["routed"], q1["routed"], strict=True))
+            decision["why"] = (
+                f"the at-scale router decides alike alone and beside the distractors for {kept} "
+                f"of {len(q1['routed'])} prompts; the rest differ between the two algorithms"
+            )
+        targets.append(decision)
     else:
         why = "not measured: the distractors' registration did not finish on the shared machine"
         targets.append(missing("top1_with_distractors_over_without", 0.95, ">=", why))
@@ -431,9 +479,10 @@ def summarize(args, parts: Parts) -> None:
             k: {x: y for x, y in v.items() if x not in ("routed", "top")}
             for k, v in parts.data.get("quality", {}).items()
         },
+        "heads_validation": parts.get("heads_validation", "top1"),
         "routing_latency": latency,
     }
-    config = {k: v for k, v in vars(args).items() if k not in ("parts", "work")}
+    config = {k: v for k, v in vars(args).items() if k not in ("parts", "work", "run")}
     write_result("scale", config, results, targets, args.quick)
 
 
@@ -457,7 +506,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--parts", default="throughput,quality")
+    ap.add_argument("--parts", default="throughput,quality,heads-validation")
     ap.add_argument("--adapters", default="1,16,64,256,1024")
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=16)
@@ -477,13 +526,15 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     parts = Parts(RESULTS / ("scale.quick.parts.json" if args.quick else "scale.parts.json"))
     if args.run:
-        throughput(args, parts)
+        throughput_run(args, parts)
         return
     chosen = args.parts.split(",")
     if "throughput" in chosen:
         throughput_in_processes(args, parts)
     if "quality" in chosen:
         registration_and_quality(args, parts)
+    if "heads-validation" in chosen:
+        heads_on_validation(args, parts)
     summarize(args, parts)
 
 

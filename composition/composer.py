@@ -41,6 +41,12 @@ class GateError(AdapterError):
     """Gates of the wrong shape, with NaN/Inf, or naming unknown adapters."""
 
 
+# Rows per distinct row from which the per-row factors are built once per distinct row and
+# copied out: a mixture row's build moves its factors about three times (gather A, gather B,
+# weigh B), the copy out twice.
+ROWS_PER_DISTINCT_TO_DEDUPE = 3
+
+
 class Mode(StrEnum):
     mixture = "mixture"  # sum_i g_i * B_i A_i x  (output space, exact)
     fusion = "fusion"  # (sum_i g_i B_i)(sum_i g_i A_i) x  (LoraRetriever's parameter averaging)
@@ -104,14 +110,14 @@ class Composition:
         """The distinct (gate row, mode) pairs as rows of [gates | fusion], and each row's
         index among them (None: build every row). Rows repeat (LoraHub scores every candidate
         on several examples; many prompts share a routing); building the distinct rows'
-        factors and copying them out to every row pays only when at most a third of the rows
-        are distinct: a mixture row's build moves its factors about three times (gather,
-        gather, weigh), the copy out twice."""
+        factors and copying them out to every row pays only when each distinct row stands
+        for at least ROWS_PER_DISTINCT_TO_DEDUPE rows."""
         key = ("distinct", gates.shape[0])
         if key not in self.cache:
             keyed = torch.cat([gates, fusion[:, None].to(gates.dtype)], dim=1)
             rows, inverse = torch.unique(keyed, dim=0, return_inverse=True)
-            self.cache[key] = (keyed, None) if 3 * len(rows) > len(keyed) else (rows, inverse)
+            built_once = len(rows) * ROWS_PER_DISTINCT_TO_DEDUPE <= len(keyed)
+            self.cache[key] = (rows, inverse) if built_once else (keyed, None)
         return self.cache[key]
 
     def gates_for(self, batch: int, like: Tensor) -> Tensor:

@@ -144,8 +144,9 @@ def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """a @ b, computed by torch. Not by numpy: OpenBLAS's threads spin for a while after
     each call, and beside torch's threads (the embedder, a server's engine) they fight for
     the cores: routing one prompt took 98 ms instead of 36 on 2 cores."""
+    dtype = np.result_type(a, b)
     return (
-        torch.from_numpy(np.ascontiguousarray(a)) @ torch.from_numpy(np.asarray(b, a.dtype))
+        torch.from_numpy(np.ascontiguousarray(a, dtype)) @ torch.from_numpy(np.asarray(b, dtype))
     ).numpy()
 
 

@@ -125,8 +125,11 @@ def test_mixture_equals_float64_weighted_sum(path: str) -> None:
     torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["mixture", "fusion"])
 @pytest.mark.parametrize("distinct", [2, 4])
-def test_repeated_rows_equal_each_row_alone_whether_or_not_built_once(distinct: int) -> None:
+def test_repeated_rows_equal_each_row_alone_whether_or_not_built_once(
+    distinct: int, mode: str
+) -> None:
     """Six rows of `distinct` compositions: the factors are built once per distinct row only
     when at most a third are distinct (else every row builds its own); the same result."""
     torch.manual_seed(0)
@@ -138,13 +141,13 @@ def test_repeated_rows_equal_each_row_alone_whether_or_not_built_once(distinct: 
     x = torch.randn(6, 5, 12)
     composer = Composer.attach(model, adapters)
     with torch.no_grad():
-        composition = composer.prepare(gates, path="gathered")
+        composition = composer.prepare(gates, mode=mode, path="gathered")
         with composer.use(composition):
             together = model(x)
-        _, inverse = composition.distinct_rows(gates, torch.zeros(6, dtype=torch.bool))
+        _, inverse = composition.distinct_rows(gates, torch.full((6,), mode == "fusion"))
         assert (inverse is not None) == (3 * distinct <= 6)
         for i in range(6):
-            with composer.compose(gates[i : i + 1], path="gathered"):
+            with composer.compose(gates[i : i + 1], mode=mode, path="gathered"):
                 torch.testing.assert_close(together[i : i + 1], model(x[i : i + 1]))
     composer.detach()
 
