@@ -511,6 +511,9 @@ def tune_gains(reg: Registry, split: dict) -> dict:
 # -- end to end --------------------------------------------------------------------------------
 
 RUN_CACHE = loraplex_home() / "openworld-run"  # per task and group: a restart continues
+# The gains take longer than a session and feed a shipped file (router/data): each task's
+# lands in the repository, so that another machine continues where one stopped.
+GAINS = RESULTS / "openworld" / "gains"
 # group -> (split key, test prompts per task, methods, composed only). The reporting half
 # answers only what auto composes for (elsewhere auto is the base model, see run_task), so
 # it affords 30 prompts per task, as UNSEEN (compared with the committed crosstask run's
@@ -608,7 +611,8 @@ def cached(path: Path, make: Callable[[], object]) -> object:
 
 
 def task_file(group: str, task: str) -> Path:
-    return RUN_CACHE / group / f"{task.replace('/', '__')}.json"
+    folder = GAINS if group == "gains" else RUN_CACHE / group
+    return folder / f"{task.replace('/', '__')}.json"
 
 
 def ordered(split: dict, key: str) -> list[str]:
