@@ -193,7 +193,17 @@ def pending_runs(args, parts: Parts) -> list[str]:
     counts = [int(x) for x in args.adapters.split(",")]
     order = [counts[0], *sorted(counts[1:], reverse=True)]
     runs = [f"{p}/{n}" for n in order for p in ("uniform", "zipf") if n > 1 or p == "uniform"]
-    return [r for r in runs if not parts.get("throughput", r)]
+    return [r for r in runs if not measured(parts, r, args)]
+
+
+def run_config(args: argparse.Namespace) -> dict:
+    """What a throughput row depends on besides its popularity and size."""
+    return {k: getattr(args, k) for k in ("clients", "tokens", "requests", "host_mb")}
+
+
+def measured(parts: Parts, run: str, args: argparse.Namespace) -> bool:
+    """Whether `run` is in the parts file, measured under this config."""
+    return (parts.get("throughput", run) or {}).get("config") == run_config(args)
 
 
 def throughput_in_processes(args: argparse.Namespace, parts: Parts) -> None:
@@ -221,7 +231,7 @@ def synthetic_names(args: argparse.Namespace) -> list[str]:
 
 def throughput_run(args: argparse.Namespace, parts: Parts) -> None:
     """The run args.run (popularity/N) in this process."""
-    if parts.get("throughput", args.run):
+    if measured(parts, args.run, args):
         return
     popularity, size = args.run.split("/")
     n = int(size)
@@ -256,6 +266,7 @@ def throughput_run(args: argparse.Namespace, parts: Parts) -> None:
         "host_mb": engine.stack.host_bytes / 2**20,
         "rss_mb": rss_mb(),
         "idle_rss_mb": idle_rss,
+        "config": run_config(args),
     }
     engine.stop()
     parts.put("throughput", args.run, row)
