@@ -718,6 +718,12 @@ def collect(split: dict) -> dict:
     }
 
 
+def fewer_tasks(result: dict, committed: dict) -> list[str]:
+    """The groups for which `result` holds fewer tasks than the committed e2e.json."""
+    done = committed.get("groups", {})
+    return [g for g in GROUPS if len(result["groups"].get(g, [])) < len(done.get(g, []))]
+
+
 def _committed(run: str, method: str) -> dict[tuple[str, str], bool]:
     """(task, prompt[:200]) -> right, from a committed crosstask run (same test prompts)."""
     data = json.loads((RESULTS / "crosstask" / run / "results.json").read_text())
@@ -865,6 +871,12 @@ def main() -> None:
     elif args.step == "summary":
         result = collect(read_split())
         out = RESULTS / "openworld" / "e2e.json"
+        short = fewer_tasks(result, json.loads(out.read_text()) if out.exists() else {})
+        if short:
+            raise SystemExit(
+                f"the run cache {RUN_CACHE} holds fewer tasks than {out} for {short} (a new "
+                "machine?): run `openworld.py run` first; not overwriting"
+            )
         out.write_text(json.dumps(summarize(result), indent=1) + "\n")
         print(f"wrote {out}")
     elif args.step == "tune":
