@@ -510,9 +510,9 @@ def tune_gains(reg: Registry, split: dict) -> dict:
 
 # -- end to end --------------------------------------------------------------------------------
 
-RUN_CACHE = loraplex_home() / "openworld-run"  # per task and group: a restart continues
-# The gains take longer than a session and feed a shipped file (router/data): each task's
-# lands in the repository, so that another machine continues where one stopped.
+# The run and the gains each take longer than a session: each task's result lands in the
+# repository as it ends, so that another machine continues where one stopped.
+RUN_CACHE = RESULTS / "openworld" / "run"
 GAINS = RESULTS / "openworld" / "gains"
 # group -> (split key, test prompts per task, methods, composed only). The reporting half
 # answers only what auto composes for (elsewhere auto is the base model, see run_task), so
