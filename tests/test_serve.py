@@ -997,6 +997,18 @@ def test_metrics_count_requests_tokens_and_routing(server) -> None:
         "loraplex_engine_running",
     ):
         assert name in text
+    # every auto prompt is routed exactly once, joined with others' or alone
+    before = _metric(text, "loraplex_route_batch_prompts_sum")
+    client(url).completions.create(model="auto", prompt=["x", "y", "z"], **GREEDY)
+    after = _metric(
+        httpx.get(f"{url}/metrics", timeout=10).text, "loraplex_route_batch_prompts_sum"
+    )
+    assert after - before == 3
+
+
+def _metric(exposition: str, name: str) -> float:
+    (line,) = [ln for ln in exposition.splitlines() if ln.startswith(name + " ")]
+    return float(line.split()[1])
 
 
 # -- the process ------------------------------------------------------------------------------

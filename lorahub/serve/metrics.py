@@ -53,6 +53,12 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128),
             registry=r,
         )
+        self.route_batch = Histogram(
+            "loraplex_route_batch_prompts",
+            "Prompts per call to the router (concurrent requests are routed together)",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=r,
+        )
         self.latency = Histogram(
             "loraplex_request_seconds", "Time to the last token", buckets=LATENCY, registry=r
         )

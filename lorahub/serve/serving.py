@@ -31,6 +31,7 @@ from lorahub.serve.engine import (
 )
 from lorahub.serve.grammar import Target, resolve
 from lorahub.serve.metrics import Metrics
+from lorahub.serve.route_batch import RouteBatcher
 from lorahub.serve.validate import Limits, check, check_prompt, check_token_ids
 from router import DEFAULT_ROUTER, Routing
 
@@ -148,8 +149,10 @@ class Serving:
         self.context = getattr(hub.base.model.config, "max_position_embeddings", None) or 1 << 30
         rows = hub.base.model.get_input_embeddings().num_embeddings
         self.vocab = min(len(hub.base.tokenizer), rows)
-        # The router and the registry's reads run here, off the event loop, one at a time.
+        # The router and the registry's reads run here, off the event loop, one at a time;
+        # concurrent requests' prompts are routed together.
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="loraplex-route")
+        self.routes = RouteBatcher(self._route_now, self.off_loop)
         self.ready = False
 
     async def off_loop(self, fn: Callable[..., T], *args: object) -> T:
@@ -168,8 +171,13 @@ class Serving:
         target = await self.off_loop(resolve, req.model, req.loraplex, self.hub, c.compose, c.k)
         sampling = self._sampling(req)
         chat = isinstance(req, p.ChatRequest)
-        encode = _chat_prompt if chat else _raw_prompts
-        prompts = await self.off_loop(encode, self.hub, target, req, self.vocab)
+        if chat:
+            (routing,) = await self._route(target, [_last_user_turn(req)])
+            prompts = [await self.off_loop(_chat_prompt, self.hub, req, routing)]
+        else:
+            encoded = await self.off_loop(_raw_prompts, self.hub, req, self.vocab)
+            routings = await self._route(target, [text for _, text in encoded])
+            prompts = [(r, ids, text) for r, (ids, text) in zip(routings, encoded, strict=True)]
         mode = Mode.fusion if target.compose == Compose.fusion else Mode.mixture
         logprobs = ((req.top_logprobs or 0) if req.logprobs else None) if chat else req.logprobs
         echo = not chat and req.echo
@@ -194,6 +202,15 @@ class Serving:
         usage = bool(req.stream_options and req.stream_options.include_usage)
         score_only = not chat and req.max_tokens == 0
         return Prepared(tuple(choices), req.model, chat, req.stream, usage, score_only)
+
+    def _route_now(self, prompts: list[str], k: int, compose: str) -> list[Routing]:
+        self.metrics.route_batch.observe(len(prompts))
+        return self.hub.route(prompts, k, compose)
+
+    async def _route(self, target: Target, texts: list[str]) -> list[Routing]:
+        if target.routing is not None:
+            return [target.routing] * len(texts)
+        return await self.routes.route(texts, target.k, target.compose)
 
     def _sampling(self, req: Request) -> Sampling:
         max_tokens = req.max_tokens
@@ -436,21 +453,22 @@ def _chat_text(hub: Hub, messages: list[dict[str, str]], add_generation_prompt: 
 Prompt = tuple[Routing, list[int], str]  # a prompt's routing, token ids and text
 
 
-def _chat_prompt(hub: Hub, target: Target, req: p.ChatRequest, vocab: int) -> list[Prompt]:
-    """The conversation routed on its last user turn, formatted the way the routed adapters
-    were trained (the chat template, or plain text for adapters trained on it)."""
+def _last_user_turn(req: p.ChatRequest) -> str:
+    """What a conversation is routed on."""
+    return next((m.text() for m in reversed(req.messages) if m.role == "user"), "")
+
+
+def _chat_prompt(hub: Hub, req: p.ChatRequest, routing: Routing) -> Prompt:
+    """The conversation formatted the way the routed adapters were trained (the chat
+    template, or plain text for adapters trained on it)."""
     messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-    query = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
-    routing = target.routing
-    if routing is None:
-        routing = hub.route([query], target.k, target.compose)[0]
     text = hub.format(messages, routing)
-    return [(routing, hub.base.tokenizer(text, add_special_tokens=False)["input_ids"], text)]
+    return routing, hub.base.tokenizer(text, add_special_tokens=False)["input_ids"], text
 
 
-def _raw_prompts(hub: Hub, target: Target, req: p.CompletionRequest, vocab: int) -> list[Prompt]:
+def _raw_prompts(hub: Hub, req: p.CompletionRequest, vocab: int) -> list[tuple[list[int], str]]:
     """Each prompt as given (no chat template): a text tokenized, or token ids checked
-    against the vocabulary; routed on its text, all in one call to the router."""
+    against the vocabulary and decoded (the text it is routed on)."""
     tok = hub.base.tokenizer
     encoded = []
     for i, prompt in enumerate(req.prompts()):
@@ -461,8 +479,4 @@ def _raw_prompts(hub: Hub, target: Target, req: p.CompletionRequest, vocab: int)
         else:
             check_token_ids(prompt, vocab, "prompt" if len(req.prompts()) == 1 else f"prompt.{i}")
             encoded.append((list(prompt), tok.decode(prompt)))
-    if target.routing is not None:
-        routings = [target.routing] * len(encoded)
-    else:
-        routings = hub.route([text for _, text in encoded], target.k, target.compose)
-    return [(r, ids, text) for r, (ids, text) in zip(routings, encoded, strict=True)]
+    return encoded
