@@ -409,8 +409,10 @@ def tune(reg: Registry, split: dict) -> dict:
 
 
 GAIN_NEIGHBOURS = (5, 10, 20, 40, 80)
-GAIN_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 13))
+NEVER_HELPED = 1.01  # a threshold above any gain: never compose below fit_threshold
+GAIN_THRESHOLDS = (*(round(0.05 * i, 2) for i in range(1, 13)), NEVER_HELPED)
 CHAT_HELPED_MAX = 0.02  # chat tuning prompts that may compose on the gain of their neighbours
+TASK_HARM_MAX = 0.05  # the issue's bound on a task's loss to base, held on the tuning half
 
 
 def measured_gains(split: dict) -> dict[str, dict]:
@@ -436,7 +438,9 @@ def tune_gains(reg: Registry, split: dict) -> dict:
     validation prompts get their fit from a background of the other fold (and the chat set)
     and their gain estimate from the other fold's measured gains; the pair that answers
     most of them right wins, among those that compose at most CHAT_HELPED_MAX of the chat
-    tuning prompts (each scored without its own kind's rows). Ties: the higher threshold."""
+    tuning prompts (each scored without its own kind's rows) and cost no tuning task more
+    than TASK_HARM_MAX against never composing below fit_threshold (NEVER_HELPED is one of
+    the pairs, so one always qualifies). Ties: the higher threshold."""
     measured = measured_gains(split)
     zoo = load_zoo(reg)
     cfg = TaskRouterConfig()
@@ -444,7 +448,7 @@ def tune_gains(reg: Registry, split: dict) -> dict:
     tasks = np.array([r["task"] for r in rows])
     vectors, _ = background_of(reg, sorted({t for t in tasks if t[:5] != "chat/"}))
     row_gain = np.array([measured.get(t, {}).get("gain", 0.0) for t in tasks], np.float32)
-    held: list[tuple[bool, bool, bool, np.ndarray]] = []  # (abstains, base, composed, estimate)
+    held = []  # per tuning prompt: (task, abstains, right under base, composed, estimates)
     for f, fold in enumerate(tuning_folds(split)):
         others = [t for t in tuning_folds(split)[1 - f] if t in measured]
         keep = np.isin(tasks, others) | np.char.startswith(tasks.astype(str), "chat/")
@@ -458,7 +462,11 @@ def tune_gains(reg: Registry, split: dict) -> dict:
             got = {r["prompt"]: r for r in measured[task]["rows"]}
             for i, text in enumerate(texts):
                 r = got[text[:200]]
-                held.append((fit[i] < cfg.fit_threshold, r["base"], r["auto"], est[:, i]))
+                held.append((task, fit[i] < cfg.fit_threshold, r["base"], r["auto"], est[:, i]))
+    task_of, abstains, base, composed = (np.array(c) for c in list(zip(*held, strict=True))[:4])
+    estimates = np.stack([e for *_, e in held], axis=1)  # (len(GAIN_NEIGHBOURS), prompts)
+    names, which = np.unique(task_of, return_inverse=True)
+    never = np.where(abstains, base, composed).astype(float)
     chat = read_chat_tuning()
     chat_est = np.zeros((len(GAIN_NEIGHBOURS), len(chat)))
     Qc = embed(reg, [c["prompt"] for c in chat])
@@ -470,20 +478,26 @@ def tune_gains(reg: Registry, split: dict) -> dict:
     grid = []
     for j, m in enumerate(GAIN_NEIGHBOURS):
         for tau in GAIN_THRESHOLDS:
-            right = [c if (a and e[j] >= tau) else (b if a else c) for a, b, c, e in held]
-            helped = [a and e[j] >= tau for a, _, _, e in held]
+            helped = abstains & (estimates[j] >= tau)
+            right = np.where(helped, composed, never)
+            per_task = np.bincount(which, right - never) / np.bincount(which)
             grid.append(
                 {
                     "gain_neighbours": m,
                     "gain_threshold": tau,
-                    "tuning_right": float(np.mean(right)),
-                    "tuning_helped": float(np.mean(helped)),
+                    "tuning_right": float(right.mean()),
+                    "tuning_helped": float(helped.mean()),
                     "chat_helped": float(np.mean(chat_est[j] >= tau)),
+                    "tuning_worst_task": [str(names[per_task.argmin()]), float(per_task.min())],
                 }
             )
-    allowed = [g for g in grid if g["chat_helped"] <= CHAT_HELPED_MAX]
+    allowed = [
+        g
+        for g in grid
+        if g["chat_helped"] <= CHAT_HELPED_MAX and g["tuning_worst_task"][1] >= -TASK_HARM_MAX
+    ]
     best = max(allowed, key=lambda g: (round(g["tuning_right"], 6), g["gain_threshold"]))
-    never = float(np.mean([b if a else c for a, b, c, _ in held]))
+    never = float(never.mean())
     chosen = {k: best[k] for k in ("gain_neighbours", "gain_threshold")}
     print(chosen, f"tuning right {best['tuning_right']:.4f} vs {never:.4f} never composing")
     ship = {t: {k: v for k, v in g.items() if k != "rows"} for t, g in sorted(measured.items())}
@@ -504,7 +518,7 @@ def tune_gains(reg: Registry, split: dict) -> dict:
         "chosen": chosen,
         "rule": tune_gains.__doc__,
         "tuning_prompts": len(held),
-        "tuning_prompts_abstaining": int(sum(a for a, *_ in held)),
+        "tuning_prompts_abstaining": int(abstains.sum()),
         "tuning_right_never_composing_below_threshold": never,
         "grid": grid,
     }
