@@ -47,13 +47,16 @@ class GatedRouter:
 
 
 async def _queued_behind_a_running_call(
-    router: GatedRouter, batcher: RouteBatcher, requests: list[list[str]], cancel: int | None
+    router: GatedRouter,
+    batcher: RouteBatcher,
+    requests: list[tuple[list[str], int]],
+    cancel: int | None,
 ) -> list[list[Routing] | BaseException]:
-    """The first request starts a call that waits at the gate; the others queue behind it
-    (request `cancel` is cancelled while it waits); then the gate opens."""
-    first = asyncio.create_task(batcher.route(requests[0], 2, "mixture"))
+    """The first request (prompts, k) starts a call that waits at the gate; the others
+    queue behind it (request `cancel` is cancelled while it waits); then the gate opens."""
+    first = asyncio.create_task(batcher.route(*requests[0], "mixture"))
     assert await asyncio.to_thread(router.entered.wait, DEADLINE)
-    rest = [asyncio.create_task(batcher.route(r, 2, "mixture")) for r in requests[1:]]
+    rest = [asyncio.create_task(batcher.route(*r, "mixture")) for r in requests[1:]]
     await asyncio.sleep(0)  # each task runs up to its wait: all are queued
     if cancel is not None:
         rest[cancel - 1].cancel()
@@ -61,19 +64,20 @@ async def _queued_behind_a_running_call(
     return await asyncio.gather(first, *rest, return_exceptions=True)
 
 
-def _run(router: GatedRouter, requests: list[list[str]], cancel: int | None = None) -> list:
+def _run(router: GatedRouter, scenario: Callable, *args, **batcher_kw) -> list:
+    """scenario(router, batcher, *args) on an event loop, the router on one thread."""
     pool = ThreadPoolExecutor(1)
 
     async def off_loop(fn, *args):
         return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
 
     async def main() -> list:
-        batcher = RouteBatcher(router, off_loop)
-        return await _queued_behind_a_running_call(router, batcher, requests, cancel)
+        return await scenario(router, RouteBatcher(router, off_loop, **batcher_kw), *args)
 
     try:
         return asyncio.run(asyncio.wait_for(main(), DEADLINE))
     finally:
+        router.gate.set()
         pool.shutdown()
 
 
@@ -84,23 +88,55 @@ def _same(got: list[Routing], want: list[Routing]) -> None:
 
 
 def test_requests_queued_behind_a_call_are_routed_in_one_call_as_each_alone(retriever) -> None:
-    queries = list(QUERIES.values())
-    requests = [[queries[0]], [queries[1], queries[2]], [queries[3]], [queries[1]]]
+    q = list(QUERIES.values())
+    requests = [([q[0]], 2), ([q[1], q[2]], 2), ([q[3]], 2), ([q[1]], 2)]
     router = GatedRouter(retriever.route)
-    got = _run(router, requests)
-    assert router.calls == [requests[0], [p for r in requests[1:] for p in r]]
-    for request, routings in zip(requests, got, strict=True):
-        _same(routings, retriever.route(request, k=2))
+    got = _run(router, _queued_behind_a_running_call, requests, None)
+    assert router.calls == [[q[0]], [q[1], q[2], q[3], q[1]]]
+    for (prompts, k), routings in zip(requests, got, strict=True):
+        _same(routings, retriever.route(prompts, k=k))
+
+
+def test_each_k_gets_its_own_call_and_a_call_takes_at_most_max_prompts(retriever) -> None:
+    q = list(QUERIES.values())
+    requests = [([q[0]], 2), ([q[1]], 1), ([q[2], q[3]], 2), ([q[0], q[1]], 1), ([q[2]], 2)]
+    router = GatedRouter(retriever.route)
+    got = _run(router, _queued_behind_a_running_call, requests, None, max_prompts=4)
+    # waiting: 1 + 2 prompts fit in 4, a third request would not: those two, one call per k;
+    # then the other two, one call per k
+    assert router.calls == [[q[0]], [q[1]], [q[2], q[3]], [q[0], q[1]], [q[2]]]
+    for (prompts, k), routings in zip(requests, got, strict=True):
+        assert all(len(r.adapters) == k for r in routings)
+        _same(routings, retriever.route(prompts, k=k))
 
 
 def test_a_failing_request_fails_alone_and_a_cancelled_one_is_not_routed(retriever) -> None:
-    queries = list(QUERIES.values())
-    requests = [[queries[0]], [queries[1]], ["boom"], [queries[2]], [queries[3]]]
+    q = list(QUERIES.values())
+    requests = [([q[0]], 2), ([q[1]], 2), (["boom"], 2), ([q[2]], 2), ([q[3]], 2)]
     router = GatedRouter(retriever.route)
-    got = _run(router, requests, cancel=4)
+    got = _run(router, _queued_behind_a_running_call, requests, 4)
     assert isinstance(got[2], ValueError) and isinstance(got[4], asyncio.CancelledError)
     for i in (0, 1, 3):
-        _same(got[i], retriever.route(requests[i], k=2))
-    # joined (without the cancelled request), failed, then each alone
-    together = [queries[1], "boom", queries[2]]
-    assert router.calls == [requests[0], together, [queries[1]], ["boom"], [queries[2]]]
+        _same(got[i], retriever.route(requests[i][0], k=2))
+    # joined (without the cancelled request), failed, then in halves
+    assert router.calls == [[q[0]], [q[1], "boom", q[2]], [q[1]], ["boom", q[2]], ["boom"], [q[2]]]
+
+
+async def _stopped_while_routing(router: GatedRouter, batcher: RouteBatcher) -> list:
+    """The batcher's task is cancelled (as when the server's loop stops) while a call runs
+    and a request waits: both end; a request after it is still routed."""
+    running = asyncio.create_task(batcher.route([QUERIES["arithmetic"]], 1, "mixture"))
+    assert await asyncio.to_thread(router.entered.wait, DEADLINE)
+    waiting = asyncio.create_task(batcher.route([QUERIES["sentiment"]], 1, "mixture"))
+    await asyncio.sleep(0)
+    batcher._draining.cancel()  # the one task that routes; nothing public stops it
+    ended = await asyncio.gather(running, waiting, return_exceptions=True)
+    router.gate.set()
+    return [*ended, await batcher.route([QUERIES["sentiment"]], 1, "mixture")]
+
+
+def test_requests_end_when_the_batcher_is_stopped_and_later_ones_are_routed(retriever) -> None:
+    running, waiting, later = _run(GatedRouter(retriever.route), _stopped_while_routing)
+    assert isinstance(running, asyncio.CancelledError)
+    assert isinstance(waiting, asyncio.CancelledError)
+    assert later[0].adapters == ("sentiment",)

@@ -1,14 +1,17 @@
 """Concurrent requests routed together: while one call to the router runs, the prompts of
 the requests that arrive meanwhile gather, and the next call routes all of them at once.
 
-Embedding a batch of prompts costs little more than embedding one (one prompt at a time
-took 5x the per-prompt time of a batch of 32 on 2 cores), and routing runs on one thread,
-so under load requests queued one routing each behind each other. No timer: a request
-that finds the router idle is routed at once, so a lone request waits for nothing."""
+Embedding a batch of prompts costs little more than embedding one (the task router over
+the zoo took 5-8x the time per prompt one at a time as in a batch of 32, on a loaded 2-core
+machine), and routing runs on one thread, so under load requests queued one routing each
+behind each other. No timer: a request that finds the router idle is routed at once, so a
+lone request waits for nothing. A call takes at most `max_prompts` prompts (whole
+requests, at least one), so a burst never builds a batch no single request could."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
@@ -16,6 +19,9 @@ from router import Routing
 
 RouteFn = Callable[[list[str], int, str], list[Routing]]  # (prompts, k, compose) -> routings
 OffLoop = Callable[..., Awaitable[list[Routing]]]  # runs RouteFn off the event loop
+MAX_PROMPTS = 256  # per call: twice a completion request's most (validate.Limits)
+
+log = logging.getLogger("loraplex.serve")
 
 
 @dataclass
@@ -29,18 +35,19 @@ class _Waiting:
 class RouteBatcher:
     """`await route(prompts, k, compose)`: the same routings as `route_fn(prompts, k,
     compose)`, routed in one call with whatever other requests wait (one call per (k,
-    compose)). If a joined call fails, each request in it is routed alone, so a failure
-    reaches only the request that causes it."""
+    compose)). If a joined call fails, its requests are routed again in halves, down to
+    one, so a failure reaches only the request that causes it."""
 
-    def __init__(self, route_fn: RouteFn, off_loop: OffLoop) -> None:
-        self._route_fn, self._off_loop = route_fn, off_loop
+    def __init__(self, route_fn: RouteFn, off_loop: OffLoop, max_prompts: int = MAX_PROMPTS):
+        self._route_fn, self._off_loop, self.max_prompts = route_fn, off_loop, max_prompts
         self._waiting: list[_Waiting] = []
         self._draining: asyncio.Task | None = None
 
     async def route(self, prompts: Sequence[str], k: int, compose: str) -> list[Routing]:
         done = asyncio.get_running_loop().create_future()
         self._waiting.append(_Waiting(list(prompts), k, str(compose), done))
-        if self._draining is None:  # held: a task nothing references may be collected
+        # held: a task nothing references may be collected; done: cancelled before it ran
+        if self._draining is None or self._draining.done():
             self._draining = asyncio.get_running_loop().create_task(self._drain())
         return await done
 
@@ -48,7 +55,7 @@ class RouteBatcher:
         batch: list[_Waiting] = []
         try:
             while self._waiting:
-                batch, self._waiting = self._waiting, []
+                batch, self._waiting = self._next_batch()
                 for key in dict.fromkeys((w.k, w.compose) for w in batch):
                     await self._route_together([w for w in batch if (w.k, w.compose) == key])
         finally:  # cancelled (the server stops): no waiter is left waiting
@@ -56,6 +63,16 @@ class RouteBatcher:
                 if not w.done.done():
                     w.done.cancel()
             self._draining = None
+
+    def _next_batch(self) -> tuple[list[_Waiting], list[_Waiting]]:
+        """The first waiting requests up to max_prompts (at least one), and the rest."""
+        taken, prompts = 1, len(self._waiting[0].prompts)
+        while taken < len(self._waiting):
+            prompts += len(self._waiting[taken].prompts)
+            if prompts > self.max_prompts:
+                break
+            taken += 1
+        return self._waiting[:taken], self._waiting[taken:]
 
     async def _route_together(self, group: list[_Waiting]) -> None:
         group = [w for w in group if not w.done.done()]  # cancelled: the client left
@@ -65,11 +82,16 @@ class RouteBatcher:
         try:
             routings = await self._off_loop(self._route_fn, prompts, group[0].k, group[0].compose)
         except Exception as e:
-            if len(group) > 1:  # alone, so that the failure reaches only its cause
-                for w in group:
-                    await self._route_together([w])
-            elif not group[0].done.done():
-                group[0].done.set_exception(e)
+            if len(group) == 1:
+                if not group[0].done.done():
+                    group[0].done.set_exception(e)
+                return
+            log.warning(
+                "routing %d requests together failed (%r): routing them in halves", len(group), e
+            )
+            half = len(group) // 2
+            await self._route_together(group[:half])
+            await self._route_together(group[half:])
             return
         start = 0
         for w in group:

@@ -204,8 +204,9 @@ class Serving:
         return Prepared(tuple(choices), req.model, chat, req.stream, usage, score_only)
 
     def _route_now(self, prompts: list[str], k: int, compose: str) -> list[Routing]:
+        routings = self.hub.route(prompts, k, compose)
         self.metrics.route_batch.observe(len(prompts))
-        return self.hub.route(prompts, k, compose)
+        return routings
 
     async def _route(self, target: Target, texts: list[str]) -> list[Routing]:
         if target.routing is not None:
