@@ -6,6 +6,7 @@ runs in one batched forward pass under `applied.rows(chunk)`.
 
 from __future__ import annotations
 
+import copy
 import re
 import string
 import warnings
@@ -161,28 +162,50 @@ def _score_causal(base: BaseModel, prompts: list[str], options, context) -> list
         )
     first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (P, V): each option's 1st token
     owner = torch.tensor([i for i, _ in pairs])
-    cache = output_cache(out)
-    cache.batch_select_indices(owner)  # one cached prompt per (prompt, option) row
     length = max(1, *(len(a) for _, a in pairs))
-    cont = torch.full((len(pairs), length), tok.pad_token_id)
     labels = torch.full((len(pairs), length), -100)
     for r, (_, a) in enumerate(pairs):  # right padding: pads come after, never attended to
-        cont[r, : len(a)], labels[r, : len(a)] = (
-            torch.tensor(a, dtype=torch.long),
-            torch.tensor(a, dtype=torch.long),
-        )
-    cont_mask = (labels != -100).long()
-    with context(owner):
-        logits = base.model(
-            input_ids=cont,
-            attention_mask=torch.cat([mask[owner], cont_mask], dim=1),
-            position_ids=mask.sum(1)[owner, None] + torch.arange(length),
-            **cache_arg(base.model, cache),
-        ).logits
-    logp = torch.cat([first[owner, None], torch.log_softmax(logits[:, :-1].float(), dim=-1)], 1)
+        labels[r, : len(a)] = torch.tensor(a, dtype=torch.long)
+    cache, rows = output_cache(out), _continuation_rows(width, length)
+    picked = []
+    for start in range(0, len(pairs), rows):
+        part = slice(start, start + rows)
+        part_cache = cache if rows >= len(pairs) else copy.deepcopy(cache)
+        part_cache.batch_select_indices(owner[part])  # one cached prompt per row
+        with context(owner[part]):
+            picked.append(
+                _continuation_logprobs(base, mask, part_cache, owner[part], labels[part], first)
+            )
+    return _regroup(torch.cat(picked).tolist(), options)
+
+
+# One continuation pass holds a copy of its prompt's keys and values per (prompt, option)
+# row, and log-probabilities over the vocabulary per option token: 24 prompts of 100 options
+# each took 24 GB in one pass. A pass takes at most CACHED_POSITIONS prompt positions and
+# SCORED_TOKENS option tokens over all its rows (at least one row).
+CACHED_POSITIONS = 1 << 16
+SCORED_TOKENS = 1 << 12
+
+
+def _continuation_rows(prompt_width: int, option_length: int) -> int:
+    return max(1, min(CACHED_POSITIONS // prompt_width, SCORED_TOKENS // option_length))
+
+
+def _continuation_logprobs(
+    base: BaseModel, mask: Tensor, cache: object, owner: Tensor, labels: Tensor, first: Tensor
+) -> Tensor:
+    """Each row's option (labels, -100 after it) continued from its prompt's cache ->
+    (rows,) summed log-probabilities; `first` (prompts, V) scores each option's first token."""
     keep = labels != -100
-    picked = logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0]
-    return _regroup((picked * keep).sum(-1).tolist(), options)
+    cont = labels.clamp(min=0)
+    logits = base.model(
+        input_ids=cont,
+        attention_mask=torch.cat([mask[owner], keep.long()], dim=1),
+        position_ids=mask.sum(1)[owner, None] + torch.arange(labels.shape[1]),
+        **cache_arg(base.model, cache),
+    ).logits
+    logp = torch.cat([first[owner, None], torch.log_softmax(logits[:, :-1].float(), dim=-1)], 1)
+    return (logp.gather(-1, cont[..., None])[..., 0] * keep).sum(-1)
 
 
 def _score_seq2seq(base: BaseModel, prompts: list[str], options, context) -> list[list[float]]:

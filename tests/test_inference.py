@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import FAMILIES, build_model, char_tokenizer
 
+from lorahub import inference
 from lorahub.applied import attached
 from lorahub.inference import option_logprobs
 from lorahub.models import BaseModel
@@ -70,3 +71,20 @@ def test_cached_option_scores_equal_each_option_alone(family: str) -> None:
                 want = [alone(base, p, o) for o in OPTIONS[i]]
             assert routed[i] == pytest.approx(want, rel=1e-4, abs=1e-4)  # float32 sums
     assert routed != got
+
+
+@pytest.mark.parametrize("family", sorted(f for f, v in FAMILIES.items() if v[2] == "CAUSAL_LM"))
+@torch.inference_mode()
+def test_options_continued_a_row_a_pass_score_as_in_one_pass(family: str, monkeypatch) -> None:
+    """Past its budget, a continuation runs in several passes (each on a copy of the prompt
+    cache): the same scores, composed rows included."""
+    model = build_model(family)
+    base = BaseModel(family, model, char_tokenizer())
+    gates = torch.tensor([[1.0, 0.0], [0.3, 0.7], [0.0, 1.0]])
+    with attached(model, adapters(model, family), ["a", "b"], gates) as applied:
+        one_pass = option_logprobs(base, PROMPTS, OPTIONS, applied, batch_size=3)
+        monkeypatch.setattr(inference, "CACHED_POSITIONS", 1)  # one row a pass
+        assert inference._continuation_rows(20, 3) == 1
+        passes = option_logprobs(base, PROMPTS, OPTIONS, applied, batch_size=3)
+    for got, want in zip(passes, one_pass, strict=True):
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-5)
