@@ -91,13 +91,14 @@ class TaskRouterConfig:
     broad_k: int = 3
     # below fit_threshold, compose the top k anyway where the prompt's `gain_neighbours`
     # nearest background inputs come from tasks that composing helped by >= gain_threshold
-    # on average (router/data/background-gains.json; > 1: never); chosen on the tuning half
-    # by task-wise cross-fitting over all 121 tuning-half tasks: 0.279 of their validation
-    # prompts right against 0.264 never composing below fit_threshold, 2 of 154 chat
-    # tuning prompts composed (benchmarks/openworld.py tune-gains,
+    # on average (router/data/background-gains.json, 24 validation prompts a task; > 1:
+    # never); chosen on the tuning half by task-wise cross-fitting over its 121 tasks, among
+    # pairs that cost no tuning task more than 5 points: 0.253 of their validation prompts
+    # right against 0.249 never composing below fit_threshold, 1.0% of them composed, 1 of
+    # 154 chat tuning prompts (benchmarks/openworld.py tune-gains,
     # results/openworld/tune_gains.json)
-    gain_neighbours: int = 40
-    gain_threshold: float = 0.5
+    gain_neighbours: int = 80
+    gain_threshold: float = 0.55
     C: float = 100.0  # benchmarks/tune_router.py, results/tune_router.json (validation)
     shortlist: ShortlistConfig = field(default_factory=ShortlistConfig)
 
