@@ -180,6 +180,12 @@ def add_dense(out: Tensor, x: Tensor, s: ModuleStack, gates: Tensor) -> Tensor:
     return out.view(-1, out.shape[-1]).addmm_(h.view(-1, h.shape[-1]), s.B_cat.T).view(out.shape)
 
 
+def head(s: ModuleStack, n: int) -> ModuleStack:
+    """Adapters 0..n-1 of a stack, as views (their rank rows come first in A_cat / B_cat)."""
+    rows = int(torch.searchsorted(s.slot, n))
+    return ModuleStack(s.A_cat[:rows], s.B_cat[:, :rows], s.slot[:rows], s.A_pad[:n], s.B_pad[:n])
+
+
 def gather_mixture(s: ModuleStack, idx: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
     """Per-sample factors of the chosen adapters only (output-space mixture).
 

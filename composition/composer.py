@@ -32,6 +32,7 @@ from composition.bank import (
     fused_delta,
     gather_fusion,
     gather_mixture,
+    head,
     merged_delta,
 )
 from registry import AdapterError, AdapterShapeError, LoraAdapter
@@ -104,6 +105,8 @@ class Composition:
     gates: Tensor | None  # (b, n)
     token_gate: TokenGate | None
     k: int = 1  # most adapters any row uses
+    span: int = 1  # adapters 0..span-1 hold every non-zero gate: the rest are left out
+    fuses: bool = False  # whether any row averages parameters
     cache: dict[tuple, object] = field(default_factory=dict)  # per batch size, per module
 
     def distinct_rows(self, gates: Tensor, fusion: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -121,9 +124,18 @@ class Composition:
         return self.cache[key]
 
     def gates_for(self, batch: int, like: Tensor) -> Tensor:
+        """(batch, span): the gates over the adapters in the span."""
         key = ("gates", batch, like.dtype)
         if key not in self.cache:
-            self.cache[key] = _expand(self.gates, batch).to(like.device, like.dtype)
+            gates = _expand(self.gates[:, : self.span], batch)
+            self.cache[key] = gates.to(like.device, like.dtype)
+        return self.cache[key]
+
+    def stack_for(self, name: str, stack: ModuleStack) -> ModuleStack:
+        """A module's stack cut to the adapters in the span (views, no copy)."""
+        key = ("span", name)
+        if key not in self.cache:
+            self.cache[key] = head(stack, self.span)
         return self.cache[key]
 
     def fusion_for(self, batch: int) -> Tensor:
@@ -222,11 +234,14 @@ class Composer:
         if token_gate is not None:
             if _modes(mode, 1).any() or path in (ComputePath.gathered, ComputePath.merged):
                 raise GateError("per-token gates use the dense mixture path")
-            return Composition(None, path, None, token_gate, len(self.bank))
+            n = len(self.bank)
+            return Composition(None, path, None, token_gate, n, n)
         gates = self._check(gates)
         fusion = _modes(mode, len(gates))
         path = _choose_path(path, gates, fusion, merge)
-        return Composition(fusion, path, gates, None, _max_nonzero(gates))
+        return Composition(
+            fusion, path, gates, None, _max_nonzero(gates), _span(gates), bool(fusion.any())
+        )
 
     @contextmanager
     def use(self, composition: Composition) -> Iterator[None]:
@@ -272,13 +287,13 @@ class Composer:
         active = self._active
         if active is None or active.path == ComputePath.merged:  # merged: in the weights
             return out
-        stack = self.bank.modules[name]
+        stack = active.stack_for(name, self.bank.modules[name])
         x3, out3 = (x, out) if x.dim() == 3 else (x.unsqueeze(1), out.unsqueeze(1))
         if active.token_gate is not None:
             gates = active.token_gate(name, x3).to(x3.dtype)
             return add_dense(out3, x3, stack, gates).view(out.shape)
         gates = active.gates_for(x3.shape[0], x3)
-        if _use_dense(active, stack) and not active.fusion.any():
+        if _use_dense(active, stack, *x3.shape[:2]):
             return add_dense(out3, x3, stack, gates).view(out.shape)
         At, Bt = self._factors(active, name, stack, gates)
         return add_gathered(out3, x3, At, Bt).view(out.shape)
@@ -342,13 +357,27 @@ def _max_nonzero(gates: Tensor) -> int:
     return max(int((gates != 0).sum(1).max()), 1)
 
 
-def _use_dense(active: Composition, stack: ModuleStack) -> bool:
-    """Dense costs R = sum of ranks per token; gathered costs k * r_max per token plus a
-    one-off gather. Gather when it at least halves the per-token work."""
+def _span(gates: Tensor) -> int:
+    """1 + the last adapter any row gives a non-zero gate (at least 1)."""
+    used = (gates != 0).any(0).nonzero()
+    return int(used[-1]) + 1 if len(used) else 1
+
+
+def _use_dense(active: Composition, stack: ModuleStack, rows: int, tokens: int) -> bool:
+    """Dense multiplies all R rank rows of the stack (cut to the span) for each token;
+    gathered builds per-row factors once (k * r rank rows a row) and reads them every pass.
+    A decode step (one token a row) is bound by memory: dense reads R rows of weights,
+    gathered rows * k * r rows of factors, so dense wins while R <= rows * k * r, with no
+    build to pay (the engine's batch changes every few steps, and each change is a build).
+    Over more tokens the multiplies count: gather when that at least halves them."""
     if active.path != ComputePath.auto:
         return active.path == ComputePath.dense
-    k_rank = active.k * stack.A_pad.shape[1]
-    return 2 * k_rank > stack.A_cat.shape[0]
+    if active.fuses:
+        return False
+    dense_rows, k_rank = stack.A_cat.shape[0], active.k * stack.A_pad.shape[1]
+    if tokens == 1:
+        return dense_rows <= rows * k_rank
+    return 2 * k_rank > dense_rows
 
 
 def _expand(gates: Tensor, batch: int) -> Tensor:

@@ -110,19 +110,49 @@ def test_mixture_equals_float64_weighted_sum(path: str) -> None:
     model, adapters = OneLayer(), layer_adapters()
     x = torch.randn(3, 5, 12)
     gates = torch.tensor([[0.5, 0.0, 0.3, 0.2], [0.0, 1.0, 0.0, 0.0], [-0.7, 0.4, 0.0, 0.0]])
-    w64, b64 = model.proj.weight.double(), model.proj.bias.double()
-    expected = torch.stack(
-        [
-            x[i].double()
-            @ (w64 + sum(gates[i, j].double() * exact_delta(a) for j, a in enumerate(adapters))).T
-            + b64
-            for i in range(3)
-        ]
-    )
+    expected = float64_mixture(model, adapters, x, gates)
     composer = Composer.attach(model, adapters)
     with torch.no_grad(), composer.compose(gates, path=path):
         got = model(x)
     torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def float64_mixture(
+    model: OneLayer, adapters: list[LoraAdapter], x: torch.Tensor, gates: torch.Tensor
+) -> torch.Tensor:
+    w64, b64 = model.proj.weight.double(), model.proj.bias.double()
+    return torch.stack(
+        [
+            x[i].double()
+            @ (w64 + sum(gates[i, j].double() * exact_delta(a) for j, a in enumerate(adapters))).T
+            + b64
+            for i in range(len(x))
+        ]
+    )
+
+
+@pytest.mark.parametrize("tokens", [1, 5])
+@pytest.mark.parametrize("path", ["auto", "dense", "gathered"])
+def test_adapters_after_the_last_used_are_left_out_exactly(path: str, tokens: int) -> None:
+    """Gates on the first two of four adapters (ranks 2 and 3): every path works over those
+    two only and still equals float64; `auto` builds no per-row factors for a decode step."""
+    torch.manual_seed(0)
+    model, adapters = OneLayer(), layer_adapters()
+    x = torch.randn(3, tokens, 12)
+    gates = torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [-0.7, 0.0, 0.0, 0.0]])
+    composer = Composer.attach(model, adapters)
+    composition = composer.prepare(gates, path=path, merge=False)
+    with torch.no_grad(), composer.use(composition):
+        got = model(x)
+    torch.testing.assert_close(
+        got.double(), float64_mixture(model, adapters, x, gates), atol=1e-5, rtol=1e-5
+    )
+    assert composition.stack_for("proj", composer.bank.modules["proj"]).A_cat.shape[0] == 2 + 3
+    built = ("proj", 3) in composition.cache  # per-row factors for 3 rows
+    if path != "auto":
+        assert built == (path == "gathered")
+    elif tokens == 1:
+        assert not built  # a decode step reads the two adapters' weights instead
 
 
 @pytest.mark.parametrize("mode", ["mixture", "fusion"])
