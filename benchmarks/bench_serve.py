@@ -11,6 +11,9 @@ one run:
   (d) `transformers serve --continuous-batching` on the base model (the anchor, no adapters).
 Closed loop: C clients, each sending its next request when the last one ends. Reported:
 output tokens/s, time to first token (TTFT) and inter-token latency (ITL), p50/p95.
+(a), (b) and (d) take turns, --rounds times, with every server up throughout: this
+machine's speed swings from one minute to the next, so each ratio is taken within a round
+and its median over the rounds reported.
 With --engine vllm (results/serve_vllm.json), the gateway in front of a real vLLM server
 (.venv-vllm) against clients that name the right adapter to vLLM themselves; see run_vllm.
 
@@ -29,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
@@ -226,69 +230,74 @@ def loraplex_serve(registry: Path, port: int, *options: str) -> list[str]:
 
 
 def run_builtin(args, clients, rows, model_dir, tmp, n_requests) -> tuple[dict, list]:
+    """(a), (b) and (d) in turn, `args.rounds` times (see the module docstring); (c) once."""
     prompts = [p for _, p in rows]
-    results: dict[str, dict] = {}
-    port = free_port()
-    with Server(loraplex_serve(tmp / "registry", port), port, tmp / "loraplex.log") as server:
-        for label, model in (("a_auto", "auto"), ("b_base", DEFAULT_MODEL)):
-            print(label, flush=True)
-            for c, summary in measure(
-                server.url, model, prompts, clients, n_requests, min_tokens
-            ).items():
-                results[f"{label}_c{c}"] = summary
-    results["c_peft_one_at_a_time"] = peft_one_at_a_time(rows[: 8 if args.quick else 24])
-    print("c", results["c_peft_one_at_a_time"], flush=True)
-    if not args.quick:
+    ends = sorted({clients[0], clients[-1]})
+    rounds: dict[str, list[dict]] = {}
+    with ExitStack() as up:
         port = free_port()
-        hf = [str(Path(sys.executable).parent / "transformers"), "serve", str(model_dir)]
-        hf += [
-            "--continuous-batching",
-            "--device",
-            "cpu",
-            "--port",
-            str(port),
-            "--dtype",
-            "float32",
+        ours = up.enter_context(
+            Server(loraplex_serve(tmp / "registry", port), port, tmp / "loraplex.log")
+        )
+        contenders = [
+            ("a_auto", ours.url, "auto", clients, min_tokens),
+            ("b_base", ours.url, DEFAULT_MODEL, clients, min_tokens),
         ]
-
-        def gen(t: int) -> dict:
-            config = {"max_new_tokens": t, "min_new_tokens": t, "do_sample": False}
-            return {"generation_config": json.dumps(config)}
-
-        with Server(hf, port, tmp / "transformers.log") as server:
-            ends = sorted({clients[0], clients[-1]})
-            for c, summary in measure(
-                server.url, str(model_dir), prompts, ends, n_requests, gen
-            ).items():
-                results[f"d_transformers_c{c}"] = summary
+        if not args.quick:
+            port = free_port()
+            hf = up.enter_context(Server(transformers_serve(model_dir, port), port, tmp / "hf.log"))
+            contenders.append(("d_transformers", hf.url, str(model_dir), ends, generation_config))
+        for r in range(1 if args.quick else args.rounds):
+            for label, url, model, cs, extra in contenders:
+                print(f"round {r + 1}: {label}", flush=True)
+                for c, summary in measure(url, model, prompts, cs, n_requests, extra).items():
+                    rounds.setdefault(f"{label}_c{c}", []).append(summary)
+        c1 = peft_one_at_a_time(rows[: 8 if args.quick else 24])
+    print("c", c1, flush=True)
+    results = {name: median_summary(rs) for name, rs in rounds.items()}
+    results["c_peft_one_at_a_time"] = c1
     top, low = clients[-1], clients[0]
-    a, b = results[f"a_auto_c{top}"], results[f"b_base_c{top}"]
-    c1 = results["c_peft_one_at_a_time"]
+    auto, base = rounds[f"a_auto_c{top}"], rounds[f"b_base_c{top}"]
     targets = [
-        target(
-            f"auto_over_base_throughput_c{top}", a["tokens_per_s"] / b["tokens_per_s"], 0.9, ">="
-        ),
+        target(f"auto_over_base_throughput_c{top}", median_ratio(auto, base), 0.9, ">="),
         target(
             f"auto_over_peft_one_at_a_time_c{top}",
-            a["tokens_per_s"] / c1["tokens_per_s"],
+            results[f"a_auto_c{top}"]["tokens_per_s"] / c1["tokens_per_s"],
             4.0,
             ">=",
         ),
     ]
     if low != top:  # a single C would compare its TTFT with itself
-        ratio = a["ttft_p50"] / results[f"a_auto_c{low}"]["ttft_p50"]
+        ratio = results[f"a_auto_c{top}"]["ttft_p50"] / results[f"a_auto_c{low}"]["ttft_p50"]
         targets.append(target(f"auto_ttft_p50_c{top}_over_c{low}", ratio, 3.0, "<="))
-    if f"d_transformers_c{top}" in results:
-        d = results[f"d_transformers_c{top}"]
-        targets.append(
-            target(
-                f"base_over_transformers_serve_c{top}",
-                b["tokens_per_s"] / d["tokens_per_s"],
-                1.0,
-                ">=",
-            )
-        )
+    if f"d_transformers_c{top}" in rounds:
+        ratio = median_ratio(base, rounds[f"d_transformers_c{top}"])
+        targets.append(target(f"base_over_transformers_serve_c{top}", ratio, 1.0, ">="))
     return results, targets
+
+
+def transformers_serve(model_dir: Path, port: int) -> list[str]:
+    hf = [str(Path(sys.executable).parent / "transformers"), "serve", str(model_dir)]
+    options = ["--continuous-batching", "--device", "cpu", "--dtype", "float32"]
+    return [*hf, *options, "--port", str(port)]
+
+
+def generation_config(t: int) -> dict:
+    config = {"max_new_tokens": t, "min_new_tokens": t, "do_sample": False}
+    return {"generation_config": json.dumps(config)}
+
+
+def median_summary(rounds: list[dict]) -> dict:
+    """Each figure's median over the rounds, and every round's throughput."""
+    fields = [k for k, v in rounds[0].items() if isinstance(v, int | float)]
+    out = {k: float(np.median([r[k] for r in rounds])) for k in fields}
+    return out | {"rounds_tokens_per_s": [r["tokens_per_s"] for r in rounds]}
+
+
+def median_ratio(num: list[dict], den: list[dict]) -> float:
+    """The median over rounds of one round's throughput over another's in the same round."""
+    pairs = zip(num, den, strict=True)
+    return float(np.median([n["tokens_per_s"] / d["tokens_per_s"] for n, d in pairs]))
 
 
 def run_vllm(args, clients, rows, model_dir, tmp, n_requests) -> tuple[dict, list]:
@@ -371,6 +380,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="C in {1, 8}, fewer requests, no (d)")
     ap.add_argument("--clients", default=None, help="comma-separated (default 1,8,32)")
     ap.add_argument("--per-client", type=int, default=3, help="requests per client (C=1: 8)")
+    ap.add_argument("--rounds", type=int, default=3, help="(a), (b), (d) in turn this many times")
     ap.add_argument(
         "--work", type=Path, help="a folder kept between runs (the zoo registered once)"
     )
@@ -416,6 +426,7 @@ def main() -> None:
         "clients": clients,
         "tokens": "32-64",
         "per_client": per_client,
+        "rounds": 1 if args.quick else args.rounds,
         "max_batch": 32,
         "k": 3,
     }
