@@ -131,13 +131,6 @@ class Composition:
             self.cache[key] = gates.to(like.device, like.dtype)
         return self.cache[key]
 
-    def stack_for(self, name: str, stack: ModuleStack) -> ModuleStack:
-        """A module's stack cut to the adapters in the span (views, no copy)."""
-        key = ("span", name)
-        if key not in self.cache:
-            self.cache[key] = head(stack, self.span)
-        return self.cache[key]
-
     def fusion_for(self, batch: int) -> Tensor:
         return _expand(self.fusion, batch)
 
@@ -150,6 +143,7 @@ class Composer:
         self.bank = bank
         self._active: Composition | None = None
         self._originals: dict[str, nn.Module] = {}
+        self._heads: dict[tuple[str, int], ModuleStack] = {}  # see stack_for
         self._attach()
 
     @classmethod
@@ -287,7 +281,7 @@ class Composer:
         active = self._active
         if active is None or active.path == ComputePath.merged:  # merged: in the weights
             return out
-        stack = active.stack_for(name, self.bank.modules[name])
+        stack = self.stack_for(name, active.span)
         x3, out3 = (x, out) if x.dim() == 3 else (x.unsqueeze(1), out.unsqueeze(1))
         if active.token_gate is not None:
             gates = active.token_gate(name, x3).to(x3.dtype)
@@ -297,6 +291,13 @@ class Composer:
             return add_dense(out3, x3, stack, gates).view(out.shape)
         At, Bt = self._factors(active, name, stack, gates)
         return add_gathered(out3, x3, At, Bt).view(out.shape)
+
+    def stack_for(self, name: str, span: int) -> ModuleStack:
+        """A module's stack cut to adapters 0..span-1 (views: valid while the bank is)."""
+        key = (name, span)
+        if key not in self._heads:
+            self._heads[key] = head(self.bank.modules[name], span)
+        return self._heads[key]
 
     def _factors(
         self, active: Composition, name: str, stack: ModuleStack, gates: Tensor
