@@ -27,7 +27,7 @@ from registry import AdapterError, AdapterShapeError, BaseModelMismatchError, Lo
 class ModuleStack:
     A_cat: Tensor  # (R, d_in)
     B_cat: Tensor  # (d_out, R), scaling folded in
-    slot: Tensor  # (R,) long: which adapter each rank row belongs to
+    slot: Tensor  # (R,) long, ascending: which adapter each rank row belongs to
     A_pad: Tensor  # (n, r, d_in)
     B_pad: Tensor  # (n, d_out, r), scaling folded in
 

@@ -233,9 +233,9 @@ class Composer:
         gates = self._check(gates)
         fusion = _modes(mode, len(gates))
         path = _choose_path(path, gates, fusion, merge)
-        return Composition(
-            fusion, path, gates, None, _max_nonzero(gates), _span(gates), bool(fusion.any())
-        )
+        # A gate that needs a gradient has one even at zero: the span then holds them all.
+        span = len(self.bank) if gates.requires_grad else _span(gates)
+        return Composition(fusion, path, gates, None, _max_nonzero(gates), span, bool(fusion.any()))
 
     @contextmanager
     def use(self, composition: Composition) -> Iterator[None]:
@@ -282,6 +282,8 @@ class Composer:
         if active is None or active.path == ComputePath.merged:  # merged: in the weights
             return out
         stack = self.stack_for(name, active.span)
+        if not len(stack.slot):  # no adapter in the span has this module
+            return out
         x3, out3 = (x, out) if x.dim() == 3 else (x.unsqueeze(1), out.unsqueeze(1))
         if active.token_gate is not None:
             gates = active.token_gate(name, x3).to(x3.dtype)

@@ -368,6 +368,43 @@ def test_gates_that_need_gradients_get_them_even_when_every_row_is_the_same() ->
     composer.detach()
 
 
+def test_a_zero_gate_after_the_last_used_still_gets_its_gradient() -> None:
+    torch.manual_seed(0)
+    model, adapters = OneLayer(), layer_adapters()
+    x = torch.randn(2, 3, 12)
+    gates = torch.tensor([[0.5, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]], requires_grad=True)
+    with Composer.attach(model, adapters).compose(gates, path="dense"):
+        model(x).square().sum().backward()
+    gates64 = gates.detach().double().requires_grad_()
+    float64_mixture(model, adapters, x, gates64).square().sum().backward()
+    torch.testing.assert_close(gates.grad.double(), gates64.grad, atol=1e-3, rtol=1e-4)
+    assert gates.grad[:, 1:].abs().sum() > 0
+
+
+@pytest.mark.parametrize("path", ["auto", "dense", "gathered"])
+def test_a_module_no_adapter_in_the_span_has_gets_nothing(path: str) -> None:
+    """Adapter 0 lacks `second`, and only adapter 0 is used: `second` stays the base layer."""
+    torch.manual_seed(0)
+    model = nn.Sequential(OneLayer(12, 12), OneLayer(12, 10))
+    g = torch.Generator().manual_seed(1)
+
+    def module(d_out: int) -> LoraModule:
+        return LoraModule(torch.randn(2, 12, generator=g), torch.randn(d_out, 2, generator=g), 2.0)
+
+    adapters = [
+        LoraAdapter({"0.proj": module(12)}),
+        LoraAdapter({"0.proj": module(12), "1.proj": module(10)}),
+    ]
+    x = torch.randn(2, 1, 12)
+    first, second = model[0].proj, model[1].proj
+    w = first.weight.double() + adapters[0].delta("0.proj", torch.float64)
+    expected = (x.double() @ w.T + first.bias.double()) @ second.weight.double().T
+    composer = Composer.attach(model, adapters)
+    with torch.no_grad(), composer.compose(torch.tensor([[1.0, 0.0]] * 2), path=path, merge=False):
+        got = model(x)
+    torch.testing.assert_close(got.double(), expected + second.bias.double(), atol=1e-5, rtol=1e-5)
+
+
 def test_mixture_and_fusion_rows_share_one_pass_and_equal_each_row_alone() -> None:
     torch.manual_seed(0)
     model, adapters = OneLayer(), layer_adapters()
