@@ -55,8 +55,15 @@ from router.background import (
     truncate,
 )
 from router.classifier import fit_linear, softmax_rows
-from router.heads import HeadTable, ShortlistConfig, background_heads, score, shared_precision
-from router.task import TaskRouter, TaskRouterConfig, adapter_fit
+from router.heads import (
+    HeadTable,
+    ShortlistConfig,
+    adapter_fit,
+    background_heads,
+    score,
+    shared_precision,
+)
+from router.task import TaskRouter, TaskRouterConfig
 
 README_EXAMPLE = "What is the capital of France?"  # the README's first `auto` prompt
 SPLIT = RESULTS / "openworld" / "split.json"
@@ -187,9 +194,7 @@ def make_context(zoo: Zoo, background: tuple[np.ndarray, np.ndarray], C: float =
     y = np.concatenate([zoo.labels, np.full(len(vectors), a)])
     precision = shared_precision(vectors, groups, ShortlistConfig().shrink)
     table = HeadTable(precision)
-    table.sync(
-        {n: n for n in zoo.names}, lambda n: zoo.flat[zoo.labels == zoo.names.index(n)].mean(0)
-    )
+    table.sync({n: n for n in zoo.names}, lambda n: zoo.flat[zoo.labels == zoo.names.index(n)])
     return Context(
         zoo,
         vectors,

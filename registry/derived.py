@@ -4,6 +4,7 @@ entry is recomputed."""
 
 from __future__ import annotations
 
+import glob
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -17,17 +18,25 @@ from registry.peft_format import write_safetensors_atomic
 
 
 def cached_tensors(
-    folder: Path, key: str, make: Callable[[], dict[str, Tensor]]
+    folder: Path, key: str, make: Callable[[], dict[str, Tensor]], replaces: str = ""
 ) -> dict[str, Tensor]:
-    """folder/<key>.safetensors if readable, else `make()` written there atomically."""
+    """folder/<key>.safetensors if readable, else `make()` written there atomically. With
+    `replaces` (a prefix of `key`), writing removes the other entries under that prefix:
+    for tables of which only the latest is read (the task router's heads at 10,000
+    adapters are 170 MB, written again for every change to the catalogue)."""
     found = read_cached(folder, key)
     if found is not None:
         return found
+    if not key.startswith(replaces):
+        raise ValueError(f"cache key {key!r} does not start with {replaces!r}")
     tensors = make()
     folder.mkdir(exist_ok=True)
-    write_safetensors_atomic(
-        {k: v.contiguous() for k, v in tensors.items()}, {}, _path(folder, key)
-    )
+    path = _path(folder, key)
+    write_safetensors_atomic({k: v.contiguous() for k, v in tensors.items()}, {}, path)
+    if replaces:
+        for old in folder.glob(f"{glob.escape(replaces)}*.safetensors"):
+            if old != path:
+                old.unlink(missing_ok=True)
     return tensors
 
 

@@ -529,9 +529,11 @@ class Registry:
             )
         return cur.lastrowid
 
-    def cached_tensors(self, key: str, make: Callable[[], dict[str, Tensor]]) -> dict[str, Tensor]:
+    def cached_tensors(
+        self, key: str, make: Callable[[], dict[str, Tensor]], replaces: str = ""
+    ) -> dict[str, Tensor]:
         """Derived tensors (e.g. Arrow prototypes) under cache/ (see registry.derived)."""
-        return cached_tensors(self.root / "cache", key, make)
+        return cached_tensors(self.root / "cache", key, make, replaces)
 
     def unembedded(self) -> list[str]:
         """Adapters with no embedding from the current embedder (not searchable)."""

@@ -32,9 +32,10 @@ Three things are read from those sets:
   the one decision the router cannot make from similarity alone.
 
 At scale (more adapters than `shortlist.candidates`, background fit) the one classifier
-gives way to per-adapter heads scored over a faiss shortlist (router/heads.py): adding an
-adapter fits its head only, each prompt reads `candidates` heads, and the heads are cached
-in the registry by the catalogue's content, so a restart does not recompute them. Up to
+gives way to per-adapter heads scored over a faiss shortlist (router/heads.py), with each
+adapter's example prototypes to tell siblings apart: adding an adapter fits its head and
+prototypes only, each prompt reads `candidates` of them, and they are cached in the
+registry by the catalogue's content, so a restart does not recompute them. Up to
 `candidates` adapters (the zoo's 24) the decision is the classifier's, exactly as above.
 """
 
@@ -58,7 +59,15 @@ from router.background import (
     shipped_vectors,
 )
 from router.classifier import fit_linear, matmul, softmax_rows
-from router.heads import HeadTable, ShortlistConfig, background_heads, score, shared_precision
+from router.heads import (
+    TABLE_TENSORS,
+    HeadTable,
+    ShortlistConfig,
+    adapter_fit,
+    background_heads,
+    score,
+    shared_precision,
+)
 from router.routing import Routing
 
 
@@ -159,7 +168,6 @@ FITS: dict[FitScore, Callable[[Scores, int, list[int]], float]] = {
 }
 
 
-_HEAD_TENSORS = ("coef", "intercept", "centroids")
 _BACKGROUND_VECTORS: dict[str, torch.Tensor] = {}  # examples key -> (N, d), per process
 
 
@@ -232,18 +240,19 @@ class TaskRouter:
         table, names = self._table, list(metas)
 
         def fitted() -> dict[str, torch.Tensor]:
-            table.sync(keys, lambda n: self.registry.example_vectors(metas[n]).mean(0))
+            table.sync(keys, lambda n: self.registry.example_vectors(metas[n]))
             pos = {n: i for i, n in enumerate(names)}
             index = faiss.serialize_index(table.index())  # HNSW takes seconds to build
-            return {k: torch.from_numpy(getattr(table, k)) for k in _HEAD_TENSORS} | {
+            return {k: torch.from_numpy(getattr(table, k)) for k in TABLE_TENSORS} | {
                 "rows": torch.tensor([pos[n] for n in table.names]),
                 "index": torch.from_numpy(index),
             }
 
-        made = self.registry.cached_tensors(f"task-heads-{stamp}-{cfg.shrink:g}", fitted)
+        family = f"task-heads-{cfg.shrink:g}-{cfg.prototypes}x{cfg.nearest}-"
+        made = self.registry.cached_tensors(family + stamp, fitted, replaces=family)
         held = [names[i] for i in made["rows"].tolist()]
         if table.names != held:  # a cache hit: this catalogue was routed before
-            tensors = {k: made[k].numpy() for k in _HEAD_TENSORS}
+            tensors = {k: made[k].numpy() for k in TABLE_TENSORS}
             index = faiss.deserialize_index(made["index"].numpy())
             table.restore(held, [keys[n] for n in held], tensors, index)
         none = background_heads(table.precision, bg, groups)
@@ -386,15 +395,3 @@ def _scaled_scores(tasks: _Tasks, queries: np.ndarray) -> Scores:
     prob = np.zeros((len(queries), len(tasks.names)), np.float32)
     np.put_along_axis(prob, cand, prob_cand.astype(np.float32), 1)
     return Scores(tasks.names, prob, p_none, None, cand)
-
-
-def adapter_fit(
-    queries: torch.Tensor, vectors: torch.Tensor, mask: torch.Tensor, neighbours: int
-) -> torch.Tensor:
-    """(P, d) unit queries, (A, M, d) unit example vectors with mask (A, M) -> (P, A): the
-    mean cosine of each adapter's `neighbours` nearest examples (fewer if it has fewer)."""
-    sims = torch.einsum("pd,amd->pam", queries, vectors).masked_fill(~mask, float("-inf"))
-    m = min(neighbours, vectors.shape[1])
-    top = sims.topk(m, dim=2).values  # (P, A, m), -inf where an adapter has < m examples
-    counts = mask.sum(1).clamp(max=m)  # (A,)
-    return top.where(top.isfinite(), torch.zeros(())).sum(2) / counts
