@@ -55,15 +55,8 @@ from router.background import (
     truncate,
 )
 from router.classifier import fit_linear, softmax_rows
-from router.heads import (
-    HeadTable,
-    ShortlistConfig,
-    adapter_fit,
-    background_heads,
-    score,
-    shared_precision,
-)
-from router.task import TaskRouter, TaskRouterConfig
+from router.heads import HeadTable, ShortlistConfig, background_heads, score, shared_precision
+from router.task import TaskRouter, TaskRouterConfig, adapter_fit
 
 README_EXAMPLE = "What is the capital of France?"  # the README's first `auto` prompt
 SPLIT = RESULTS / "openworld" / "split.json"
@@ -194,7 +187,9 @@ def make_context(zoo: Zoo, background: tuple[np.ndarray, np.ndarray], C: float =
     y = np.concatenate([zoo.labels, np.full(len(vectors), a)])
     precision = shared_precision(vectors, groups, ShortlistConfig().shrink)
     table = HeadTable(precision)
-    table.sync({n: n for n in zoo.names}, lambda n: zoo.flat[zoo.labels == zoo.names.index(n)])
+    table.sync(
+        {n: n for n in zoo.names}, lambda n: zoo.flat[zoo.labels == zoo.names.index(n)].mean(0)
+    )
     return Context(
         zoo,
         vectors,

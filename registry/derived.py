@@ -4,6 +4,7 @@ entry is recomputed."""
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import re
 from collections.abc import Callable
@@ -36,7 +37,8 @@ def cached_tensors(
     if replaces:
         for old in folder.glob(f"{glob.escape(replaces)}*.safetensors"):
             if old != path:
-                old.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):  # open elsewhere (Windows): left for later
+                    old.unlink(missing_ok=True)
     return tensors
 
 

@@ -32,10 +32,9 @@ Three things are read from those sets:
   the one decision the router cannot make from similarity alone.
 
 At scale (more adapters than `shortlist.candidates`, background fit) the one classifier
-gives way to per-adapter heads scored over a faiss shortlist (router/heads.py), with each
-adapter's example prototypes to tell siblings apart: adding an adapter fits its head and
-prototypes only, each prompt reads `candidates` of them, and they are cached in the
-registry by the catalogue's content, so a restart does not recompute them. Up to
+gives way to per-adapter heads scored over a faiss shortlist (router/heads.py): adding an
+adapter fits its head only, each prompt reads `candidates` heads, and the heads are cached
+in the registry by the catalogue's content, so a restart does not recompute them. Up to
 `candidates` adapters (the zoo's 24) the decision is the classifier's, exactly as above.
 """
 
@@ -59,15 +58,7 @@ from router.background import (
     shipped_vectors,
 )
 from router.classifier import fit_linear, matmul, softmax_rows
-from router.heads import (
-    TABLE_TENSORS,
-    HeadTable,
-    ShortlistConfig,
-    adapter_fit,
-    background_heads,
-    score,
-    shared_precision,
-)
+from router.heads import HeadTable, ShortlistConfig, background_heads, score, shared_precision
 from router.routing import Routing
 
 
@@ -168,6 +159,8 @@ FITS: dict[FitScore, Callable[[Scores, int, list[int]], float]] = {
 }
 
 
+_HEAD_TENSORS = ("coef", "intercept", "centroids")
+HEADS_FORMAT = 1  # the cached head tables' layout
 _BACKGROUND_VECTORS: dict[str, torch.Tensor] = {}  # examples key -> (N, d), per process
 
 
@@ -240,23 +233,32 @@ class TaskRouter:
         table, names = self._table, list(metas)
 
         def fitted() -> dict[str, torch.Tensor]:
-            table.sync(keys, lambda n: self.registry.example_vectors(metas[n]))
+            table.sync(keys, lambda n: self.registry.example_vectors(metas[n]).mean(0))
             pos = {n: i for i, n in enumerate(names)}
             index = faiss.serialize_index(table.index())  # HNSW takes seconds to build
-            return {k: torch.from_numpy(getattr(table, k)) for k in TABLE_TENSORS} | {
+            return {k: torch.from_numpy(getattr(table, k)) for k in _HEAD_TENSORS} | {
                 "rows": torch.tensor([pos[n] for n in table.names]),
                 "index": torch.from_numpy(index),
             }
 
-        family = f"task-heads-{cfg.shrink:g}-{cfg.prototypes}x{cfg.nearest}-"
+        family = self._heads_family()
         made = self.registry.cached_tensors(family + stamp, fitted, replaces=family)
         held = [names[i] for i in made["rows"].tolist()]
-        if table.names != held:  # a cache hit: this catalogue was routed before
-            tensors = {k: made[k].numpy() for k in TABLE_TENSORS}
+        if table.names != held or table.keys != [keys[n] for n in held]:  # a cache hit
+            tensors = {k: made[k].numpy() for k in _HEAD_TENSORS}
             index = faiss.deserialize_index(made["index"].numpy())
             table.restore(held, [keys[n] for n in held], tensors, index)
         none = background_heads(table.precision, bg, groups)
         return _Tasks(table.names, torch.zeros(0), torch.zeros(0), None, None, table, none)
+
+    def _heads_family(self) -> str:
+        """The cache key prefix of this router's head tables: everything they are made of
+        but the catalogue. A new table replaces the family's old ones (only the latest is
+        read); routers made otherwise keep theirs."""
+        cfg, embedder = self.config.shortlist, self.registry.embedder
+        made_of = (HEADS_FORMAT, embedder.id, self.config.C, cfg.shrink, cfg.hnsw_above, cfg.hnsw_m)
+        made_of += (examples_key(embedder, self._background),)
+        return f"task-heads-{hashlib.sha256(repr(made_of).encode()).hexdigest()[:16]}-"
 
     def _background_vectors(self) -> torch.Tensor:
         """Shipped for the default embedder; else embedded once per process and registry
@@ -395,3 +397,15 @@ def _scaled_scores(tasks: _Tasks, queries: np.ndarray) -> Scores:
     prob = np.zeros((len(queries), len(tasks.names)), np.float32)
     np.put_along_axis(prob, cand, prob_cand.astype(np.float32), 1)
     return Scores(tasks.names, prob, p_none, None, cand)
+
+
+def adapter_fit(
+    queries: torch.Tensor, vectors: torch.Tensor, mask: torch.Tensor, neighbours: int
+) -> torch.Tensor:
+    """(P, d) unit queries, (A, M, d) unit example vectors with mask (A, M) -> (P, A): the
+    mean cosine of each adapter's `neighbours` nearest examples (fewer if it has fewer)."""
+    sims = torch.einsum("pd,amd->pam", queries, vectors).masked_fill(~mask, float("-inf"))
+    m = min(neighbours, vectors.shape[1])
+    top = sims.topk(m, dim=2).values  # (P, A, m), -inf where an adapter has < m examples
+    counts = mask.sum(1).clamp(max=m)  # (A,)
+    return top.where(top.isfinite(), torch.zeros(())).sum(2) / counts

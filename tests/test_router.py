@@ -525,7 +525,9 @@ def _table(names, examples, **shortlist):
     table = HeadTable(
         shared_precision(bg, np.repeat(np.arange(20), 30), 0.1), ShortlistConfig(**shortlist)
     )
-    table.sync({n: f"v{i}" for i, n in enumerate(names)}, lambda n: examples[names.index(n)])
+    table.sync(
+        {n: f"v{i}" for i, n in enumerate(names)}, lambda n: examples[names.index(n)].mean(0)
+    )
     return table
 
 
@@ -547,7 +549,7 @@ def test_adding_or_removing_one_adapter_fits_no_other_head() -> None:
     assert table.fitted == 299
     before = dict(zip(table.names, table.coef.copy(), strict=True))
     keys = {n: f"v{i}" for i, n in enumerate(names)}
-    table.sync(keys, lambda n: examples[names.index(n)])
+    table.sync(keys, lambda n: examples[names.index(n)].mean(0))
     assert table.fitted == 300 and table.names[-1] == names[-1]  # one head more
     for n, w in zip(table.names, table.coef, strict=True):
         if n in before:
@@ -576,7 +578,9 @@ def test_past_its_candidates_the_task_router_fits_one_head_per_new_adapter_and_k
     registry.register(tiny_adapter(9), name="poetry", examples=["Write a poem about rain."])
     again = router.route([*prompts, "Write a poem about the sun."], k=1)
     assert router._table.fitted == len(TASKS) + 1  # only the new adapter's head
-    assert len(list((registry.root / "cache").glob("task-heads-*"))) == 1  # the old one gone
+    cache = registry.root / "cache"
+    assert len(list(cache.glob("task-heads-*"))) == 1  # the old one gone, nothing else
+    assert len(list(cache.glob("*.safetensors"))) == len(TASKS) + 2  # 5 example sets, 1 table
     assert [r.adapters[0] for r in again] == [*QUERIES, "poetry"]
     restarted = TaskRouter(registry, cfg)
     assert restarted.route(prompts, k=1) == first[:4]
@@ -606,56 +610,22 @@ def test_heads_scores_stay_finite_when_one_side_wins_by_hundreds_of_nats() -> No
         assert (table.logits(q, cand).argmax(1) == prob.argmax(1)).all()
 
 
-def test_prototypes_are_the_spherical_means_of_separate_clusters() -> None:
-    from router.heads import prototypes, unit
+def test_a_router_sees_an_adapter_re_registered_through_another_router(registry) -> None:
+    """Two routers on one registry: when one writes the table of a changed catalogue, the
+    other restores it rather than keep its own stale heads."""
+    from router import TaskRouter, TaskRouterConfig
+    from router.heads import ShortlistConfig
 
-    rng = np.random.default_rng(0)
-    u, v = unit(rng.standard_normal((2, 16)))
-    cloud = unit(
-        np.concatenate(
-            [u + 0.05 * rng.standard_normal((7, 16)), v + 0.05 * rng.standard_normal((5, 16))]
-        )
+    cfg = TaskRouterConfig(
+        fit_threshold=-1.0, broad_threshold=-1.0, shortlist=ShortlistConfig(candidates=2)
     )
-    made = prototypes(cloud, 2)
-    want = np.stack([cloud[:7].astype(np.float64).sum(0), cloud[7:].astype(np.float64).sum(0)])
-    want /= np.linalg.norm(want, axis=1, keepdims=True)
-    np.testing.assert_allclose(made[np.argsort(-made @ u)], want, atol=1e-6)
-    np.testing.assert_array_equal(prototypes(cloud[:3], 4), cloud[:3])  # no more than m
-
-
-def test_prototypes_tell_apart_two_adapters_with_the_same_mean_and_leave_p_none() -> None:
-    """Siblings: A's examples spread along one direction, B's along another, about the same
-    centre. Their heads (means) cannot tell A's prompts from B's; their prototypes can,
-    and P(none) does not move."""
-    from router.heads import HeadTable, ShortlistConfig, score, shared_precision, unit
-
-    rng = np.random.default_rng(3)
-    d = 64
-    centre, along_a, along_b = unit(rng.standard_normal((3, d)))
-    sides = np.repeat([1.0, -1.0], 8)[:, None]
-
-    def inputs(along: np.ndarray, n: int = 16) -> np.ndarray:
-        return unit(centre + 0.6 * sides[:n] * along + 0.02 * rng.standard_normal((n, d)))
-
-    pool = {"a": inputs(along_a), "b": inputs(along_b)}
-    pool |= {
-        f"other{i}": unit(c + 0.05 * rng.standard_normal((16, d)))
-        for i, c in enumerate(unit(rng.standard_normal((6, d))))
-    }
-    bg = rng.standard_normal((200, d)).astype(np.float32)
-    precision = shared_precision(bg, np.repeat(np.arange(10), 20), 0.1)
-    none = (np.zeros((1, d), np.float32), np.zeros(1, np.float32))
-    queries = np.concatenate([inputs(along_a), inputs(along_b)])
-    want = np.repeat([0, 1], 16)
-
-    def routed(weight: float):
-        table = HeadTable(precision, ShortlistConfig(prototype_weight=weight))
-        table.sync({n: n for n in pool}, pool.__getitem__)
-        cand, prob, p_none = score(table, none, queries)
-        return cand[np.arange(len(queries)), prob.argmax(1)], p_none
-
-    heads_alone, p_none_alone = routed(0.0)
-    with_prototypes, p_none = routed(ShortlistConfig().prototype_weight)
-    assert (heads_alone == want).mean() < 0.8  # the heads cannot tell them apart
-    np.testing.assert_array_equal(with_prototypes, want)
-    np.testing.assert_array_equal(p_none, p_none_alone)
+    first, second = TaskRouter(registry, cfg), TaskRouter(registry, cfg)
+    first.route(["What is 8 plus 13?"])
+    registry.register(
+        tiny_adapter(1), name="translation", examples=["Write a poem about rain."], replace=True
+    )
+    second.route(["What is 8 plus 13?"])
+    (poem,) = first.route(["Write a poem about the sun."], k=1)
+    assert first._table.keys == second._table.keys
+    np.testing.assert_array_equal(first._table.coef, second._table.coef)
+    assert poem.adapters == ("translation",)
