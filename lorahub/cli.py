@@ -233,6 +233,11 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+# the commands that may make the registry they are given; the others only read one, and a
+# mistyped --registry is an error, not a new empty registry
+MAKE_A_REGISTRY = frozenset({"register", "demo"})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["lm-eval"]:  # every later flag is the harness's own
@@ -240,6 +245,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     args.registry_given = args.registry is not None
     args.registry = args.registry or default_registry()
+    if (
+        args.registry_given
+        and args.command not in MAKE_A_REGISTRY
+        and not Path(args.registry).exists()
+    ):
+        print(
+            f"loraplex: error: no registry at {args.registry} "
+            f"(`loraplex register SOURCE --registry {args.registry}` makes one)",
+            file=sys.stderr,
+        )
+        return 1
     if getattr(args, "k", 1) <= 0:
         print("loraplex: error: -k must be positive", file=sys.stderr)
         return 2

@@ -250,6 +250,7 @@ def test_every_user_mistake_is_one_line_and_exit_1(
     (tmp_path / "mc.jsonl").write_text('{"input": "pick", "options": [], "answer": 0}\n')
     args, needle = MISTAKES[mistake]
     args = [a.format(tmp=tmp_path, model=tiny_model_dir) for a in args]
+    (tmp_path / "reg").mkdir()  # an empty registry: the mistake is another
     code, out, err = run(capsys, *args, "--registry", str(tmp_path / "reg"))
     assert (code, out) == (1, "") and needle in err, err
     assert len(err.strip().splitlines()) == 1 and err.startswith("loraplex: error: ")
@@ -369,3 +370,13 @@ def test_route_takes_many_prompts_from_arguments_a_file_and_stdin(
     assert from_stdin == one_by_one  # the same routing as one prompt per call
     code, _, err = run(capsys, "route", *reg)
     assert code == 1 and "no prompts" in err
+
+
+@pytest.mark.parametrize("command", [["route", "What is 2 plus 2?"], ["list"], ["serve"]])
+def test_a_missing_registry_is_an_error_not_a_new_empty_one(
+    tmp_path: Path, command: list[str], capsys
+) -> None:
+    missing = tmp_path / "typo"
+    assert main([*command, "--registry", str(missing)]) == 1
+    assert "no registry at" in capsys.readouterr().err
+    assert not missing.exists()

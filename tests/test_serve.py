@@ -550,6 +550,16 @@ BAD = {
         400,
         "messages",
     ),
+    "min_tokens over max_tokens": (
+        json.dumps({"model": "math", "messages": [{"role": "user", "content": "x"}], "max_tokens": 3, "min_tokens": 10}).encode(),
+        400,
+        "min_tokens",
+    ),
+    "min_tokens over the server's default max_tokens": (
+        json.dumps({"model": "math", "messages": [{"role": "user", "content": "x"}], "min_tokens": 10**6}).encode(),
+        400,
+        "min_tokens",
+    ),
     "too many adapters": (
         json.dumps({"model": "auto", "messages": [{"role": "user", "content": "x"}], "loraplex": {"adapters": {f"a{i}": 1.0 for i in range(17)}}}).encode(),
         400,
@@ -585,6 +595,8 @@ BAD_COMPLETIONS = {
     "a streamed list": ({"prompt": ["x", "y"], "stream": True}, "stream", None),
     "a streamed echo": ({"echo": True, "stream": True}, "stream", None),
     "max_tokens 0 without echo": ({"max_tokens": 0}, "max_tokens", None),
+    "min_tokens over max_tokens": ({"min_tokens": 6}, "min_tokens", None),
+    "min_tokens over the server's default": ({"max_tokens": None, "min_tokens": 10**6}, "min_tokens", None),
     "negative max_tokens": ({"max_tokens": -1, "echo": True}, "max_tokens", None),
     "prompt_logprobs": ({"prompt_logprobs": 1}, "prompt_logprobs", "unsupported"),
     "suffix": ({"suffix": "y"}, "suffix", "unsupported"),

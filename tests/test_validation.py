@@ -76,7 +76,6 @@ def test_the_prompt_check_names_the_first_problem() -> None:
         ({"prompt": ["x", "y"], "stream": True}, "stream"),
         ({"echo": True, "stream": True}, "stream"),
         ({"max_tokens": 0}, "max_tokens"),
-        ({"max_tokens": 2, "min_tokens": 3}, "min_tokens"),
         ({"stop": [f"s{i}" for i in range(LIMITS.max_stops + 1)]}, "stop"),
     ],
 )
@@ -176,3 +175,23 @@ def test_error_texts_for_clients_leave_server_paths_out(text: str) -> None:
     assert not any(part in error.message for part in ("/home", "Users", "blobs", "/srv", "reg"))
     client_fault = event_error(Event("error", error="too long for /x/y", status=400, code="c"))
     assert (client_fault.status, client_fault.code) == (400, "c")
+
+
+@pytest.mark.parametrize(
+    "kind, fields",
+    [
+        (p.ChatRequest, {"n": None, "stream": None, "logprobs": None, "min_tokens": None}),
+        (p.CompletionRequest, {"n": None, "stream": None, "echo": None, "logprobs": None}),
+    ],
+)
+def test_a_field_sent_as_null_takes_its_default(kind: type, fields: dict) -> None:
+    base = (
+        {"messages": [{"role": "user", "content": "x"}]}
+        if kind is p.ChatRequest
+        else {"prompt": "x"}
+    )
+    req = validated(json.dumps({"model": "m", **base, **fields}).encode(), kind)
+    assert all(getattr(req, k) == kind.model_fields[k].default for k in fields)
+    with pytest.raises(p.APIError) as e:  # a null model is still no model
+        validated(json.dumps({"model": None, **base}).encode(), kind)
+    assert (e.value.status, e.value.param) == (400, "model")

@@ -219,8 +219,14 @@ class Serving:
             max_tokens = req.max_completion_tokens or max_tokens
         if max_tokens == 0:  # score the prompt: one token is sampled and not shown
             max_tokens = 1
+        limit = max_tokens or self.config.max_tokens
+        if req.min_tokens > limit:
+            given = "" if max_tokens else " (the server's default)"
+            raise p.APIError(
+                400, f"min_tokens {req.min_tokens} is over max_tokens {limit}{given}", "min_tokens"
+            )
         return Sampling(
-            max_tokens or self.config.max_tokens,
+            limit,
             1.0 if req.temperature is None else req.temperature,  # OpenAI's default
             1.0 if req.top_p is None else req.top_p,
             tuple(req.stops()),

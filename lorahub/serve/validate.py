@@ -142,8 +142,6 @@ def _prompts(req: p.ChatRequest | p.CompletionRequest, limits: Limits) -> None:
         )
     if req.max_tokens == 0 and not req.echo:
         raise p.APIError(400, "max_tokens 0 (score the prompt) needs echo", "max_tokens")
-    if req.max_tokens is not None and req.min_tokens > max(req.max_tokens, 1):
-        raise p.APIError(400, "min_tokens is over max_tokens", "min_tokens")
 
 
 def _adapters(req: p.ChatRequest | p.CompletionRequest, limits: Limits) -> None:
