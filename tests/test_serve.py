@@ -550,6 +550,11 @@ BAD = {
         400,
         "messages",
     ),
+    "top_logprobs without logprobs": (
+        json.dumps({"model": "math", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}).encode(),
+        400,
+        "top_logprobs",
+    ),
     "min_tokens over max_tokens": (
         json.dumps({"model": "math", "messages": [{"role": "user", "content": "x"}], "max_tokens": 3, "min_tokens": 10}).encode(),
         400,

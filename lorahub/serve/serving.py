@@ -130,6 +130,15 @@ def public_message(message: str) -> str:
     return _PATH.sub("<path>", message)
 
 
+def requested_max_tokens(req: Request) -> int | None:
+    """The answer's length the client asked for (None: the server's default); max_tokens 0
+    (score the prompt) samples one token and does not show it."""
+    max_tokens = req.max_tokens
+    if isinstance(req, p.ChatRequest):
+        max_tokens = req.max_completion_tokens or max_tokens
+    return 1 if max_tokens == 0 else max_tokens
+
+
 def event_error(ev: Event) -> p.APIError:
     """The answer to an engine's error event: the client's fault keeps its 4xx; our own
     faults are 5xx without server paths (the full text is in the server log)."""
@@ -170,6 +179,7 @@ class Serving:
         c = self.config
         target = await self.off_loop(resolve, req.model, req.loraplex, self.hub, c.compose, c.k)
         sampling = self._sampling(req)
+        default = requested_max_tokens(req) is None
         chat = isinstance(req, p.ChatRequest)
         if chat:
             (routing,) = await self._route(target, [_last_user_turn(req)])
@@ -184,7 +194,7 @@ class Serving:
         choices = []
         for i, (routing, ids, text) in enumerate(prompts):
             param = "messages" if chat else ("prompt" if len(prompts) == 1 else f"prompt.{i}")
-            check_prompt(len(ids), sampling.max_new_tokens, self.context, param)
+            check_prompt(len(ids), sampling.max_new_tokens, self.context, param, default)
             report = {**routing.to_json(), "compose": str(target.compose), "mode": str(mode)}
             if target.routing is None:
                 report["router"] = c.router
@@ -214,11 +224,7 @@ class Serving:
         return await self.routes.route(texts, target.k, target.compose)
 
     def _sampling(self, req: Request) -> Sampling:
-        max_tokens = req.max_tokens
-        if isinstance(req, p.ChatRequest):
-            max_tokens = req.max_completion_tokens or max_tokens
-        if max_tokens == 0:  # score the prompt: one token is sampled and not shown
-            max_tokens = 1
+        max_tokens = requested_max_tokens(req)
         limit = max_tokens or self.config.max_tokens
         if req.min_tokens > limit:
             given = "" if max_tokens else " (the server's default)"

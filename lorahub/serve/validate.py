@@ -118,6 +118,11 @@ def _messages(req: p.ChatRequest | p.CompletionRequest, limits: Limits) -> None:
             )
 
 
+def _top_logprobs(req: p.ChatRequest | p.CompletionRequest, limits: Limits) -> None:
+    if isinstance(req, p.ChatRequest) and req.top_logprobs is not None and not req.logprobs:
+        raise p.APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+
+
 def _texts(req: p.ChatRequest | p.CompletionRequest, limits: Limits) -> None:
     try:
         req.texts()
@@ -167,6 +172,7 @@ def _unsupported(req: p.ChatRequest | p.CompletionRequest, limits: Limits) -> No
 CHECKS: tuple[Callable[[p.ChatRequest | p.CompletionRequest, Limits], None], ...] = (
     _unsupported,
     _messages,
+    _top_logprobs,
     _texts,
     _prompts,
     _stops,
@@ -192,8 +198,11 @@ def check_token_ids(ids: list[int], vocab: int, param: str) -> None:
         )
 
 
-def check_prompt(n_tokens: int, max_new_tokens: int, context: int, param: str) -> None:
-    """The encoded prompt is at least one token, and it and the answer fit the context."""
+def check_prompt(
+    n_tokens: int, max_new_tokens: int, context: int, param: str, default: bool = False
+) -> None:
+    """The encoded prompt is at least one token, and it and the answer fit the context.
+    `default`: max_new_tokens is the server's default, not the client's max_tokens."""
     if n_tokens == 0:
         raise p.APIError(400, "the prompt is empty after tokenization", param, "empty_prompt")
     if n_tokens >= context:
@@ -206,8 +215,8 @@ def check_prompt(n_tokens: int, max_new_tokens: int, context: int, param: str) -
     if n_tokens + max_new_tokens > context:
         raise p.APIError(
             400,
-            f"max_tokens {max_new_tokens} + the prompt's {n_tokens} tokens exceed the "
-            f"context of {context}",
+            f"max_tokens {max_new_tokens}{' (the server default: send a smaller one)' if default else ''}"
+            f" + the prompt's {n_tokens} tokens exceed the context of {context}",
             "max_tokens",
             "context_length_exceeded",
         )
