@@ -10,8 +10,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cache
 
 import torch
+from tokenizers import decoders
 from torch import Tensor
 
 
@@ -183,12 +185,36 @@ def prompt_logprobs(tokenizer, logits: Tensor, targets: Sequence[int], top: int)
 
 def _entry(tokenizer, logp: Tensor, token: int, top: int) -> dict:
     values, ids = logp.topk(top) if top else (logp[:0], logp[:0].long())
-    alternatives = [
-        {"token": tokenizer.decode([int(i)]), "logprob": float(v)}
-        for v, i in zip(values, ids, strict=True)
-    ]
+    alternatives = [_scored(tokenizer, int(i), float(v)) for v, i in zip(values, ids, strict=True)]
+    return _scored(tokenizer, token, float(logp[token])) | {"top_logprobs": alternatives}
+
+
+def _scored(tokenizer, token: int, logprob: float) -> dict:
     return {
         "token": tokenizer.decode([token]),
-        "logprob": float(logp[token]),
-        "top_logprobs": alternatives,
+        "logprob": logprob,
+        "bytes": token_bytes(tokenizer, token),
     }
+
+
+@cache
+def _byte_of_char() -> dict[str, int]:
+    """Byte-level BPE (GPT-2's, SmolLM2's, Llama 3's) spells each byte as one printable
+    character: the printable Latin-1 bytes as themselves, the others as 256, 257, ... in
+    byte order."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)}
+    printable |= set(range(ord("®"), ord("ÿ") + 1))
+    others = (b for b in range(256) if b not in printable)
+    return {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(others)}
+
+
+def token_bytes(tokenizer, token: int) -> list[int]:
+    """A token's own bytes, as OpenAI's logprobs give them: a token that is part of a
+    character decodes to U+FFFD alone, and its bytes say which part. Other tokenizers than
+    byte-level BPE give the bytes of the token's text."""
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    if isinstance(decoder, decoders.ByteLevel):
+        table, piece = _byte_of_char(), tokenizer.convert_ids_to_tokens(token)
+        if piece and all(c in table for c in piece):
+            return [table[c] for c in piece]
+    return list(tokenizer.decode([token]).encode())

@@ -71,3 +71,23 @@ def test_settled_holds_only_a_real_prefix_of_a_stop() -> None:
     assert settled("hello", ("xyz",)) == "hello"
     assert settled("ab\ufffd", ()) == "ab"
     assert settled("a" * 10, ("b" * 200_000,)) == "a" * 10  # cost bounded by the text
+
+
+def test_a_token_that_is_part_of_a_character_keeps_its_bytes() -> None:
+    """Byte-level BPE with no merges: one token a byte. An emoji's tokens decode to U+FFFD
+    each; their bytes, joined, are the emoji's."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from lorahub.decoding import token_bytes
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    backend = Tokenizer(models.BPE(vocab, []))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend)
+    ids = tok("🍕 ok")["input_ids"]
+    assert len(ids) == 7 and tok.decode(ids[:1]) == "\ufffd"
+    assert b"".join(bytes(token_bytes(tok, i)) for i in ids) == "🍕 ok".encode()
+    chars = char_tokenizer()  # not byte-level: the bytes of the token's text
+    assert token_bytes(chars, chars.convert_tokens_to_ids("~")) == [126]

@@ -405,6 +405,8 @@ def test_logprobs_are_reported(server) -> None:
     assert len(content) == reply.usage.completion_tokens
     assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
     assert all(t.logprob == pytest.approx(t.top_logprobs[0].logprob) for t in content)  # greedy
+    entries = [*content, *(a for t in content for a in t.top_logprobs)]
+    assert all(e.bytes == list(e.token.encode()) for e in entries)  # a character each here
 
 
 # -- many clients ----------------------------------------------------------------------------
