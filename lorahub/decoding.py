@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from functools import cache
 
 import torch
-from tokenizers import decoders
 from torch import Tensor
 
 
@@ -213,7 +212,7 @@ def token_bytes(tokenizer, token: int) -> list[int]:
     character decodes to U+FFFD alone, and its bytes say which part. Other tokenizers than
     byte-level BPE give the bytes of the token's text."""
     decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
-    if isinstance(decoder, decoders.ByteLevel):
+    if type(decoder).__name__ == "ByteLevel":  # tokenizers' class, by name: not a dependency
         table, piece = _byte_of_char(), tokenizer.convert_ids_to_tokens(token)
         if piece and all(c in table for c in piece):
             return [table[c] for c in piece]
