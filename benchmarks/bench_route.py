@@ -41,7 +41,15 @@ from lorahub.zoo import ZOO_TASKS
 from registry import IndexKind, Registry
 from router import ClassifierRouter, Retriever, Routing, SentenceEmbedder
 from router.background import background_tasks, background_texts, shipped_vectors
-from router.heads import HeadTable, ShortlistConfig, background_heads, score, shared_precision, unit
+from router.heads import (
+    HeadTable,
+    ShortlistConfig,
+    background_heads,
+    rescored,
+    score,
+    shared_precision,
+    unit,
+)
 from router.training import RetrieverTrainConfig, train_retriever
 
 N_EXAMPLES, N_TEST, N_TRAIN_EXTRA = 24, 20, 64
@@ -180,16 +188,13 @@ def bench_speed(
 SCALE_SIZES, SCALE_EXAMPLES, SCALE_QUERIES = (100, 1_000, 10_000), 64, 500
 
 
-def synthetic_means(n: int, rng: np.random.Generator, d: int = 384) -> tuple:
-    """n adapters' (n, d) mean example vectors and two held-out examples each (n, 2, d),
-    made 1,000 adapters at a time (10,000 x 64 x 384 floats would be 1 GB)."""
-    means, held = [], []
-    for start in range(0, n, 1000):
-        c = unit(rng.standard_normal((min(1000, n - start), d)))
-        ex = unit(c[:, None] + 0.08 * rng.standard_normal((len(c), SCALE_EXAMPLES + 2, d)))
-        means.append(ex[:, :SCALE_EXAMPLES].mean(1))
-        held.append(ex[:, SCALE_EXAMPLES:])
-    return np.concatenate(means), np.concatenate(held)
+def synthetic_examples(i: int, d: int = 384) -> np.ndarray:
+    """Adapter i's SCALE_EXAMPLES + 2 unit example vectors (the last 2 held out), scattered
+    about a random direction of its own; made on demand, as 10,000 x 64 x 384 floats would
+    be 1 GB."""
+    rng = np.random.default_rng(i)
+    centre = unit(rng.standard_normal(d))
+    return unit(centre + 0.08 * rng.standard_normal((SCALE_EXAMPLES + 2, d)))
 
 
 def bench_scale(sizes: tuple[int, ...], emb: SentenceEmbedder) -> list[dict]:
@@ -212,20 +217,19 @@ def bench_scale(sizes: tuple[int, ...], emb: SentenceEmbedder) -> list[dict]:
     rows = []
     for n in sizes:
         rng = np.random.default_rng(n)
-        means, held = synthetic_means(n + 1, rng)
         keys = {f"{i}": "synthetic" for i in range(n + 1)}
-        mean_of = lambda m, means=means: means[int(m)]  # noqa: E731
+        examples_of = lambda m: synthetic_examples(int(m))[:SCALE_EXAMPLES]  # noqa: E731
         table = HeadTable(precision, cfg)
         start = time.perf_counter()
-        table.sync(dict(list(keys.items())[:n]), mean_of)
+        table.sync(dict(list(keys.items())[:n]), examples_of)
         table.index()
         build_s = time.perf_counter() - start
         start = time.perf_counter()
-        table.sync(keys, mean_of)  # one adapter more
+        table.sync(keys, examples_of)  # one adapter more
         table.index()
         add_one_ms = (time.perf_counter() - start) * 1000
         picks = rng.choice(n, SCALE_QUERIES)
-        queries = held[picks, 0]
+        queries = np.stack([synthetic_examples(int(i))[SCALE_EXAMPLES] for i in picks])
         ms = []
         for q in queries:
             start = time.perf_counter()
@@ -234,7 +238,9 @@ def bench_scale(sizes: tuple[int, ...], emb: SentenceEmbedder) -> list[dict]:
         cand, prob, _ = score(table, none, queries)
         rows_of = np.array([int(m) for m in table.names])  # table row -> adapter
         top1 = rows_of[cand[np.arange(len(queries)), prob.argmax(1)]]
-        exact = rows_of[(queries @ table.coef.T + table.intercept).argmax(1)]  # every head
+        every = np.tile(np.arange(len(table.names)), (len(queries), 1))  # no shortlist
+        heads_z = (queries @ table.coef.T + table.intercept).astype(np.float64)
+        exact = rows_of[rescored(table, queries, every, heads_z).argmax(1)]
         rows.append(
             {
                 "adapters": n,

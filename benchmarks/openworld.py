@@ -187,9 +187,7 @@ def make_context(zoo: Zoo, background: tuple[np.ndarray, np.ndarray], C: float =
     y = np.concatenate([zoo.labels, np.full(len(vectors), a)])
     precision = shared_precision(vectors, groups, ShortlistConfig().shrink)
     table = HeadTable(precision)
-    table.sync(
-        {n: n for n in zoo.names}, lambda n: zoo.flat[zoo.labels == zoo.names.index(n)].mean(0)
-    )
+    table.sync({n: n for n in zoo.names}, lambda n: zoo.flat[zoo.labels == zoo.names.index(n)])
     return Context(
         zoo,
         vectors,

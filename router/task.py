@@ -32,8 +32,9 @@ Three things are read from those sets:
   the one decision the router cannot make from similarity alone.
 
 At scale (more adapters than `shortlist.candidates`, background fit) the one classifier
-gives way to per-adapter heads scored over a faiss shortlist (router/heads.py): adding an
-adapter fits its head only, each prompt reads `candidates` heads, and the heads are cached
+gives way to per-adapter heads scored over a faiss shortlist (router/heads.py), the likeliest
+few re-scored under their own examples' spread: adding an adapter fits its head (and keeps
+its spread) only, each prompt reads `candidates` heads, and the heads are cached
 in the registry by the catalogue's content, so a restart does not recompute them. Up to
 `candidates` adapters (the zoo's 24) the decision is the classifier's, exactly as above.
 """
@@ -58,7 +59,14 @@ from router.background import (
     shipped_vectors,
 )
 from router.classifier import fit_linear, matmul, softmax_rows
-from router.heads import HeadTable, ShortlistConfig, background_heads, score, shared_precision
+from router.heads import (
+    TENSORS,
+    HeadTable,
+    ShortlistConfig,
+    background_heads,
+    score,
+    shared_precision,
+)
 from router.routing import Routing
 
 
@@ -159,8 +167,7 @@ FITS: dict[FitScore, Callable[[Scores, int, list[int]], float]] = {
 }
 
 
-_HEAD_TENSORS = ("coef", "intercept", "centroids")
-HEADS_FORMAT = 1  # the cached head tables' layout
+HEADS_FORMAT = 2  # the cached head tables' layout (2: each adapter's spread kept)
 _BACKGROUND_VECTORS: dict[str, torch.Tensor] = {}  # examples key -> (N, d), per process
 
 
@@ -233,10 +240,10 @@ class TaskRouter:
         table, names = self._table, list(metas)
 
         def fitted() -> dict[str, torch.Tensor]:
-            table.sync(keys, lambda n: self.registry.example_vectors(metas[n]).mean(0))
+            table.sync(keys, lambda n: self.registry.example_vectors(metas[n]))
             pos = {n: i for i, n in enumerate(names)}
             index = faiss.serialize_index(table.index())  # HNSW takes seconds to build
-            return {k: torch.from_numpy(getattr(table, k)) for k in _HEAD_TENSORS} | {
+            return {k: torch.from_numpy(getattr(table, k)) for k in TENSORS} | {
                 "rows": torch.tensor([pos[n] for n in table.names]),
                 "index": torch.from_numpy(index),
             }
@@ -245,7 +252,7 @@ class TaskRouter:
         made = self.registry.cached_tensors(family + stamp, fitted, replaces=family)
         held = [names[i] for i in made["rows"].tolist()]
         if table.names != held or table.keys != [keys[n] for n in held]:  # a cache hit
-            tensors = {k: made[k].numpy() for k in _HEAD_TENSORS}
+            tensors = {k: made[k].numpy() for k in TENSORS}
             index = faiss.deserialize_index(made["index"].numpy())
             table.restore(held, [keys[n] for n in held], tensors, index)
         none = background_heads(table.precision, bg, groups)
@@ -256,7 +263,8 @@ class TaskRouter:
         but the catalogue. A new table replaces the family's old ones (only the latest is
         read); routers made otherwise keep theirs."""
         cfg, embedder = self.config.shortlist, self.registry.embedder
-        made_of = (HEADS_FORMAT, embedder.id, self.config.C, cfg.shrink, cfg.hnsw_above, cfg.hnsw_m)
+        made_of = (HEADS_FORMAT, embedder.id, self.config.C, cfg.shrink, cfg.rank)
+        made_of += (cfg.hnsw_above, cfg.hnsw_m)
         made_of += (examples_key(embedder, self._background),)
         return f"task-heads-{hashlib.sha256(repr(made_of).encode()).hexdigest()[:16]}-"
 

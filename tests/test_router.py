@@ -525,9 +525,7 @@ def _table(names, examples, **shortlist):
     table = HeadTable(
         shared_precision(bg, np.repeat(np.arange(20), 30), 0.1), ShortlistConfig(**shortlist)
     )
-    table.sync(
-        {n: f"v{i}" for i, n in enumerate(names)}, lambda n: examples[names.index(n)].mean(0)
-    )
+    table.sync({n: f"v{i}" for i, n in enumerate(names)}, lambda n: examples[names.index(n)])
     return table
 
 
@@ -549,7 +547,7 @@ def test_adding_or_removing_one_adapter_fits_no_other_head() -> None:
     assert table.fitted == 299
     before = dict(zip(table.names, table.coef.copy(), strict=True))
     keys = {n: f"v{i}" for i, n in enumerate(names)}
-    table.sync(keys, lambda n: examples[names.index(n)].mean(0))
+    table.sync(keys, lambda n: examples[names.index(n)])
     assert table.fitted == 300 and table.names[-1] == names[-1]  # one head more
     for n, w in zip(table.names, table.coef, strict=True):
         if n in before:
@@ -629,3 +627,93 @@ def test_a_router_sees_an_adapter_re_registered_through_another_router(registry)
     assert first._table.keys == second._table.keys
     np.testing.assert_array_equal(first._table.coef, second._table.coef)
     assert poem.adapters == ("translation",)
+
+
+def test_local_logits_equal_lda_under_the_candidates_pooled_spread_in_float64() -> None:
+    """The Woodbury path against the dense float64 oracle: LDA with the covariance
+    lam * shared + (1 - lam) / (n - m) * (the candidates' pooled rank-r scatter)."""
+    from router.heads import heads, local_logits
+
+    def best_rank4_scatter(x: np.ndarray) -> np.ndarray:
+        _, s, vt = np.linalg.svd((x - x.mean(0)).astype(np.float64), full_matrices=False)
+        return (s[:4, None] * vt[:4]).T @ (s[:4, None] * vt[:4])
+
+    names, examples = _synthetic_pool(12, d=24, m=10)
+    table = _table(names, examples, rank=4, local_prior=40.0)
+    ids = np.array([2, 5, 7, 11])
+    queries = examples[ids, 0] + 0.01
+    head = queries @ table.coef[ids].T + table.intercept[ids]
+    got = local_logits(table, ids, queries.astype(np.float64) @ table.root(), head)
+
+    n, cfg = 10 * len(ids), table.config
+    lam = max(cfg.local_shrink, cfg.local_prior / (cfg.local_prior + n))
+    scatter = sum(best_rank4_scatter(examples[i]) for i in ids)
+    cov = lam * np.linalg.inv(table.precision) + (1 - lam) / (n - len(ids)) * scatter
+    coef, intercept = heads(np.linalg.inv(cov), examples[ids].mean(1))
+    np.testing.assert_allclose(got, queries @ coef.T + intercept, rtol=1e-4, atol=1e-3)
+    assert not np.allclose(got, head, rtol=0.05)  # it is not the heads' own answer
+
+
+def test_an_adapters_spread_is_its_best_low_rank_scatter_with_few_or_many_examples() -> None:
+    from router.heads import spread
+
+    rng = np.random.default_rng(0)
+    for n in (1, 3, 64, 500):  # fewer examples than dimensions, and more
+        x = rng.standard_normal((n, 40)).astype(np.float32)
+        x64 = x.astype(np.float64)
+        _, s, vt = np.linalg.svd(x64 - x64.mean(0), full_matrices=False)
+        want = (s[:8, None] * vt[:8]).T @ (s[:8, None] * vt[:8])
+        got = spread(x, 8)
+        assert got.shape == (8, 40)
+        np.testing.assert_allclose(got.T @ got, want, atol=1e-9)
+
+
+def test_rescoring_reorders_the_likeliest_candidates_but_keeps_their_mass() -> None:
+    from router.heads import score
+
+    names, examples = _synthetic_pool(80, d=32, m=12)
+    q = examples[:, 0] + 0.05 * np.random.default_rng(3).standard_normal(examples[:, 0].shape)
+    d = q.shape[1]
+    none = (np.zeros((2, d), np.float32), np.zeros(2, np.float32))
+    plain = _table(names, examples, candidates=16, rescore=0)
+    local = _table(names, examples, candidates=16, rescore=4)
+    cand0, prob0, none0 = score(plain, none, q)
+    cand1, prob1, none1 = score(local, none, q)
+    np.testing.assert_array_equal(cand0, cand1)
+    np.testing.assert_allclose(none1, none0, rtol=1e-9)  # P(none): the decision stays
+    top = np.argsort(-prob0, axis=1)[:, :4]
+    for p0, p1, t in zip(prob0, prob1, top, strict=True):
+        np.testing.assert_allclose(p1[t].sum(), p0[t].sum(), rtol=1e-9)
+        rest = np.setdiff1d(np.arange(16), t)
+        np.testing.assert_allclose(p1[rest], p0[rest], rtol=1e-9)
+    assert not np.allclose(prob0, prob1)
+
+
+def test_rescoring_tells_apart_siblings_that_the_shared_covariance_confuses() -> None:
+    """Two sibling tasks whose means differ a little along e0 and whose examples spread
+    widely along (e0 + e1) / sqrt(2). The shared covariance (an isotropic background)
+    reads e0 alone, swamped by that spread; the candidates' own spread shows that e0 - e1
+    separates them."""
+    from router.heads import HeadTable, ShortlistConfig, score, shared_precision
+
+    d, rng = 16, np.random.default_rng(0)
+    e, v = np.eye(d), (np.eye(d)[0] + np.eye(d)[1]) / np.sqrt(2)
+    bg = 0.05 * rng.standard_normal((400, d))
+
+    def examples(mean: np.ndarray, n: int) -> np.ndarray:
+        along = rng.standard_normal((n, 1)) * v
+        return (mean + along + 0.01 * rng.standard_normal((n, d))).astype(np.float32)
+
+    pool = {"four": examples(0.1 * e[0], 1000), "five": examples(-0.1 * e[0], 1000)}
+    pool |= {f"other{i}": examples(5 * e[2 + i], 16) for i in range(6)}
+    queries = np.concatenate([examples(0.1 * e[0], 100), examples(-0.1 * e[0], 100)])
+    want = np.repeat([0, 1], 100)
+    none = (np.zeros((1, d), np.float32), np.full(1, -1e4, np.float32))
+    right = {}
+    for rescore in (0, 2):
+        precision = shared_precision(bg, np.repeat(np.arange(20), 20), 0.1)
+        table = HeadTable(precision, ShortlistConfig(rescore=rescore))
+        table.sync({n: n for n in pool}, pool.__getitem__)
+        cand, prob, _ = score(table, none, queries)
+        right[rescore] = (cand[np.arange(200), prob.argmax(1)] == want).mean()
+    assert right[0] < 0.75 and right[2] > 0.95, right
