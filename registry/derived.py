@@ -24,7 +24,7 @@ def cached_tensors(
     """folder/<key>.safetensors if readable, else `make()` written there atomically. With
     `replaces` (a prefix of `key`), writing removes the other entries under that prefix:
     for tables of which only the latest is read (the task router's heads at 10,000
-    adapters are about 50 MB, written again for every change to the catalogue)."""
+    adapters are about 310 MB, written again for every change to the catalogue)."""
     found = read_cached(folder, key)
     if found is not None:
         return found

@@ -16,12 +16,14 @@ adding an adapter refits all of them, and each prompt is scored against all of t
 - a local re-scoring of the heads' `rescore` likeliest candidates. One covariance for every
   class cannot tell apart siblings whose means nearly coincide (4- and 5-digit addition):
   they differ along directions in which their own examples spread. The candidates' own
-  spread (each adapter's `rank` main directions, kept with its head) is pooled and shrunk
-  toward the shared covariance, the more the fewer examples it comes from, and the
-  candidates are scored again by LDA under it (`local_logits`). They keep the probability
-  mass the heads gave them: P(none) and the decision do not move, only the order among
-  them. Chosen on the zoo's validation prompts beside 1,000 distractors, with the zoo's
-  examples also thinned so that an adapter with few examples loses nothing
+  spread (each adapter's `rank` main directions in the whitened coordinates where LDA
+  compares, and the rest of its spread's trace, spread evenly) is pooled and shrunk toward
+  the shared covariance, the more the fewer examples it comes from, and the candidates
+  are scored again by LDA under it (`local_logits`). They keep the probability mass the
+  heads gave them: P(none) and the decision do not move, only the order among them. With
+  few examples the shrinkage leaves the heads nearly as they were; the gain is where
+  adapters carry many. Chosen on the zoo's validation prompts beside 1,000 distractors,
+  with the zoo's examples also thinned, to see what adapters with few examples lose
   (benchmarks/tune_rescore.py, results/tune_rescore.json).
 """
 
@@ -58,12 +60,13 @@ class ShortlistConfig:
     hnsw_m: int = 32
     ef_search: int = 128
     shrink: float = 0.1
-    # benchmarks/tune_rescore.py, results/tune_rescore.json (validation): +1.0 points of
-    # top-1 on average over eight cells (zoo beside 1,000 distractors or alone, examples as
-    # registered or thinned), -0.4 in the worst
-    rescore: int = 16
-    rank: int = 8
-    local_shrink: float = 0.3
+    # benchmarks/tune_rescore.py, results/tune_rescore.json (validation, systems up to
+    # 128-square): top-1 +4.4 points beside 1,000 distractors, +0.8 on average over eight
+    # cells (zoo beside the distractors or alone, examples as registered or thinned), -0.1
+    # in the worst
+    rescore: int = 8
+    rank: int = 16
+    local_shrink: float = 0.5
     local_prior: float = 512.0
 
     def __post_init__(self) -> None:
@@ -107,10 +110,11 @@ def background_heads(
     return coef, intercept - np.float32(np.log(len(labels)))
 
 
-def spread(examples: np.ndarray, rank: int) -> np.ndarray:
+def spread(examples: np.ndarray, rank: int) -> tuple[np.ndarray, float]:
     """(n, d) examples -> (rank, d) F whose F^T F is the best rank-`rank` approximation of
-    their scatter about their mean (zero rows past its rank), from the eigenvectors of
-    the smaller Gram matrix of the centred examples: (n, n) when n < d, else (d, d)."""
+    their scatter about their mean (zero rows past its rank), and the trace of the
+    scatter that F leaves out. From the eigenvectors of the smaller Gram matrix of the
+    centred examples: (n, n) when n < d, else (d, d)."""
     centred = examples.astype(np.float64) - examples.mean(0, dtype=np.float64)
     out = np.zeros((rank, examples.shape[1]))
     if len(centred) < centred.shape[1]:
@@ -120,14 +124,14 @@ def spread(examples: np.ndarray, rank: int) -> np.ndarray:
         values, vectors = np.linalg.eigh(matmul(centred.T, centred))
         top = np.sqrt(values[::-1][:rank].clip(min=0))[:, None] * vectors[:, ::-1][:, :rank].T
     out[: len(top)] = top
-    return out
+    return out, max(float((centred**2).sum() - (top**2).sum()), 0.0)
 
 
 def unit(x: np.ndarray) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=-1, keepdims=True).clip(min=1e-12)).astype(np.float32)
 
 
-TENSORS = ("coef", "intercept", "centroids", "whitened", "spread", "counts")
+TENSORS = ("coef", "intercept", "centroids", "whitened", "spread", "leftover", "counts")
 
 
 @dataclass
@@ -136,8 +140,9 @@ class HeadTable:
     names what its head was made from (its examples), so an unchanged adapter is kept.
     `fitted` counts heads computed since creation: the evidence that a change fits only
     what changed. Per adapter, in the shared covariance's whitened coordinates (`root`):
-    its mean (`whitened`, (A, d)) and the main directions of its examples' spread
-    (`spread`, (A, rank, d), see `spread`); `counts` its number of examples."""
+    its mean (`whitened`, (A, d)), the main directions of its examples' spread
+    (`spread`, (A, rank, d), see `spread`) and the trace of the spread they leave out
+    (`leftover`, (A,)); `counts` its number of examples."""
 
     precision: np.ndarray
     config: ShortlistConfig = field(default_factory=ShortlistConfig)
@@ -148,6 +153,7 @@ class HeadTable:
     centroids: np.ndarray = field(init=False)
     whitened: np.ndarray = field(init=False)
     spread: np.ndarray = field(init=False)
+    leftover: np.ndarray = field(init=False)
     counts: np.ndarray = field(init=False)
     fitted: int = 0
     _index: faiss.Index | None = None
@@ -155,7 +161,7 @@ class HeadTable:
 
     def __post_init__(self) -> None:
         d, rank = self.precision.shape[0], self.config.rank
-        shapes = ((0, d), (0,), (0, d), (0, d), (0, rank, d), (0,))
+        shapes = ((0, d), (0,), (0, d), (0, d), (0, rank, d), (0,), (0,))
         for k, shape in zip(TENSORS, shapes, strict=True):
             setattr(self, k, np.zeros(shape, np.float32))
 
@@ -168,25 +174,17 @@ class HeadTable:
         kept = {self.names[i] for i in keep}
         new = [n for n in keys if n not in kept]
         d, rank, root = self.precision.shape[0], self.config.rank, self.root()
-        fresh = np.zeros((len(new), d), np.float32)
+        fresh, whitened = np.zeros((len(new), d), np.float32), np.zeros((len(new), d), np.float32)
         spreads = np.zeros((len(new), rank, d), np.float32)
-        counts = np.zeros(len(new), np.float32)
+        leftover, counts = np.zeros(len(new), np.float32), np.zeros(len(new), np.float32)
         for i, name in enumerate(new):  # one adapter's examples in memory at a time
             block = examples_of(name)
-            fresh[i], spreads[i], counts[i] = (
-                block.mean(0),
-                matmul(spread(block, rank), root),
-                len(block),
-            )
+            white = matmul(block.astype(np.float64), root)  # where LDA compares them
+            fresh[i], whitened[i], counts[i] = block.mean(0), white.mean(0), len(block)
+            spreads[i], leftover[i] = spread(white, rank)
         coef, intercept = heads(self.precision, fresh)
-        made = {
-            "coef": coef,
-            "intercept": intercept,
-            "centroids": unit(fresh),
-            "whitened": matmul(fresh.astype(np.float64), root).astype(np.float32),
-            "spread": spreads,
-            "counts": counts,
-        }
+        made = {"coef": coef, "intercept": intercept, "centroids": unit(fresh)}
+        made |= {"whitened": whitened, "spread": spreads, "leftover": leftover, "counts": counts}
         self.fitted += len(new)
         added = len(keep) == len(self.names)  # only additions: the index grows in place
         index = self._index if added else None
@@ -267,17 +265,21 @@ def local_logits(
     """Adapters `ids` (m,), queries in whitened coordinates (P, d) and their head logits
     (P, m) -> (P, m): LDA logits under the covariance lam * shared + alpha * S, S the
     adapters' pooled spread (n examples, alpha = (1 - lam) / (n - m)). In whitened
-    coordinates the shared covariance is the identity, so by Woodbury the logit is the
-    head's less a correction from one (m * rank)-square system:
-    (z_a - h_a^T (K K^T + lam / alpha I)^-1 (K u - h_a / 2)) / lam, K the stacked spread,
-    h_a = K nu_a, nu_a the adapter's whitened mean."""
+    coordinates the shared covariance is the identity and S is K^T K (K: the adapters'
+    stacked main directions) plus the trace they leave out, spread evenly (rho I); with
+    lam' = lam + alpha * rho, by Woodbury the logit is the head's less a correction from
+    one (m * rank)-square system:
+    (z_a - h_a^T (K K^T + lam' / alpha I)^-1 (K u - h_a / 2)) / lam', h_a = K nu_a, nu_a
+    the adapter's whitened mean."""
     cfg = table.config
     n = float(table.counts[ids].sum())
     lam = max(cfg.local_shrink, cfg.local_prior / (cfg.local_prior + n))
     if lam >= 1.0:
         return head_logits
+    d = table.spread.shape[2]
     alpha = (1.0 - lam) / max(n - len(ids), 1.0)
-    k = torch.from_numpy(table.spread[ids]).reshape(-1, table.spread.shape[2]).double()
+    lam += alpha * float(table.leftover[ids].sum()) / d
+    k = torch.from_numpy(table.spread[ids]).reshape(-1, d).double()
     h = k @ torch.from_numpy(table.whitened[ids]).double().T  # (R, m)
     t = torch.linalg.solve(k @ k.T + (lam / alpha) * torch.eye(len(k), dtype=k.dtype), h)
     correction = torch.from_numpy(whitened) @ k.T @ t - 0.5 * (h * t).sum(0)

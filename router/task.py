@@ -167,7 +167,7 @@ FITS: dict[FitScore, Callable[[Scores, int, list[int]], float]] = {
 }
 
 
-HEADS_FORMAT = 2  # the cached head tables' layout (2: each adapter's spread kept)
+HEADS_FORMAT = 3  # the cached head tables' layout (3: each adapter's whitened spread kept)
 _BACKGROUND_VECTORS: dict[str, torch.Tensor] = {}  # examples key -> (N, d), per process
 
 

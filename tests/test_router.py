@@ -594,7 +594,7 @@ def test_up_to_its_candidates_the_task_router_uses_the_one_classifier(registry) 
 
 
 def test_heads_scores_stay_finite_when_one_side_wins_by_hundreds_of_nats() -> None:
-    from router.heads import score
+    from router.heads import rescored, score
 
     names, examples = _synthetic_pool(80, m=4)
     table = _table(names, examples, candidates=8)
@@ -605,14 +605,15 @@ def test_heads_scores_stay_finite_when_one_side_wins_by_hundreds_of_nats() -> No
         cand, prob, p_none = score(table, none, q)
         assert np.isfinite(prob).all() and np.allclose(prob.sum(1), 1.0)
         np.testing.assert_allclose(p_none, 1.0 if none_wins else 0.0, atol=1e-6)
-        assert (table.logits(q, cand).argmax(1) == prob.argmax(1)).all()
+        z = rescored(table, q, cand, table.logits(q, cand).astype(np.float64))
+        assert (z.argmax(1) == prob.argmax(1)).all()
 
 
 def test_a_router_sees_an_adapter_re_registered_through_another_router(registry) -> None:
     """Two routers on one registry: when one writes the table of a changed catalogue, the
     other restores it rather than keep its own stale heads."""
     from router import TaskRouter, TaskRouterConfig
-    from router.heads import ShortlistConfig
+    from router.heads import TENSORS, ShortlistConfig
 
     cfg = TaskRouterConfig(
         fit_threshold=-1.0, broad_threshold=-1.0, shortlist=ShortlistConfig(candidates=2)
@@ -625,32 +626,47 @@ def test_a_router_sees_an_adapter_re_registered_through_another_router(registry)
     second.route(["What is 8 plus 13?"])
     (poem,) = first.route(["Write a poem about the sun."], k=1)
     assert first._table.keys == second._table.keys
-    np.testing.assert_array_equal(first._table.coef, second._table.coef)
+    for tensor in TENSORS:
+        np.testing.assert_array_equal(getattr(first._table, tensor), getattr(second._table, tensor))
     assert poem.adapters == ("translation",)
 
 
 def test_local_logits_equal_lda_under_the_candidates_pooled_spread_in_float64() -> None:
-    """The Woodbury path against the dense float64 oracle: LDA with the covariance
-    lam * shared + (1 - lam) / (n - m) * (the candidates' pooled rank-r scatter)."""
-    from router.heads import heads, local_logits
+    """The Woodbury path against a dense float64 oracle, in the shared covariance's
+    whitened coordinates: LDA with the covariance lam * I + alpha * (the candidates'
+    pooled rank-r scatter + the trace it leaves out spread evenly), for adapters with
+    fewer examples than directions kept and with more."""
+    from router.heads import HeadTable, ShortlistConfig, local_logits, shared_precision
 
-    def best_rank4_scatter(x: np.ndarray) -> np.ndarray:
-        _, s, vt = np.linalg.svd((x - x.mean(0)).astype(np.float64), full_matrices=False)
-        return (s[:4, None] * vt[:4]).T @ (s[:4, None] * vt[:4])
-
-    names, examples = _synthetic_pool(12, d=24, m=10)
-    table = _table(names, examples, rank=4, local_prior=40.0)
-    ids = np.array([2, 5, 7, 11])
-    queries = examples[ids, 0] + 0.01
-    head = queries @ table.coef[ids].T + table.intercept[ids]
+    d, rank, rng = 24, 4, np.random.default_rng(0)
+    counts = {"a": 3, "b": 10, "c": 30, "d": 7}
+    pool = {n: rng.standard_normal((c, d)) * rng.uniform(0.2, 2.0, d) for n, c in counts.items()}
+    bg = rng.standard_normal((600, d)) * rng.uniform(0.5, 1.5, d)
+    cfg = ShortlistConfig(rank=rank, local_prior=40.0)
+    table = HeadTable(shared_precision(bg, np.repeat(np.arange(20), 30), 0.1), cfg)
+    table.sync({n: n for n in pool}, lambda n: pool[n].astype(np.float32))
+    ids = np.arange(4)
+    queries = rng.standard_normal((5, d)).astype(np.float32)
+    head = (queries @ table.coef.T + table.intercept).astype(np.float64)
     got = local_logits(table, ids, queries.astype(np.float64) @ table.root(), head)
 
-    n, cfg = 10 * len(ids), table.config
+    root = np.linalg.cholesky(table.precision)
+    n = sum(counts.values())
     lam = max(cfg.local_shrink, cfg.local_prior / (cfg.local_prior + n))
-    scatter = sum(best_rank4_scatter(examples[i]) for i in ids)
-    cov = lam * np.linalg.inv(table.precision) + (1 - lam) / (n - len(ids)) * scatter
-    coef, intercept = heads(np.linalg.inv(cov), examples[ids].mean(1))
-    np.testing.assert_allclose(got, queries @ coef.T + intercept, rtol=1e-4, atol=1e-3)
+    alpha = (1 - lam) / (n - len(ids))
+    scatter, means = np.zeros((d, d)), []
+    for x in pool.values():
+        white = x.astype(np.float32).astype(np.float64) @ root
+        centred = white - white.mean(0)
+        _, s, vt = np.linalg.svd(centred, full_matrices=False)
+        kept = (s[:rank, None] * vt[:rank]).T @ (s[:rank, None] * vt[:rank])
+        scatter += kept + (np.trace(centred.T @ centred) - np.trace(kept)) / d * np.eye(d)
+        means.append(white.mean(0))
+    inverse = np.linalg.inv(lam * np.eye(d) + alpha * scatter)
+    means = np.array(means)
+    u = queries.astype(np.float64) @ root
+    want = u @ inverse @ means.T - 0.5 * np.einsum("ad,de,ae->a", means, inverse, means)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
     assert not np.allclose(got, head, rtol=0.05)  # it is not the heads' own answer
 
 
@@ -661,11 +677,35 @@ def test_an_adapters_spread_is_its_best_low_rank_scatter_with_few_or_many_exampl
     for n in (1, 3, 64, 500):  # fewer examples than dimensions, and more
         x = rng.standard_normal((n, 40)).astype(np.float32)
         x64 = x.astype(np.float64)
-        _, s, vt = np.linalg.svd(x64 - x64.mean(0), full_matrices=False)
+        centred = x64 - x64.mean(0)
+        _, s, vt = np.linalg.svd(centred, full_matrices=False)
         want = (s[:8, None] * vt[:8]).T @ (s[:8, None] * vt[:8])
-        got = spread(x, 8)
+        got, leftover = spread(x, 8)
         assert got.shape == (8, 40)
         np.testing.assert_allclose(got.T @ got, want, atol=1e-9)
+        np.testing.assert_allclose(leftover, (s[8:] ** 2).sum(), atol=1e-8)
+
+
+def test_prompts_sharing_a_candidate_set_in_any_order_are_rescored_as_one_at_a_time() -> None:
+    from router.heads import rescored
+
+    names, examples = _synthetic_pool(30, d=32, m=12)
+    table = _table(names, examples, rescore=4)
+    rng = np.random.default_rng(5)
+    queries = examples[:6, 0]
+    cand = np.stack([rng.permutation(10) for _ in range(6)])  # one set, orders differ
+    z = (np.einsum("pd,pkd->pk", queries, table.coef[cand]) + table.intercept[cand]).astype(
+        np.float64
+    )
+    together = rescored(table, queries, cand, z)
+    alone = np.concatenate(
+        [
+            rescored(table, q[None], c[None], r[None])
+            for q, c, r in zip(queries, cand, z, strict=True)
+        ]
+    )
+    np.testing.assert_allclose(together, alone, rtol=1e-12, atol=1e-9)
+    assert not np.allclose(together, z)
 
 
 def test_rescoring_reorders_the_likeliest_candidates_but_keeps_their_mass() -> None:
