@@ -29,6 +29,7 @@ import json
 import random
 import re
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -841,11 +842,59 @@ def summarize(result: dict) -> dict:
         target("readme_example_right", float(bool(readme["auto"])) if readme else nan, 1.0, ">="),
     ]
     for t in targets:
+        if not t["met"] and t["name"] in WHY_UNMET:
+            t["why"] = WHY_UNMET[t["name"]](groups)
         print(
             f"target {t['name']}: {t['value']:.4g} (goal {t['op']} {t['goal']}) "
             f"{'met' if t['met'] else 'NOT MET'}"
         )
     return {"machine": machine(), "measured": m, "targets": targets, **result}
+
+
+def _decisions(prompts: list[dict]) -> str:
+    return ", ".join(f"{d} {n}" for d, n in Counter(r["decision"] for r in prompts).most_common())
+
+
+def _why_worst_task(groups: dict) -> str:
+    worst = min(groups["reporting"], key=_gap)
+    composed = [r for t in groups["reporting"] for r in t["prompts"] if r["decision"] != "base"]
+    return (
+        f"{worst['task']}: its {len(worst['prompts'])} prompts went {_decisions(worst['prompts'])};"
+        f" {sum(r['vs_base'] < 0 for r in worst['prompts'])} answered worse than the base"
+        f" model, {sum(r['vs_base'] > 0 for r in worst['prompts'])} better. Over the reporting"
+        f" half the {len(composed)} composed prompts came out"
+        f" {sum(r['vs_base'] > 0 for r in composed)} better and"
+        f" {sum(r['vs_base'] < 0 for r in composed)} worse than the base model"
+    )
+
+
+def _why_zoo(groups: dict) -> str:
+    rows = [r for t in groups["zoo"] for r in t["prompts"]]
+    lost = [r for r in rows if r["auto_before"] and not r["auto"]]
+    won = sum(r["auto"] and not r["auto_before"] for r in rows)
+    return (
+        f"{len(lost)} of the {len(rows)} zoo test prompts ({len(groups['zoo'])} tasks) right"
+        f" before the open-world decision are wrong with it ({_decisions(lost)}), {won} the"
+        f" other way; one prompt is {1 / len(rows):.2%} of the macro accuracy"
+    )
+
+
+def _why_unseen(groups: dict) -> str:
+    def gap(t: dict) -> float:
+        return _acc(t["prompts"], "auto") - _acc(t["prompts"], "uniform")
+
+    return "auto - uniform per task: " + "; ".join(
+        f"{t['task']} {gap(t):+.2f} ({_decisions(t['prompts'])})"
+        for t in sorted(groups["unseen"], key=gap)
+    )
+
+
+# why an unmet target is unmet, from the run's own prompts (the README says what it means)
+WHY_UNMET: dict[str, Callable[[dict], str]] = {
+    "reporting_worst_task_vs_base": _why_worst_task,
+    "zoo_iid_auto_over_before": _why_zoo,
+    "unseen_auto_minus_uniform": _why_unseen,
+}
 
 
 def open_registry() -> Registry:

@@ -498,11 +498,12 @@ class BatchingEngine:
     def _advance(self, lane: _Lane, logits: Tensor, offset: int) -> None:
         """A token for the lane's rows offset.. from logits (rows, V); drop the rows that
         finished, failed or were abandoned."""
+        finite = torch.isfinite(logits).all(1).tolist()  # one pass, not one per row
         for i, row_logits in enumerate(logits):
             row = lane.rows[offset + i]
             if row.cancelled or row.ended:
                 continue
-            if not torch.isfinite(row_logits).all():
+            if not finite[i]:
                 row.fail("the composed model produced NaN or Inf")
                 continue
             step = row.out.push(row_logits)
