@@ -168,6 +168,8 @@ FITS: dict[FitScore, Callable[[Scores, int, list[int]], float]] = {
 
 
 HEADS_FORMAT = 3  # the cached head tables' layout (3: each adapter's whitened spread kept)
+# cache key prefixes in the registry; writing a new entry removes the others under its prefix
+HEADS_CACHE, CLASSIFIER_CACHE = "task-heads-", "task-router-"
 _BACKGROUND_VECTORS: dict[str, torch.Tensor] = {}  # examples key -> (N, d), per process
 
 
@@ -226,7 +228,9 @@ class TaskRouter:
         coef = intercept = None
         classes = [*blocks.values(), *([self._background_vectors()] if self._background else [])]
         if names and len(classes) >= 2:
-            fit = self.registry.cached_tensors(f"task-router-{stamp}", lambda: self._fit(classes))
+            fit = self.registry.cached_tensors(
+                f"{CLASSIFIER_CACHE}{stamp}", lambda: self._fit(classes), replaces=CLASSIFIER_CACHE
+            )
             coef, intercept = fit["coef"].numpy(), fit["intercept"].numpy()
         return _Tasks(names, vectors, mask, coef, intercept)
 
@@ -249,7 +253,7 @@ class TaskRouter:
             }
 
         family = self._heads_family()
-        made = self.registry.cached_tensors(family + stamp, fitted, replaces=family)
+        made = self.registry.cached_tensors(family + stamp, fitted, replaces=HEADS_CACHE)
         held = [names[i] for i in made["rows"].tolist()]
         if table.names != held or table.keys != [keys[n] for n in held]:  # a cache hit
             tensors = {k: made[k].numpy() for k in TENSORS}
@@ -260,13 +264,14 @@ class TaskRouter:
 
     def _heads_family(self) -> str:
         """The cache key prefix of this router's head tables: everything they are made of
-        but the catalogue. A new table replaces the family's old ones (only the latest is
-        read); routers made otherwise keep theirs."""
+        but the catalogue. A new table replaces every other (only the latest is read, and
+        one is about 310 MB at 10,000 adapters): a table of an older format or another
+        config would stay on disk for ever; a router made otherwise fits its own again."""
         cfg, embedder = self.config.shortlist, self.registry.embedder
         made_of = (HEADS_FORMAT, embedder.id, self.config.C, cfg.shrink, cfg.rank)
         made_of += (cfg.hnsw_above, cfg.hnsw_m)
         made_of += (examples_key(embedder, self._background),)
-        return f"task-heads-{hashlib.sha256(repr(made_of).encode()).hexdigest()[:16]}-"
+        return f"{HEADS_CACHE}{hashlib.sha256(repr(made_of).encode()).hexdigest()[:16]}-"
 
     def _background_vectors(self) -> torch.Tensor:
         """Shipped for the default embedder; else embedded once per process and registry

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from composition import Composer
 from registry import AdapterError, BaseModelInfo, LoraAdapter, LoraModule, Registry
@@ -481,7 +482,7 @@ def test_task_router_honours_exclusions_and_caches_example_embeddings(
     # the adapters' (made at registration) and, unless this process embedded it before, the
     # background's
     assert len(cached) in (len(TASKS), len(TASKS) + 1)
-    assert len(list((registry.root / "cache").glob("task-router-*.safetensors"))) == 1
+    (fit,) = (registry.root / "cache").glob("task-router-*.safetensors")
     calls, original = [], registry.embedder.encode
     monkeypatch.setattr(
         registry.embedder, "encode", lambda texts: calls.append(len(texts)) or original(texts)
@@ -492,7 +493,8 @@ def test_task_router_honours_exclusions_and_caches_example_embeddings(
     monkeypatch.setattr("router.task.background_texts", lambda: ("hello there", "zzqx"))
     TaskRouter(registry, TaskRouterConfig(fit_threshold=-1.0)).route(prompts, k=1)
     assert calls == [2, 2, 2]
-    assert len(list((registry.root / "cache").glob("task-router-*.safetensors"))) == 2
+    fits = list((registry.root / "cache").glob("task-router-*.safetensors"))
+    assert len(fits) == 1 and fits[0] != fit  # fitted anew; the old background's fit gone
 
 
 def test_task_router_with_one_or_no_adapter(tmp_path: Path, embedder) -> None:
@@ -569,14 +571,18 @@ def test_past_its_candidates_the_task_router_fits_one_head_per_new_adapter_and_k
     )
     router = TaskRouter(registry, cfg)
     prompts = list(QUERIES.values())
+    cache = registry.root / "cache"
+    cache.mkdir(exist_ok=True)
+    stale = cache / "task-heads-0123456789abcdef-of-an-older-format.safetensors"
+    save_file({"coef": torch.zeros(1)}, stale)
     first = router.route(prompts, k=1)
+    assert not stale.exists()  # a table no router reads any more does not stay on disk
     assert router._table.fitted == len(TASKS)
     assert [r.adapters[0] for r in first] == list(QUERIES)
     assert all(0.0 <= r.confidence <= 1.0 and len(r.scores) == 1 for r in first)
     registry.register(tiny_adapter(9), name="poetry", examples=["Write a poem about rain."])
     again = router.route([*prompts, "Write a poem about the sun."], k=1)
     assert router._table.fitted == len(TASKS) + 1  # only the new adapter's head
-    cache = registry.root / "cache"
     assert len(list(cache.glob("task-heads-*"))) == 1  # the old one gone, nothing else
     assert len(list(cache.glob("*.safetensors"))) == len(TASKS) + 2  # 5 example sets, 1 table
     assert [r.adapters[0] for r in again] == [*QUERIES, "poetry"]
@@ -591,6 +597,10 @@ def test_up_to_its_candidates_the_task_router_uses_the_one_classifier(registry) 
     router = TaskRouter(registry, TaskRouterConfig(fit_threshold=-1.0, broad_threshold=-1.0))
     router.route(list(QUERIES.values()), k=2)
     assert router._table is None and len(TASKS) <= TaskRouterConfig().shortlist.candidates
+    registry.register(tiny_adapter(9), name="poetry", examples=["Write a poem about rain."])
+    assert router.route(["Write a poem about the sun."], k=1)[0].adapters == ("poetry",)
+    fits = list((registry.root / "cache").glob("task-router-*"))
+    assert len(fits) == 1  # the classifier of the catalogue before is not kept
 
 
 def test_heads_scores_stay_finite_when_one_side_wins_by_hundreds_of_nats() -> None:
