@@ -536,6 +536,7 @@ BAD = {
     "lone surrogate in an ignored field": (CHAT_X.replace(b"}]", b'}], "user": "\\udc00"', 1), 400, None),
     "seventeen stop strings": (with_field("stop", [f"s{i}" for i in range(17)]), 400, "stop"),
     "an empty stop string": (with_field("stop", [""]), 400, "stop"),
+    "a null stop string": (with_field("stop", [None]), 400, "stop"),
     "a stop string of 200k characters": (with_field("stop", "s" * 200_000), 400, "stop"),
     "too many messages": (
         json.dumps({"model": "math", "messages": [{"role": "user", "content": "x"}] * 513}).encode(),
@@ -593,8 +594,8 @@ BAD_COMPLETIONS = {
     "a token id past the vocabulary": ({"prompt": [5, 10**6]}, "prompt", "invalid_token_id"),
     "a negative token id": ({"prompt": [-1]}, "prompt", "invalid_token_id"),
     "a bad token id in the second prompt": ({"prompt": [[5], [10**6]]}, "prompt.1", "invalid_token_id"),
-    "a bool as a token id": ({"prompt": [True]}, None, None),
-    "text and token ids in one list": ({"prompt": ["x", [5]]}, None, None),
+    "a bool as a token id": ({"prompt": [True]}, "prompt", None),
+    "text and token ids in one list": ({"prompt": ["x", [5]]}, "prompt", None),
     "an empty list": ({"prompt": []}, "prompt", None),
     "an empty token list in a list": ({"prompt": [[5], []]}, "prompt.1", "empty_prompt"),
     "token ids past the context": ({"prompt": [5] * 300}, "prompt", "context_length_exceeded"),

@@ -48,6 +48,29 @@ def test_no_coercion(field: str, value: object) -> None:
     assert e.value.status == 400 and e.value.param == field
 
 
+@pytest.mark.parametrize(
+    "body, param, forms",
+    [
+        ({"prompt": "x", "stop": [None]}, "stop", "str or list[str]"),
+        ({"prompt": "x", "stop": 5}, "stop", "str or list[str]"),
+        ({"prompt": [True]}, "prompt", "str or list[str] or list[int] or list[list[int]]"),
+    ],
+)
+def test_a_field_of_several_forms_is_named_with_its_forms(body, param, forms) -> None:
+    """pydantic reports a union field once per form, under the form's name ("stop.str")."""
+    with pytest.raises(p.APIError) as e:
+        validated(json.dumps({"model": "m", **body}).encode(), p.CompletionRequest)
+    assert e.value.param == param and str(e.value) == f"{param}: should be {forms}"
+
+
+def test_an_adapter_named_like_a_type_keeps_its_name_in_the_error() -> None:
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    body["loraplex"] = {"adapters": {"str": "heavy"}}
+    with pytest.raises(p.APIError) as e:
+        validated(json.dumps(body).encode())
+    assert e.value.param == "loraplex.adapters.str"
+
+
 def test_integers_are_numbers() -> None:
     req = validated(
         b'{"model": "m", "prompt": "x", "temperature": 1, "top_p": 1}', p.CompletionRequest

@@ -7,6 +7,7 @@ coercion), bounded and finite, and its prompt is at least one token that fits th
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import TypeVar
@@ -90,8 +91,27 @@ def parse(body: bytes, kind: type[R]) -> R:
             raise p.APIError(400, message) from None
         if not first["loc"]:
             raise p.APIError(400, "the body must be a JSON object") from None
-        param = ".".join(str(x) for x in first["loc"])
-        raise p.APIError(400, f"{param}: {first['msg']}", param) from None
+        param, message = _first_wrong_field(e.errors(include_url=False))
+        raise p.APIError(400, message, param) from None
+
+
+# how pydantic names the forms of a union field in an error's location (`stop`: str, list[str])
+_FORM = re.compile(r"(str|int|float|bool|list|dict)(\[.*\])?")
+
+
+def _first_wrong_field(errors: list) -> tuple[str, str]:
+    """(param, message) of the first error. A field that takes several forms (`stop`, a
+    string or a list of strings) fails once per form, each under the form's name: the
+    param is the field, and the message lists the forms."""
+    loc = errors[0]["loc"]
+    for i, part in enumerate(loc):
+        same = [e["loc"] for e in errors if e["loc"][:i] == loc[:i] and len(e["loc"]) > i]
+        if isinstance(part, str) and _FORM.fullmatch(part) and len(same) > 1:
+            param = ".".join(str(x) for x in loc[:i])
+            forms = dict.fromkeys(str(where[i]) for where in same)
+            return param, f"{param}: should be {' or '.join(forms)}"
+    param = ".".join(str(x) for x in loc)
+    return param, f"{param}: {errors[0]['msg']}"
 
 
 def _stops(req: p.ChatRequest | p.CompletionRequest, limits: Limits) -> None:
