@@ -265,9 +265,18 @@ def bench_scale(sizes: tuple[int, ...], emb: SentenceEmbedder) -> list[dict]:
 
 def scale_targets(rows: list[dict]) -> list[dict]:
     big = max(rows, key=lambda r: r["adapters"])
+    embedded = target(
+        "scale_route_plus_embed_ms_p50_at_10000", big["route_plus_embed_ms_p50"], 5.0, "<="
+    )
+    if not embedded["met"]:
+        embedded["why"] = (
+            f"embedding the prompt alone takes {big['embed_ms_p50']:.1f} ms p50 (the"
+            f" embedder's forward on this machine's CPU), routing after it"
+            f" {big['route_ms_p50']:.1f} ms"
+        )
     return [
         target("scale_route_ms_p50_at_10000", big["route_ms_p50"], 5.0, "<="),
-        target("scale_route_plus_embed_ms_p50_at_10000", big["route_plus_embed_ms_p50"], 5.0, "<="),
+        embedded,
         target("scale_top1_equals_exact_at_10000", big["top1_equals_exact"], 0.99, ">="),
         target("scale_heads_fitted_adding_one", big["heads_fitted_adding_one"], 1.0, "<="),
     ]
