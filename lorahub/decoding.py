@@ -184,11 +184,12 @@ def prompt_logprobs(tokenizer, logits: Tensor, targets: Sequence[int], top: int)
 
 def _entry(tokenizer, logp: Tensor, token: int, top: int) -> dict:
     values, ids = logp.topk(top) if top else (logp[:0], logp[:0].long())
-    alternatives = [_scored(tokenizer, int(i), float(v)) for v, i in zip(values, ids, strict=True)]
-    return _scored(tokenizer, token, float(logp[token])) | {"top_logprobs": alternatives}
+    alternatives = [scored(tokenizer, int(i), float(v)) for v, i in zip(values, ids, strict=True)]
+    return scored(tokenizer, token, float(logp[token])) | {"top_logprobs": alternatives}
 
 
-def _scored(tokenizer, token: int, logprob: float) -> dict:
+def scored(tokenizer, token: int, logprob: float) -> dict:
+    """One token's logprob entry as OpenAI gives it: its text, logprob and bytes."""
     return {
         "token": tokenizer.decode([token]),
         "logprob": logprob,

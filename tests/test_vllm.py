@@ -247,6 +247,36 @@ def same_or_near_tie(ours: dict, theirs: dict, prompt: str) -> bool:
     return False
 
 
+def test_gateway_logprobs_are_the_builtin_engines_entries(world, gateway, builtin) -> None:
+    """Chat logprobs through vLLM carry each token's text and bytes as the built-in engine
+    gives them (the gateway asks vLLM for token ids and names them itself)."""
+    url, _ = gateway
+    body = {
+        "model": str(world["model"]),
+        "max_tokens": 8,
+        "temperature": 0,
+        "logprobs": True,
+        "top_logprobs": 2,
+    }
+    compared = 0
+    for prompt in PROMPTS[:5]:
+        body["messages"] = [{"role": "user", "content": prompt}]
+        ours, theirs = (
+            httpx.post(f"{u}/v1/chat/completions", json=body, timeout=120).json()
+            for u in (builtin, url)
+        )
+        mine, other = (r["choices"][0]["logprobs"]["content"] for r in (ours, theirs))
+        assert all("bytes" in e and len(e["top_logprobs"]) >= 2 for e in other)
+        for a, b in zip(mine, other, strict=False):
+            if a["bytes"] != b["bytes"]:  # a near-tie the two engines broke apart
+                break
+            assert a["token"] == b["token"] and abs(a["logprob"] - b["logprob"]) < 1e-2
+            best = {t["token"]: t["bytes"] for t in b["top_logprobs"]}
+            assert best[a["token"]] == a["bytes"]  # greedy: the chosen token is among the top
+            compared += 1
+    assert compared >= 20  # most tokens of the five answers agree
+
+
 def test_base_rows_beside_adapter_rows_get_the_base_model(
     world, replicas, builtin, embedder
 ) -> None:

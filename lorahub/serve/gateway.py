@@ -35,7 +35,7 @@ import httpx
 import torch
 
 from composition import Mode
-from lorahub.decoding import cut_at_stop, settled
+from lorahub.decoding import cut_at_stop, scored, settled
 from lorahub.hub import Hub
 from lorahub.models import BaseModel
 from lorahub.serve.engine import (
@@ -459,8 +459,8 @@ class VllmGateway:
             "return_token_ids": True,
             "skip_special_tokens": True,
         }
-        if request.logprobs is not None:
-            body["logprobs"] = request.logprobs
+        if request.logprobs is not None:  # tokens as ids: entries made as the engine makes them
+            body |= {"logprobs": request.logprobs, "return_tokens_as_token_ids": True}
         async with self._client.stream("POST", f"{u.url}/v1/completions", json=body) as r:
             if r.status_code >= 400:
                 await r.aread()
@@ -476,7 +476,8 @@ class VllmGateway:
                 for choice in chunk.get("choices", []):
                     ids = tuple(choice.get("token_ids") or ())
                     text, finish = out.push(ids, choice.get("finish_reason"))
-                    emit(Event("token", text=text, token_ids=ids, logprobs=_logprobs(choice)))
+                    logprobs = _logprobs(choice, out.tokenizer)
+                    emit(Event("token", text=text, token_ids=ids, logprobs=logprobs))
                     if finish is not None:
                         return finish
         raise _UpstreamFailed("the stream ended without a finish reason")
@@ -593,17 +594,20 @@ def _json(text: str) -> dict:
         raise _UpstreamFailed(f"malformed chunk: {e}") from None
 
 
-def _logprobs(choice: dict) -> tuple[dict, ...]:
-    """vLLM's completions logprobs, as the built-in engine's per-token dicts."""
+def _logprobs(choice: dict, tokenizer) -> tuple[dict, ...]:
+    """vLLM's completions logprobs, its tokens named by id ("token_id:42"), as the built-in
+    engine's per-token entries: each token's text and bytes from the tokenizer, exactly as
+    the engine gives them (by text, two tokens that decode alike would share one key of
+    vLLM's top_logprobs, and a token's bytes could not be told)."""
     lp = choice.get("logprobs")
     if not lp or not lp.get("tokens"):
         return ()
+
+    def entry(token: str, logprob: float) -> dict:
+        return scored(tokenizer, int(token.removeprefix("token_id:")), logprob)
+
     return tuple(
-        {
-            "token": token,
-            "logprob": logprob,
-            "top_logprobs": [{"token": t, "logprob": v} for t, v in (top or {}).items()],
-        }
+        entry(token, logprob) | {"top_logprobs": [entry(t, v) for t, v in (top or {}).items()]}
         for token, logprob, top in zip(
             lp["tokens"],
             lp["token_logprobs"],
