@@ -47,7 +47,7 @@ from lorahub.tasks import dev_tasks, fetch_bigbench, load_task
 from lorahub.zoo import read_manifest, register_zoo
 from registry import Registry
 from registry.embedding import examples_key
-from router import Routing, SentenceEmbedder
+from router import Decision, Routing, SentenceEmbedder
 from router.background import (
     BACKGROUND_GAINS,
     BACKGROUND_PATH,
@@ -180,9 +180,9 @@ class Context:
     heads: tuple[HeadTable, tuple[np.ndarray, np.ndarray]]
 
 
-def make_context(zoo: Zoo, background: tuple[np.ndarray, np.ndarray], C: float = 100.0) -> Context:
-    """`background`: (N, d) vectors and their (N,) tasks."""
-    a = len(zoo.names)
+def make_context(zoo: Zoo, background: tuple[np.ndarray, np.ndarray]) -> Context:
+    """`background`: (N, d) vectors and their (N,) tasks; classifiers as the router's."""
+    a, C = len(zoo.names), TaskRouterConfig().C
     vectors, groups = background
     X = np.concatenate([zoo.flat, vectors])
     y = np.concatenate([zoo.labels, np.full(len(vectors), a)])
@@ -199,7 +199,9 @@ def make_context(zoo: Zoo, background: tuple[np.ndarray, np.ndarray], C: float =
 
 
 def _fit(ctx: Context, Q: np.ndarray) -> np.ndarray:
-    return adapter_fit(torch.from_numpy(Q), ctx.zoo.vectors, ctx.zoo.mask, 5).numpy()  # (P, A)
+    """(P, A): the neighbour fit as the router's."""
+    m = TaskRouterConfig().neighbours
+    return adapter_fit(torch.from_numpy(Q), ctx.zoo.vectors, ctx.zoo.mask, m).numpy()
 
 
 def _probs(W: tuple[np.ndarray, np.ndarray], Q: np.ndarray) -> np.ndarray:
@@ -386,19 +388,17 @@ def tune(reg: Registry, split: dict) -> dict:
     for name, key in (("tuning_half", "tuning"), ("unseen", "unseen"), ("zoo", "zoo")):
         groups = prompts_of(split[key], "validation", REPORT_PROMPTS)
         texts = [p for ps in groups.values() for p in ps]
-        decided = [decision(r) for r in TaskRouter(reg, cfg).route(texts, 3)]
-        report[name] = {d: decided.count(d) / len(decided) for d in ("base", "broad", "adapters")}
+        decided = [str(r.decision) for r in TaskRouter(reg, cfg).route(texts, 3)]
+        report[name] = {d: decided.count(d) / len(decided) for d in Decision}
     sets = {
         "chat tuning set (in the background)": [c["prompt"] for c in read_chat_tuning()],
         "everyday (reporting only)": [e["prompt"] for e in read_everyday()],
     }
     for name, texts in sets.items():
-        decided = [decision(r) for r in TaskRouter(reg, cfg).route(texts, 3)]
-        report[name] = {d: decided.count(d) / len(decided) for d in ("base", "broad", "adapters")}
+        decided = [str(r.decision) for r in TaskRouter(reg, cfg).route(texts, 3)]
+        report[name] = {d: decided.count(d) / len(decided) for d in Decision}
     print(chosen)
-    print_table(
-        [{"prompts": k, **v} for k, v in report.items()], ["prompts", "base", "broad", "adapters"]
-    )
+    print_table([{"prompts": k, **v} for k, v in report.items()], ["prompts", *Decision])
     return {
         "chosen": chosen,
         "rules": {"in_zoo_kept": IN_ZOO_KEPT, "sure_kept": SURE_KEPT, "broad_recall": BROAD_RECALL},
@@ -539,21 +539,6 @@ GROUPS = {
     "unseen": ("unseen", 30, ("auto",), False),
 }
 ZOO_ROUTING_PROMPTS = 30  # per zoo task, routing only: the top-1 figure
-DECISIONS = {
-    "no adapter fits": "base",
-    "unsure": "broad",
-    "helped": "helped",
-    "empty prompt": "base",
-}
-
-
-def decision(routing: Routing) -> str:
-    """base (no adapter), broad (the unsure regime), helped (composed below the fit
-    threshold on its neighbours' measured gain) or adapters."""
-    for prefix, name in DECISIONS.items():
-        if routing.note.startswith(prefix):
-            return name
-    return "adapters" if routing.adapters else "base"
 
 
 def run_task(
@@ -574,7 +559,7 @@ def run_task(
     rows = [
         {
             "prompt": ex.input[:200],
-            "decision": decision(r),
+            "decision": str(r.decision),
             "fit": r.confidence,
             "adapters": list(r.adapters),
             "weights": list(r.weights),
@@ -604,7 +589,7 @@ def run_everyday(hub: Hub, max_new_tokens: int = 32) -> list[dict]:
     }
     out = []
     for i, (e, r) in enumerate(zip(items, auto, strict=True)):
-        row = e | {"decision": decision(r), "fit": r.confidence, "adapters": list(r.adapters)}
+        row = e | {"decision": str(r.decision), "fit": r.confidence, "adapters": list(r.adapters)}
         row |= {"weights": list(r.weights)}
         for method, got in answers.items():
             text = got[i].text
@@ -786,10 +771,7 @@ def summarize(result: dict) -> dict:
             r["vs_base"] = 0 if r.get("same") else int(r["auto"]) - int(r["base"])
     worst = min(rep, key=_gap, default=None)
     decisions = {
-        g: {
-            d: _mean([r["decision"] == d for t in tasks for r in t["prompts"]])
-            for d in ("base", "broad", "helped", "adapters")
-        }
+        g: {d: _mean([r["decision"] == d for t in tasks for r in t["prompts"]]) for d in Decision}
         for g, tasks in groups.items()
     }
     every = result["everyday"]

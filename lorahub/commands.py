@@ -225,12 +225,16 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _routings_table(prompts: list[str], routings: list, texts: list[str] | None = None) -> None:
+    """Per prompt: the decision, the router's confidence (`-`: it gives none), the adapters
+    with their weights (else the note, why none)."""
     rows = []
     for i, (p, r) in enumerate(zip(prompts, routings, strict=True)):
         chosen = ", ".join(f"{n} {w:.2f}" for n, w in zip(r.adapters, r.weights, strict=True))
-        chosen = chosen or f"(none{': ' + r.note if r.note else ''})"
-        rows.append([_clip(p, 48), chosen] + ([_clip(texts[i], 40)] if texts else []))
-    print_table(rows, ["prompt", "adapters"] + (["answer"] if texts else []))
+        fit = "-" if r.confidence is None else f"{r.confidence:.3f}"
+        row = [_clip(p, 40), r.decision, fit, chosen or _clip(r.note, 48) or "-"]
+        rows.append(row + ([_clip(texts[i], 40)] if texts else []))
+    headers = ["prompt", "decision", "confidence", "adapters"]
+    print_table(rows, headers + (["answer"] if texts else []))
 
 
 def _clip(text: str, n: int) -> str:

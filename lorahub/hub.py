@@ -213,8 +213,10 @@ class Hub:
         view = self.catalogue()
         banned = {*exclude, *view.unfit}
         for _ in range(_ROUTE_ATTEMPTS):
-            if n_adapters == 0 or not view.usable:
+            if n_adapters == 0:
                 return [Routing()] * len(prompts)
+            if not view.usable:
+                return [Routing(note="no adapter to route to")] * len(prompts)
             each = [
                 (*sorted(banned), *(exclude_each[i] if exclude_each else ()))
                 for i in range(len(prompts))

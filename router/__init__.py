@@ -5,7 +5,7 @@ from router.classifier import ClassifierRouter
 from router.embedder import DEFAULT_MODEL, LORARETRIEVER_PREFIX, SentenceEmbedder
 from router.retriever import Retriever, RetrieverConfig, Weighting
 from router.routers import DEFAULT_ROUTER, ROUTERS, ArrowRouter, Router, RouterOptions, make_router
-from router.routing import Routing
+from router.routing import Decision, Routing
 from router.task import TaskRouter, TaskRouterConfig
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "ArrowGate",
     "ArrowRouter",
     "ClassifierRouter",
+    "Decision",
     "Retriever",
     "RetrieverConfig",
     "Router",

@@ -18,7 +18,7 @@ from router.task import TaskRouter, TaskRouterConfig
 
 class Router(Protocol):
     """One `Routing` per prompt, at most `k` adapters each (the router's default when None;
-    a router unsure of a prompt may spread a mixture, k > 1, over its whole pool);
+    a router unsure of a prompt may mix its few likeliest equally);
     `exclude_each[i]` names adapters prompt i must not get (OOD evaluation, adapters that
     do not fit the loaded model)."""
 

@@ -8,8 +8,23 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 
 from router.arrow import ArrowConfig
+
+
+class Decision(StrEnum):
+    """What a routing does with its prompt, one word in every report (the `Routing`, the
+    server's body and header, `loraplex route`): `base`: no adapter (none fits, none to
+    route to, an empty prompt, or none asked for); `broad`: unsure which adapter fits, the
+    few likeliest mixed equally; `helped`: below the fit threshold, composed because
+    composing helped the tasks nearest the prompt; `adapters`: the adapters the router is
+    sure of, weighted."""
+
+    base = "base"
+    broad = "broad"
+    helped = "helped"
+    adapters = "adapters"
 
 
 @dataclass(frozen=True)
@@ -17,8 +32,9 @@ class Routing:
     """adapters[i] gets weights[i]; `scores` are the router's raw similarities or
     probabilities (for logs), in the same order. `per_token`, when set, says the adapters
     are gated per token inside the pass (Arrow) and `weights` are only their prior.
-    `confidence` is the router's own measure of fit (the task router's top score), and
-    `note` says why a routing is empty or shrunk (e.g. no adapter fits the prompt)."""
+    `confidence` is the router's own measure of fit (the task router's 1 - P(none)),
+    `note` says why a routing is empty or shrunk (e.g. no adapter fits the prompt), and
+    `decision` names the case; left out, it is `adapters` with adapters, else `base`."""
 
     adapters: tuple[str, ...] = ()
     weights: tuple[float, ...] = ()
@@ -26,8 +42,13 @@ class Routing:
     per_token: ArrowConfig | None = None
     confidence: float | None = field(default=None, compare=False)
     note: str = field(default="", compare=False)
+    decision: Decision | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
+        implied = Decision.adapters if self.adapters else Decision.base
+        object.__setattr__(self, "decision", Decision(self.decision or implied))
+        if (self.decision == Decision.base) == bool(self.adapters):
+            raise ValueError(f"decision {self.decision} with adapters {self.adapters}")
         if len(self.adapters) != len(self.weights):
             raise ValueError(f"{len(self.adapters)} adapters but {len(self.weights)} weights")
         if not all(math.isfinite(w) for w in self.weights):
@@ -46,13 +67,15 @@ class Routing:
             tuple(self.scores[i] for i in order) if self.scores else (),
             confidence=self.confidence,
             note=self.note,
+            decision=self.decision,
         )
 
     def to_json(self) -> dict:
         per_token = (
             {"per_token": {"router": "arrow", **asdict(self.per_token)}} if self.per_token else {}
         )
-        told = {"confidence": self.confidence} if self.confidence is not None else {}
+        told = {"decision": str(self.decision)}
+        told |= {"confidence": self.confidence} if self.confidence is not None else {}
         told |= {"note": self.note} if self.note else {}
         return (
             per_token
@@ -82,6 +105,7 @@ class Routing:
             ArrowConfig(per_token["k"], per_token["temperature"]) if per_token else None,
             data.get("confidence"),
             data.get("note", ""),
+            data.get("decision"),
         )
 
 

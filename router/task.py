@@ -67,7 +67,7 @@ from router.heads import (
     score,
     shared_precision,
 )
-from router.routing import Routing
+from router.routing import Decision, Routing
 
 
 class FitScore(StrEnum):
@@ -82,8 +82,8 @@ class TaskRouterConfig:
     """k: adapters per prompt; neighbours: nearest examples of an adapter averaged into its
     neighbour fit; fit: the score `fit_threshold` and `broad_threshold` read; fit_threshold:
     fit below which no adapter is used (-1 = always compose); broad_threshold: fit below
-    which the `broad_k` most probable adapters are mixed equally when the caller asks for
-    more than one (<= fit_threshold: never); C: the classifier's inverse regularization;
+    which the `broad_k` most probable adapters (at most the caller's k) are mixed equally
+    when the caller asks for more than one (<= fit_threshold: never); C: the classifier's inverse regularization;
     gain_neighbours / gain_threshold: when composing anyway below fit_threshold (below);
     shortlist: how a pool larger than `shortlist.candidates` is routed (router/heads.py)."""
 
@@ -374,14 +374,14 @@ class TaskRouter:
                 f"helped the nearest tasks without an adapter by {gain:+.2f} "
                 f"(>= {cfg.gain_threshold:.2f})"
             )
-            return _weighted(names, order[:k], prob, fit, note)
+            return _weighted(names, order[:k], prob, fit, note, Decision.helped)
         if fit < cfg.fit_threshold:
             return Routing(
                 confidence=fit,
                 note=f"no adapter fits: {cfg.fit} fit {fit:.3f} < {cfg.fit_threshold:.3f}",
             )
         if fit < cfg.broad_threshold and k > 1:
-            top = order[: cfg.broad_k]
+            top = order[: min(k, cfg.broad_k)]
             return Routing(
                 tuple(names[j] for j in top),
                 tuple([1.0 / len(top)] * len(top)),
@@ -389,11 +389,19 @@ class TaskRouter:
                 confidence=fit,
                 note=f"unsure: {cfg.fit} fit {fit:.3f} < {cfg.broad_threshold:.3f}, "
                 f"the {len(top)} likeliest adapters mixed equally",
+                decision=Decision.broad,
             )
         return _weighted(names, order[:k], prob, fit)
 
 
-def _weighted(names: list[str], top: list[int], prob: np.ndarray, fit: float, note: str = ""):
+def _weighted(
+    names: list[str],
+    top: list[int],
+    prob: np.ndarray,
+    fit: float,
+    note: str = "",
+    decision: Decision = Decision.adapters,
+) -> Routing:
     """The `top` adapters weighted by their probabilities, renormalized."""
     total = float(prob[top].sum()) or 1.0
     return Routing(
@@ -402,6 +410,7 @@ def _weighted(names: list[str], top: list[int], prob: np.ndarray, fit: float, no
         tuple(float(prob[j]) for j in top),
         confidence=fit,
         note=note,
+        decision=decision,
     )
 
 

@@ -158,11 +158,15 @@ def test_route_and_generate_commands(tmp_path: Path, adapters, tiny_model_dir, c
     code, out, _ = run(capsys, "route", "What is 10 plus 5?", "-k", "2", "--json", *reg)
     routing = json.loads(out)
     assert code == 0 and routing["adapters"] == [] and "no adapter fits" in routing["note"]
-    assert 0.0 <= routing["confidence"] <= 1.0
+    assert routing["decision"] == "base" and 0.0 <= routing["confidence"] <= 1.0
+    code, out, _ = run(capsys, "route", "What is 10 plus 5?", "-k", "2", *reg)
+    row = out.splitlines()[2].split()  # the table: its decision, confidence and note
+    assert code == 0 and row[5:8] == ["base", f"{routing['confidence']:.3f}", "no"]
     nearest = ("What is 10 plus 5?", "-k", "2", "--router", "retriever", "--json", *reg)
     code, out, _ = run(capsys, "route", *nearest)
     routing = json.loads(out)
     assert code == 0 and [a["name"] for a in routing["adapters"]] == ["math", "french"]
+    assert routing["decision"] == "adapters" and "confidence" not in routing
     assert sum(a["weight"] for a in routing["adapters"]) == pytest.approx(1.0)
     code, out, err = run(
         capsys,

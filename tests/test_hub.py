@@ -111,6 +111,17 @@ def test_adapters_for_another_base_are_never_routed(hub: Hub, embedder) -> None:
     assert all("g" not in r.adapters for r in fresh.route(PROMPTS, k=3))
 
 
+def test_a_hub_with_no_adapter_says_so(tmp_path: Path, embedder) -> None:
+    reg = Registry(tmp_path, embedder=embedder)
+    empty = Hub(
+        reg, BaseModel("tiny-llama", build_model("llama"), char_tokenizer()), Retriever(reg)
+    )
+    (routing,) = empty.route(PROMPTS[:1])
+    assert routing == Routing() and routing.note == "no adapter to route to"
+    assert routing.decision == "base"
+    reg.close()
+
+
 def test_compose_none_with_routings_that_name_adapters_is_an_error(hub: Hub) -> None:
     routing = Routing(("arithmetic",), (1.0,))
     with pytest.raises(ValueError, match="compose='none'"):

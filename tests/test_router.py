@@ -149,6 +149,14 @@ def test_an_embedder_of_another_dimension_is_refused(registry: Registry) -> None
 def test_routing_json_round_trip() -> None:
     r = softmax(["a", "b"], [0.9, 0.5], temperature=0.2)
     assert Routing.from_json(r.to_json()) == r and r.top(1).adapters == ("a",)
+    assert (r.decision, r.top(1).decision, Routing().decision) == ("adapters", "adapters", "base")
+    assert r.to_json()["decision"] == "adapters"
+    with pytest.raises(ValueError, match="decision base with adapters"):
+        Routing(("a",), (1.0,), decision="base")
+    with pytest.raises(ValueError, match="decision broad with adapters \\(\\)"):
+        Routing(decision="broad")
+    with pytest.raises(ValueError, match="bogus"):
+        Routing.from_json({"adapters": [], "decision": "bogus"})
 
 
 # -- Arrow ---------------------------------------------------------------------------------------
@@ -374,9 +382,11 @@ def test_task_router_abstains_below_its_threshold_and_says_why(registry, fit) ->
     kept, dropped = picky.route([QUERIES["arithmetic"], "zzqx vlorp"], k=1)
     assert kept.adapters == ("arithmetic",)
     assert dropped.adapters == () and "no adapter fits" in dropped.note
+    assert (kept.decision, dropped.decision) == ("adapters", "base")
     assert dropped.confidence == pytest.approx(fits[1].confidence)
     again = Routing.from_json(dropped.to_json())
-    assert (again.note, again.confidence) == (dropped.note, dropped.confidence)
+    told = ("note", "confidence", "decision")
+    assert [getattr(again, f) for f in told] == [getattr(dropped, f) for f in told]
     unsure = make_router(
         "task",
         registry,
@@ -386,9 +396,10 @@ def test_task_router_abstains_below_its_threshold_and_says_why(registry, fit) ->
     )
     kept, broad = unsure.route([QUERIES["arithmetic"], "zzqx vlorp"], k=2)
     assert kept.adapters[0] == "arithmetic" and len(kept.adapters) == 2  # sure: the top k
-    wide = min(TaskRouterConfig().broad_k, len(TASKS))  # unsure: the broad_k likeliest, equally
+    wide = min(TaskRouterConfig().broad_k, len(TASKS), 2)  # unsure: the likeliest, equally
     assert len(broad.adapters) == wide and set(broad.adapters) <= set(TASKS)
     assert "unsure" in broad.note and broad.weights == pytest.approx([1 / wide] * wide)
+    assert broad.decision == "broad" and Routing.from_json(broad.to_json()).decision == "broad"
     assert len(unsure.route(["zzqx vlorp"], k=1)[0].adapters) == 1  # selection picks one
     with pytest.raises(ValueError, match="fit_threshold"):
         TaskRouterConfig(fit_threshold=2.0)
@@ -403,7 +414,10 @@ def test_the_unsure_regime_mixes_at_most_broad_k_adapters(registry) -> None:
     routed = TaskRouter(registry, unsure).route([*QUERIES.values(), "zzqx vlorp"], k=4)
     for r in routed:  # 4 adapters registered and 4 asked for: the bound still holds
         assert len(r.adapters) == 2 and r.weights == pytest.approx([0.5, 0.5])
-        assert "unsure" in r.note
+        assert "unsure" in r.note and r.decision == "broad"
+    wide = TaskRouterConfig(fit_threshold=-1.0, broad_threshold=1.0, broad_k=3)
+    for r in TaskRouter(registry, wide).route([*QUERIES.values()], k=2):
+        assert len(r.adapters) == 2  # nor more than the caller's k
     assert TaskRouterConfig().broad_k < len(TASKS) + 1  # the default is a bound, not the pool
     with pytest.raises(ValueError, match="broad_k"):
         TaskRouterConfig(broad_k=0)
@@ -436,8 +450,10 @@ def test_below_its_fit_threshold_the_router_composes_where_composing_helped_near
             assert r.adapters == tuple(scores.names[j] for j in top), r
             assert r.weights == pytest.approx(prob[top] / prob[top].sum(), rel=1e-5)
             assert r.note.startswith("helped") and f"{gain:+.2f}" in r.note
+            assert r.decision == "helped"
         else:
             assert r.adapters == () and r.note.startswith("no adapter fits"), r
+            assert r.decision == "base"
 
 
 def test_the_shipped_background_is_the_tuning_half_of_the_open_world_split() -> None:
@@ -462,11 +478,12 @@ def test_task_router_defaults_are_the_open_world_tuning_choice() -> None:
 
     from router import TaskRouterConfig
 
-    tuned = Path(__file__).parents[1] / "benchmarks/results/openworld/tune.json"
-    chosen = json.loads(tuned.read_text())["chosen"]
+    results = Path(__file__).parents[1] / "benchmarks/results/openworld"
     default = TaskRouterConfig()
     assert default.fit == "background"
-    assert {name: getattr(default, name) for name in chosen} == chosen
+    for tuned in ("tune.json", "tune_gains.json"):  # thresholds, then the helped regime
+        chosen = json.loads((results / tuned).read_text())["chosen"]
+        assert {name: getattr(default, name) for name in chosen} == chosen
 
 
 def test_task_router_honours_exclusions_and_caches_example_embeddings(

@@ -365,6 +365,29 @@ def test_stream_chunks_have_the_openai_shape(server) -> None:
     assert usage["choices"] == [] and usage["usage"]["completion_tokens"] > 0
 
 
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("chat/completions", {"messages": [{"role": "user", "content": "What is 2 plus 3?"}]}),
+        ("completions", {"prompt": "What is 2 plus 3?"}),
+    ],
+)
+def test_every_stream_opens_with_its_routing_report(server, path, body) -> None:
+    """Chat and completions alike: the first chunk, before any text, carries the report the
+    header carries, the decision included."""
+    url, _ = server
+    body = {"model": "auto", "stream": True, **body, **GREEDY}
+    with httpx.stream("POST", f"{url}/v1/{path}", json=body, timeout=30) as r:
+        assert r.status_code == 200
+        header = json.loads(r.headers["x-loraplex-routing"])
+        lines = [ln for ln in r.iter_lines() if ln]
+    first = json.loads(lines[0].removeprefix("data: "))
+    assert first["loraplex"] == header and header["decision"] in ("base", "adapters")
+    assert (
+        first["choices"][0].get("text", "") == "" and first["choices"][0]["finish_reason"] is None
+    )
+
+
 def test_seed_makes_sampling_repeatable(server) -> None:
     url, _ = server
     c = client(url)

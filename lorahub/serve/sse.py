@@ -1,5 +1,5 @@
 """The SSE encoder: an engine's events for one request as OpenAI's stream of `data:` chunks.
-(Chat) the role first with the routing report, a chunk per visible text, `finish_reason`
+The routing report first (chat: with the role), a chunk per visible text, `finish_reason`
 last, the usage chunk when asked for, then `data: [DONE]`; an error ends the stream with
 an error chunk in the OpenAI envelope."""
 
@@ -43,13 +43,15 @@ class StreamShape:
             return sse(p.chat_chunk(self.rid, self.model, delta, finish, logprobs))
         return sse(p.completion_chunk(self.rid, self.model, text, finish, logprobs, offset))
 
-    def first(self) -> list[str]:
-        if not self.chat:
-            return []
-        role = {"role": "assistant", "content": ""}
-        return [
-            sse({**p.chat_chunk(self.rid, self.model, role, None, None), "loraplex": self.report})
-        ]
+    def first(self) -> str:
+        """The chunk before any text, with the routing report: chat's role; an empty text
+        for a completion."""
+        if self.chat:
+            role = {"role": "assistant", "content": ""}
+            body = p.chat_chunk(self.rid, self.model, role, None, None)
+        else:
+            body = p.completion_chunk(self.rid, self.model, "", None, None)
+        return sse({**body, "loraplex": self.report})
 
     def usage(self, usage: dict) -> str:
         obj = "chat.completion.chunk" if self.chat else "text_completion"
@@ -64,8 +66,7 @@ async def encode(
 ) -> AsyncIterator[str]:
     """The chunks of one request, until its terminal event. `on_event` sees every event
     (timing); `error_body` turns an error event into the envelope sent."""
-    for chunk in shape.first():
-        yield chunk
+    yield shape.first()
     offset = 0
     while True:
         ev = await events.get()
