@@ -478,6 +478,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from lorahub.serve.server import EngineOptions, make_engine, serve
     from router import RouterOptions
 
+    if args.api_key is not None and not args.api_key.strip():
+        raise AdapterError(
+            "--api-key is empty (an unset variable?): give a key, or leave the flag out to "
+            "serve without one"
+        )
     config = ServeConfig(
         compose=args.compose,
         k=args.k,
@@ -500,6 +505,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         router=args.router,
         router_options=RouterOptions(classifier=Path(args.classifier) if args.classifier else None),
     )
+    if not hub.catalogue().usable:
+        print(
+            f"loraplex: warning: {args.registry} holds no adapter for {name}: every request "
+            "gets the base model (register adapters, or pass --registry)",
+            file=sys.stderr,
+        )
     try:
         serve(hub, make_engine(args.engine, hub, options), config, args.host, args.port)
     finally:

@@ -384,3 +384,9 @@ def test_a_missing_registry_is_an_error_not_a_new_empty_one(
     assert main([*command, "--registry", str(missing)]) == 1
     assert "no registry at" in capsys.readouterr().err
     assert not missing.exists()
+
+
+def test_an_empty_api_key_is_refused_not_an_open_server(tmp_path: Path, capsys) -> None:
+    """`--api-key "$KEY"` with KEY unset must not serve without a key."""
+    code, _, err = run(capsys, "serve", "--api-key", "", "--registry", str(tmp_path))
+    assert code == 1 and "--api-key is empty" in err
