@@ -4,6 +4,8 @@
     python benchmarks/openworld.py background    # router/data/background.jsonl (tuning half)
     python benchmarks/openworld.py diagnose      # results/openworld/diagnostic.json
     python benchmarks/openworld.py tune          # results/openworld/tune.json (thresholds)
+    python benchmarks/openworld.py examples      # results/openworld/examples.json (how many
+                                                 # examples an adapter needs at the defaults)
     python benchmarks/openworld.py gains         # base vs composed, tuning half, validation
     python benchmarks/openworld.py tune-gains    # router/data/background-gains.json,
                                                  # results/openworld/tune_gains.json
@@ -182,10 +184,8 @@ class Context:
 
 def make_context(zoo: Zoo, background: tuple[np.ndarray, np.ndarray]) -> Context:
     """`background`: (N, d) vectors and their (N,) tasks; classifiers as the router's."""
-    a, C = len(zoo.names), TaskRouterConfig().C
+    C = TaskRouterConfig().C
     vectors, groups = background
-    X = np.concatenate([zoo.flat, vectors])
-    y = np.concatenate([zoo.labels, np.full(len(vectors), a)])
     precision = shared_precision(vectors, groups, ShortlistConfig().shrink)
     table = HeadTable(precision)
     table.sync({n: n for n in zoo.names}, lambda n: zoo.flat[zoo.labels == zoo.names.index(n)])
@@ -193,7 +193,7 @@ def make_context(zoo: Zoo, background: tuple[np.ndarray, np.ndarray]) -> Context
         zoo,
         vectors,
         fit_linear(zoo.flat, zoo.labels, C),
-        fit_linear(X, y, C, balanced=True),
+        _fit_with_none(zoo, np.arange(len(zoo.flat)), vectors, C),
         (table, background_heads(precision, vectors, groups)),
     )
 
@@ -350,6 +350,75 @@ def diagnose(reg: Registry, split: dict) -> dict:
     return {"tuning": tuning_table, "reporting": reporting_table, "embed_ms_per_prompt": embed_ms}
 
 
+# -- how many examples an adapter needs -------------------------------------------------------
+
+EXAMPLE_COUNTS = (4, 8, 16, 32, 64, 128, 256)
+EXAMPLE_DRAWS = 3  # seeded subsets of each zoo adapter's examples per count
+
+
+def examples_needed(reg: Registry, split: dict) -> list[dict]:
+    """The defaults were tuned on the zoo, 256 examples an adapter. Per count n, each zoo
+    adapter keeps n of its examples (seeded draws) and the router's classifier is fitted as
+    in TaskRouter; then, at the default thresholds: the zoo's validation prompts that keep
+    adapters, that are sure (not mixed as unsure) and whose top adapter is their own; and,
+    cross-fitted by task on the tuning half (a fold's background, the other fold's
+    validation prompts), the prompts of tasks with no adapter that compose. Embeddings
+    only."""
+    cfg, zoo = TaskRouterConfig(), load_zoo(reg)
+    owners = {e["task"]: e["name"] for e in read_manifest()}
+    fetch_bigbench(split["tuning"] + split["zoo"])
+    groups = prompts_of(split["zoo"], "validation", PER_TASK_PROMPTS)
+    prompts = embed(reg, [p for ps in groups.values() for p in ps])
+    own = np.array([zoo.names.index(owners[t]) for t, ps in groups.items() for _ in ps])
+    folds = tuning_folds(split)
+    others = [
+        embed(reg, [p for ps in prompts_of(f, "validation", NEGATIVE_PROMPTS).values() for p in ps])
+        for f in folds
+    ]
+    backgrounds = [background_of(reg, f)[0] for f in folds]
+    every = np.concatenate(backgrounds)
+    rows = []
+    for n in EXAMPLE_COUNTS:
+        draws = []
+        for seed in range(EXAMPLE_DRAWS if n < np.bincount(zoo.labels).min() else 1):
+            keep = _examples_kept(zoo, n, seed)
+            prob = _probs(_fit_with_none(zoo, keep, every, cfg.C), prompts)
+            fit = 1.0 - prob[:, -1]
+            composed = [
+                1.0 - _probs(_fit_with_none(zoo, keep, backgrounds[1 - f], cfg.C), others[f])[:, -1]
+                >= cfg.fit_threshold
+                for f in (0, 1)
+            ]
+            draws.append(
+                {
+                    "zoo_kept": float(np.mean(fit >= cfg.fit_threshold)),
+                    "zoo_sure": float(np.mean(fit >= cfg.broad_threshold)),
+                    "zoo_top1_own": float(np.mean(prob[:, :-1].argmax(1) == own)),
+                    "other_tasks_composed": float(np.mean(np.concatenate(composed))),
+                }
+            )
+        mean = {k: float(np.mean([d[k] for d in draws])) for k in draws[0]}
+        rows.append({"examples": n, "draws": len(draws)} | mean)
+        print(rows[-1], flush=True)
+    return rows
+
+
+def _examples_kept(zoo: Zoo, n: int, seed: int) -> np.ndarray:
+    """Rows of zoo.flat: a seeded n of each adapter's examples."""
+    rng = np.random.default_rng(seed)
+    per_adapter = [np.flatnonzero(zoo.labels == i) for i in range(len(zoo.names))]
+    return np.concatenate([rng.permutation(rows)[:n] for rows in per_adapter])
+
+
+def _fit_with_none(
+    zoo: Zoo, keep: np.ndarray, background: np.ndarray, C: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The task router's classifier: the kept examples' adapters and `none`, balanced."""
+    X = np.concatenate([zoo.flat[keep], background])
+    y = np.concatenate([zoo.labels[keep], np.full(len(background), len(zoo.names))])
+    return fit_linear(X, y, C, balanced=True)
+
+
 # -- thresholds ---------------------------------------------------------------------------------
 
 IN_ZOO_KEPT = 0.99  # zoo validation prompts that must keep their adapters (tune_router.py's rule)
@@ -407,7 +476,10 @@ def tune(reg: Registry, split: dict) -> dict:
     }
 
 
-GAIN_NEIGHBOURS = (5, 10, 20, 40, 80)
+# neighbours among the shipped background (2,090 rows); a tuning fold's smaller background
+# takes as many in proportion (`_neighbours_among`), so a pair tuned there covers as much
+# of the background as it does shipped
+GAIN_NEIGHBOURS = (10, 20, 40, 80, 160, 320)
 NEVER_HELPED = 1.01  # a threshold above any gain: never compose below fit_threshold
 GAIN_THRESHOLDS = (*(round(0.05 * i, 2) for i in range(1, 13)), NEVER_HELPED)
 CHAT_HELPED_MAX = 0.02  # chat tuning prompts that may compose on the gain of their neighbours
@@ -432,6 +504,11 @@ def knn_gain(Q: np.ndarray, vectors: np.ndarray, gains: np.ndarray, m: int) -> n
     return gains[np.argpartition(-(Q @ vectors.T), m - 1, axis=1)[:, :m]].mean(1)
 
 
+def _neighbours_among(m: int, rows: int, shipped: int) -> int:
+    """m neighbours among `shipped` background rows, as many in proportion among `rows`."""
+    return max(1, round(m * rows / shipped))
+
+
 def tune_gains(reg: Registry, split: dict) -> dict:
     """gain_neighbours and gain_threshold, cross-fitted by task on the tuning half: a fold's
     validation prompts get their fit from a background of the other fold (and the chat set)
@@ -439,7 +516,9 @@ def tune_gains(reg: Registry, split: dict) -> dict:
     most of them right wins, among those that compose at most CHAT_HELPED_MAX of the chat
     tuning prompts (each scored without its own kind's rows) and cost no tuning task more
     than TASK_HARM_MAX against never composing below fit_threshold (NEVER_HELPED is one of
-    the pairs, so one always qualifies). Ties: the higher threshold."""
+    the pairs, so one always qualifies). Ties: the higher threshold. gain_neighbours counts
+    neighbours among the shipped background; a fold's background, about half of it, is
+    searched for as many in proportion."""
     measured = measured_gains(split)
     zoo = load_zoo(reg)
     cfg = TaskRouterConfig()
@@ -447,6 +526,17 @@ def tune_gains(reg: Registry, split: dict) -> dict:
     tasks = np.array([r["task"] for r in rows])
     vectors, _ = background_of(reg, sorted({t for t in tasks if t[:5] != "chat/"}))
     row_gain = np.array([measured.get(t, {}).get("gain", 0.0) for t in tasks], np.float32)
+
+    def estimate(Q: np.ndarray, keep: np.ndarray) -> np.ndarray:
+        """(len(GAIN_NEIGHBOURS), len(Q)): gain estimates from the background rows kept."""
+        n, shipped = int(keep.sum()), len(tasks)
+        return np.stack(
+            [
+                knn_gain(Q, vectors[keep], row_gain[keep], _neighbours_among(m, n, shipped))
+                for m in GAIN_NEIGHBOURS
+            ]
+        )
+
     held = []  # per tuning prompt: (task, abstains, right under base, composed, estimates)
     for f, fold in enumerate(tuning_folds(split)):
         others = [t for t in tuning_folds(split)[1 - f] if t in measured]
@@ -457,7 +547,7 @@ def tune_gains(reg: Registry, split: dict) -> dict:
             texts = [ex.input for ex in load_task(task).splits().validation[:limit]]
             Q = embed(reg, texts)
             fit = 1.0 - _probs(ctx.with_none_balanced, Q)[:, -1]
-            est = np.stack([knn_gain(Q, vectors[keep], row_gain[keep], m) for m in GAIN_NEIGHBOURS])
+            est = estimate(Q, keep)
             got = {r["prompt"]: r for r in measured[task]["rows"]}
             for i, text in enumerate(texts):
                 r = got[text[:200]]
@@ -467,13 +557,10 @@ def tune_gains(reg: Registry, split: dict) -> dict:
     names, which = np.unique(task_of, return_inverse=True)
     never = np.where(abstains, base, composed).astype(float)
     chat = read_chat_tuning()
-    chat_est = np.zeros((len(GAIN_NEIGHBOURS), len(chat)))
     Qc = embed(reg, [c["prompt"] for c in chat])
-    for i, c in enumerate(chat):
-        keep = tasks != f"chat/{c['kind']}"
-        chat_est[:, i] = [
-            knn_gain(Qc[i : i + 1], vectors[keep], row_gain[keep], m)[0] for m in GAIN_NEIGHBOURS
-        ]
+    chat_est = np.concatenate(
+        [estimate(Qc[i : i + 1], tasks != f"chat/{c['kind']}") for i, c in enumerate(chat)], 1
+    )
     grid = []
     for j, m in enumerate(GAIN_NEIGHBOURS):
         for tau in GAIN_THRESHOLDS:
@@ -896,6 +983,7 @@ def main() -> None:
             "tune",
             "gains",
             "tune-gains",
+            "examples",
             "run",
             "summary",
         ],
@@ -929,6 +1017,17 @@ def main() -> None:
             )
         out.write_text(json.dumps(summarize(result), indent=1) + "\n")
         print(f"wrote {out}")
+    elif args.step == "examples":
+        reg = open_registry()
+        rows = examples_needed(reg, read_split())
+        print_table(rows, [*rows[0]])
+        out = RESULTS / "openworld" / "examples.json"
+        rule = examples_needed.__doc__
+        out.write_text(
+            json.dumps({"machine": machine(), "rule": rule, "rows": rows}, indent=1) + "\n"
+        )
+        print(f"wrote {out}")
+        reg.close()
     elif args.step == "tune":
         reg = open_registry()
         result = tune(reg, read_split())

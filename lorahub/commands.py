@@ -25,6 +25,7 @@ from registry import (
 )
 from registry.bulk import Progress
 from router import SentenceEmbedder
+from router.task import EXAMPLES_ADVISED
 
 
 def default_registry() -> Path:
@@ -81,6 +82,14 @@ def cmd_register(args: argparse.Namespace) -> int:
     failed = [r for r in results if not r.ok]
     for r in failed:
         print(f"loraplex: error: {_failure_line(r)}", file=sys.stderr)
+    for r in results:
+        if r.ok and len(r.record.meta.examples) < EXAMPLES_ADVISED:
+            print(
+                f"loraplex: warning: {r.record.name} has {len(r.record.meta.examples)} example "
+                f"inputs; below {EXAMPLES_ADVISED} the task router sends more of its own "
+                "prompts to the base model (--examples FILE, --replace)",
+                file=sys.stderr,
+            )
     if args.json:
         shown = [r.record.to_json() if r.ok else r.to_json() for r in results]
         single = list(args.source) == sources and len(sources) == 1  # no glob: as before

@@ -100,13 +100,14 @@ class TaskRouterConfig:
     # below fit_threshold, compose the top k anyway where the prompt's `gain_neighbours`
     # nearest background inputs come from tasks that composing helped by >= gain_threshold
     # on average (router/data/background-gains.json, 24 validation prompts a task; > 1:
-    # never); chosen on the tuning half by task-wise cross-fitting over its 121 tasks, among
+    # never); chosen on the tuning half by task-wise cross-fitting over its 121 tasks (a
+    # fold's half-size background searched for as many neighbours in proportion), among
     # pairs that cost no tuning task more than 5 points: 0.253 of their validation prompts
-    # right against 0.249 never composing below fit_threshold, 1.0% of them composed, 1 of
+    # right against 0.249 never composing below fit_threshold, 1.8% of them composed, 1 of
     # 154 chat tuning prompts (benchmarks/openworld.py tune-gains,
     # results/openworld/tune_gains.json)
-    gain_neighbours: int = 80
-    gain_threshold: float = 0.55
+    gain_neighbours: int = 160
+    gain_threshold: float = 0.5
     C: float = 100.0  # benchmarks/tune_router.py, results/tune_router.json (validation)
     shortlist: ShortlistConfig = field(default_factory=ShortlistConfig)
 
@@ -167,6 +168,10 @@ FITS: dict[FitScore, Callable[[Scores, int, list[int]], float]] = {
 }
 
 
+# example inputs an adapter should carry: the thresholds were tuned on the zoo's 256 a
+# piece; with 32, 0.95 of an adapter's own prompts still clear fit_threshold, with 8 only
+# 0.81 (benchmarks/openworld.py examples, results/openworld/examples.json)
+EXAMPLES_ADVISED = 32
 HEADS_FORMAT = 3  # the cached head tables' layout (3: each adapter's whitened spread kept)
 # cache key prefixes in the registry; writing a new entry removes the others under its prefix
 HEADS_CACHE, CLASSIFIER_CACHE = "task-heads-", "task-router-"

@@ -37,7 +37,7 @@ def run(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
 def test_register_list_show_search_remove(tmp_path: Path, adapters, capsys, embedder) -> None:
     reg = ["--registry", str(tmp_path)]
     for name in ("math", "french"):
-        code, out, _ = run(
+        code, out, err = run(
             capsys,
             "register",
             str(adapters[name]),
@@ -48,6 +48,7 @@ def test_register_list_show_search_remove(tmp_path: Path, adapters, capsys, embe
             *reg,
         )
         assert code == 0 and f"registered {name}" in out
+        assert f"warning: {name} has " in err and "example inputs; below 32" in err  # 2 or 3
     code, out, _ = run(capsys, "list", "--json", *reg)
     listed = json.loads(out)
     assert code == 0 and [r["name"] for r in listed] == ["french", "math"]
