@@ -609,6 +609,10 @@ BAD = {
             ("echo", True),
         ]
     },
+    **{
+        f"misspelt {name}": (with_field(name, value), 400, name)
+        for name, value in [("temprature", 0), ("max_token", 3), ("Loraplex", {"k": 1}), ("stops", ["x"])]
+    },
 }  # fmt: skip
 
 
@@ -654,6 +658,23 @@ def test_client_mistakes_are_4xx_in_the_openai_shape(server, case: str) -> None:
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
     assert param is None or error["param"] == param
     assert error["type"] == {400: "invalid_request_error", 404: "not_found_error"}[status]
+
+
+def test_a_misspelt_field_is_named_with_the_field_meant_and_others_are_ignored(server) -> None:
+    url, _ = server
+    c = client(url)
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(
+            model="math", messages=[{"role": "user", "content": "x"}], extra_body={"temprature": 0}
+        )
+    assert (
+        e.value.body["message"]
+        == "temprature: unrecognized request argument (did you mean temperature?)"
+    )
+    assert e.value.body["code"] == "unrecognized_argument"
+    plain = {"model": "math", "prompt": "x", "max_tokens": 2, "temperature": 0}
+    ignored = c.completions.create(**plain, extra_body={"user_tier": "gold", "priority": 3})
+    assert ignored.choices[0].text == c.completions.create(**plain).choices[0].text
 
 
 def error_of(r: httpx.Response, status: int) -> dict:

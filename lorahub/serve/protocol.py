@@ -4,6 +4,7 @@ envelope `{"error": {"message", "type", "param", "code"}}`."""
 
 from __future__ import annotations
 
+import difflib
 import time
 import uuid
 from typing import Annotated, Any, ClassVar, Literal
@@ -40,8 +41,9 @@ class StreamOptions(BaseModel):
 
 
 class _Common(BaseModel):
-    """Fields both endpoints share. Unknown fields are ignored, as OpenAI's API does; the
-    ones we cannot honour are refused by name (`refuse_unsupported`)."""
+    """Fields both endpoints share. Unknown fields are ignored, as vLLM ignores them, but
+    for one that looks like a misspelt known field; the ones we cannot honour are refused
+    by name (`refuse_unsupported`)."""
 
     model_config = ConfigDict(**STRICT, extra="allow")
     model: str
@@ -177,7 +179,10 @@ CHAT_UNSUPPORTED: dict[str, tuple[object, ...]] = {"echo": (False,)}
 
 
 def refuse_unsupported(req: _Common) -> None:
-    """A 400 naming the first field set to something we cannot do."""
+    """A 400 naming the first field set to something we cannot do, or the first unknown
+    field that looks like a misspelt known one ("temprature": a typo would otherwise fall
+    back to the default silently). Other unknown fields are ignored, as vLLM ignores them:
+    clients send newer or other servers' fields."""
     fields = {**(req.model_extra or {}), **{k: getattr(req, k) for k in type(req).model_fields}}
     table = UNSUPPORTED | (CHAT_UNSUPPORTED if isinstance(req, ChatRequest) else {})
     for name, harmless in table.items():
@@ -185,6 +190,16 @@ def refuse_unsupported(req: _Common) -> None:
         if value is not None and not any(_same(value, h) for h in harmless):
             raise APIError(
                 400, f"{name}: not supported by this server (leave it out)", name, "unsupported"
+            )
+    known = [*type(req).model_fields, *UNSUPPORTED, *CHAT_UNSUPPORTED]
+    for name in req.model_extra or {}:
+        near = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+        if name not in known and near:
+            raise APIError(
+                400,
+                f"{name}: unrecognized request argument (did you mean {near[0]}?)",
+                name,
+                "unrecognized_argument",
             )
 
 
