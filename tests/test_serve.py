@@ -885,11 +885,14 @@ def test_a_client_that_disconnects_frees_its_row(server) -> None:
     report = engine.on_step
     engine.on_step = lambda batch, waiting: (steps.append(batch), report(batch, waiting))
     body = {"model": "math", "prompt": "x", "stream": True, "max_tokens": 105, "temperature": 0}
+    left = 'loraplex_requests_total{endpoint="/v1/completions",status="499"}'
+    before = _counted(httpx.get(f"{url}/metrics", timeout=10).text, left)
     try:
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as r:
             assert r.status_code == 200
-            next(r.iter_lines())  # the first chunk arrived: the row is decoding
-        deadline = time.monotonic() + 10
+            chunks = (ln for ln in r.iter_lines() if ln.startswith("data: "))
+            next(chunks), next(chunks)  # the report, then text: the row is decoding
+        deadline = time.monotonic() + 60
         while engine.stats()["running"] and time.monotonic() < deadline:
             time.sleep(0.02)
     finally:
@@ -898,6 +901,11 @@ def test_a_client_that_disconnects_frees_its_row(server) -> None:
     assert sum(1 for b in steps if b) < 90  # freed long before its 105 tokens
     after = client(url).completions.create(model="math", prompt="x", **GREEDY)
     assert after.usage.completion_tokens == 10
+    # counted as the 499 it ended as, not as the 200 it began as
+    deadline = time.monotonic() + 60
+    while _counted(httpx.get(f"{url}/metrics", timeout=10).text, left) == before:
+        assert time.monotonic() < deadline, "the closed stream was never counted as a 499"
+        time.sleep(0.05)
 
 
 def test_a_full_queue_answers_429_with_retry_after(registry_dir: Path, embedder) -> None:
@@ -1062,17 +1070,18 @@ def test_metrics_count_requests_tokens_and_routing(server) -> None:
     ):
         assert name in text
     # every auto prompt is routed exactly once, joined with others' or alone
-    before = _metric(text, "loraplex_route_batch_prompts_sum")
+    before = _counted(text, "loraplex_route_batch_prompts_sum")
     client(url).completions.create(model="auto", prompt=["x", "y", "z"], **GREEDY)
-    after = _metric(
+    after = _counted(
         httpx.get(f"{url}/metrics", timeout=10).text, "loraplex_route_batch_prompts_sum"
     )
     assert after - before == 3
 
 
-def _metric(exposition: str, name: str) -> float:
-    (line,) = [ln for ln in exposition.splitlines() if ln.startswith(name + " ")]
-    return float(line.split()[1])
+def _counted(exposition: str, series: str) -> float:
+    """A labelled series' value (0 before its first count)."""
+    found = [ln for ln in exposition.splitlines() if ln.startswith(series + " ")]
+    return float(found[0].split()[1]) if found else 0.0
 
 
 # -- the process ------------------------------------------------------------------------------

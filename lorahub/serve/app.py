@@ -171,7 +171,8 @@ def _tokenizer_routes(app: FastAPI, serving: Serving) -> None:
 
 class _Guard:
     """ASGI middleware: the API key (every path but the probes', the docs included), and
-    the request counter by route template, 500s from the catch-all handler included. Plain
+    the request counter by route template and status, 500s from the catch-all handler
+    included, a response the client left before its end as 499. Plain
     ASGI rather than `BaseHTTPMiddleware`, whose receive wrapper swallows the disconnect a
     handler waits for."""
 
@@ -183,12 +184,20 @@ class _Guard:
             await self.app(scope, receive, send)
             return
         status = 500  # unless a response starts: an exception on its way to the catch-all
+        ended = left = False  # the body's last part sent; the client gone
 
         async def counted(message: Message) -> None:
-            nonlocal status
+            nonlocal status, ended
             if message["type"] == "http.response.start":
                 status = message["status"]
+            ended |= message["type"] == "http.response.body" and not message.get("more_body")
             await send(message)
+
+        async def listened() -> Message:
+            nonlocal left
+            message = await receive()
+            left |= message["type"] == "http.disconnect"
+            return message
 
         try:
             if (
@@ -198,11 +207,14 @@ class _Guard:
             ):
                 await _unauthorized(counted)
             else:
-                await self.app(scope, receive, counted)
+                await self.app(scope, listened, counted)
         finally:
             route = scope.get("route")
             endpoint = getattr(route, "path", None) or UNMATCHED
-            self.metrics.requests.labels(endpoint, str(status)).inc()
+            # a stream the client closed began as a 200: counted as the 499 it ended as
+            self.metrics.requests.labels(
+                endpoint, "499" if left and not ended else str(status)
+            ).inc()
 
 
 async def _unauthorized(send: Send) -> None:
