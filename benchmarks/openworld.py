@@ -353,17 +353,18 @@ def diagnose(reg: Registry, split: dict) -> dict:
 # -- how many examples an adapter needs -------------------------------------------------------
 
 EXAMPLE_COUNTS = (4, 8, 16, 32, 64, 128, 256)
-EXAMPLE_DRAWS = 3  # seeded subsets of each zoo adapter's examples per count
+# seeded subsets of each zoo adapter's examples per count (one when no adapter has more)
+EXAMPLE_DRAWS = 3
 
 
 def examples_needed(reg: Registry, split: dict) -> list[dict]:
-    """The defaults were tuned on the zoo, 256 examples an adapter. Per count n, each zoo
-    adapter keeps n of its examples (seeded draws) and the router's classifier is fitted as
-    in TaskRouter; then, at the default thresholds: the zoo's validation prompts that keep
-    adapters, that are sure (not mixed as unsure) and whose top adapter is their own; and,
-    cross-fitted by task on the tuning half (a fold's background, the other fold's
-    validation prompts), the prompts of tasks with no adapter that compose. Embeddings
-    only."""
+    """The defaults were tuned on the zoo: 256 examples an adapter (two carry 34). Per count
+    n, each zoo adapter keeps n of its examples (all it has if fewer; seeded draws) and the
+    router's classifier is fitted as in TaskRouter, against the shipped background; then,
+    at the default thresholds: the zoo's validation prompts that keep adapters, that are
+    sure (not mixed as unsure) and whose top adapter is their own; and, cross-fitted by
+    task on the tuning half (a fold's background, the other fold's validation prompts),
+    the prompts of tasks with no adapter above the fit threshold. Embeddings only."""
     cfg, zoo = TaskRouterConfig(), load_zoo(reg)
     owners = {e["task"]: e["name"] for e in read_manifest()}
     fetch_bigbench(split["tuning"] + split["zoo"])
@@ -376,11 +377,11 @@ def examples_needed(reg: Registry, split: dict) -> list[dict]:
         for f in folds
     ]
     backgrounds = [background_of(reg, f)[0] for f in folds]
-    every = np.concatenate(backgrounds)
+    every = background_of(reg, split["tuning"])[0]
     rows = []
     for n in EXAMPLE_COUNTS:
         draws = []
-        for seed in range(EXAMPLE_DRAWS if n < np.bincount(zoo.labels).min() else 1):
+        for seed in range(EXAMPLE_DRAWS if n < np.bincount(zoo.labels).max() else 1):
             keep = _examples_kept(zoo, n, seed)
             prob = _probs(_fit_with_none(zoo, keep, every, cfg.C), prompts)
             fit = 1.0 - prob[:, -1]

@@ -24,8 +24,7 @@ from registry import (
     write_peft_folder,
 )
 from registry.bulk import Progress
-from router import SentenceEmbedder
-from router.task import EXAMPLES_ADVISED
+from router import EXAMPLES_ADVISED, SentenceEmbedder
 
 
 def default_registry() -> Path:
@@ -85,9 +84,9 @@ def cmd_register(args: argparse.Namespace) -> int:
     for r in results:
         if r.ok and len(r.record.meta.examples) < EXAMPLES_ADVISED:
             print(
-                f"loraplex: warning: {r.record.name} has {len(r.record.meta.examples)} example "
-                f"inputs; below {EXAMPLES_ADVISED} the task router sends more of its own "
-                "prompts to the base model (--examples FILE, --replace)",
+                f"loraplex: warning: {r.record.name}: {len(r.record.meta.examples)} example "
+                f"input(s); below {EXAMPLES_ADVISED} the task router (the default) sends more "
+                "of its own prompts to the base model (--examples FILE, --replace)",
                 file=sys.stderr,
             )
     if args.json:
@@ -487,8 +486,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from lorahub.serve.server import EngineOptions, make_engine, serve
     from router import RouterOptions
 
-    if args.api_key is not None and not args.api_key.strip():
-        raise AdapterError(
+    if args.api_key is not None and not args.api_key.strip():  # an empty LORAPLEX_API_KEY is
+        raise AdapterError(  # how a shell says "no key"; `--api-key "$KEY"` says it by mistake
             "--api-key is empty (an unset variable?): give a key, or leave the flag out to "
             "serve without one"
         )

@@ -6,11 +6,12 @@ from router.embedder import DEFAULT_MODEL, LORARETRIEVER_PREFIX, SentenceEmbedde
 from router.retriever import Retriever, RetrieverConfig, Weighting
 from router.routers import DEFAULT_ROUTER, ROUTERS, ArrowRouter, Router, RouterOptions, make_router
 from router.routing import Decision, Routing
-from router.task import TaskRouter, TaskRouterConfig
+from router.task import EXAMPLES_ADVISED, TaskRouter, TaskRouterConfig
 
 __all__ = [
     "DEFAULT_MODEL",
     "DEFAULT_ROUTER",
+    "EXAMPLES_ADVISED",
     "LORARETRIEVER_PREFIX",
     "ROUTERS",
     "ArrowConfig",

@@ -46,6 +46,10 @@ class Routing:
 
     def __post_init__(self) -> None:
         implied = Decision.adapters if self.adapters else Decision.base
+        if self.decision is not None and self.decision not in set(Decision):
+            raise ValueError(
+                f"unknown decision {self.decision!r}; choose from {list(map(str, Decision))}"
+            )
         object.__setattr__(self, "decision", Decision(self.decision or implied))
         if (self.decision == Decision.base) == bool(self.adapters):
             raise ValueError(f"decision {self.decision} with adapters {self.adapters}")
@@ -67,7 +71,7 @@ class Routing:
             tuple(self.scores[i] for i in order) if self.scores else (),
             confidence=self.confidence,
             note=self.note,
-            decision=self.decision,
+            decision=self.decision if order else None,
         )
 
     def to_json(self) -> dict:

@@ -83,8 +83,8 @@ class TaskRouterConfig:
     neighbour fit; fit: the score `fit_threshold` and `broad_threshold` read; fit_threshold:
     fit below which no adapter is used (-1 = always compose); broad_threshold: fit below
     which the `broad_k` most probable adapters (at most the caller's k) are mixed equally
-    when the caller asks for more than one (<= fit_threshold: never); C: the classifier's inverse regularization;
-    gain_neighbours / gain_threshold: when composing anyway below fit_threshold (below);
+    when the caller asks for more than one (<= fit_threshold: never); C: the classifier's
+    inverse regularization; gain_neighbours / gain_threshold: when composing anyway below fit_threshold (below);
     shortlist: how a pool larger than `shortlist.candidates` is routed (router/heads.py)."""
 
     k: int = 3
@@ -168,9 +168,9 @@ FITS: dict[FitScore, Callable[[Scores, int, list[int]], float]] = {
 }
 
 
-# example inputs an adapter should carry: the thresholds were tuned on the zoo's 256 a
-# piece; with 32, 0.95 of an adapter's own prompts still clear fit_threshold, with 8 only
-# 0.81 (benchmarks/openworld.py examples, results/openworld/examples.json)
+# example inputs an adapter should carry: the thresholds were tuned on the zoo's (256 an
+# adapter, two with 34); with fewer, fewer of an adapter's own prompts clear fit_threshold
+# (benchmarks/openworld.py examples, results/openworld/examples.json)
 EXAMPLES_ADVISED = 32
 HEADS_FORMAT = 3  # the cached head tables' layout (3: each adapter's whitened spread kept)
 # cache key prefixes in the registry; writing a new entry removes the others under its prefix

@@ -48,7 +48,7 @@ def test_register_list_show_search_remove(tmp_path: Path, adapters, capsys, embe
             *reg,
         )
         assert code == 0 and f"registered {name}" in out
-        assert f"warning: {name} has " in err and "example inputs; below 32" in err  # 2 or 3
+        assert f"warning: {name}: " in err and "example input(s); below 32" in err  # 2 or 3
     code, out, _ = run(capsys, "list", "--json", *reg)
     listed = json.loads(out)
     assert code == 0 and [r["name"] for r in listed] == ["french", "math"]
@@ -388,6 +388,7 @@ def test_a_missing_registry_is_an_error_not_a_new_empty_one(
 
 
 def test_an_empty_api_key_is_refused_not_an_open_server(tmp_path: Path, capsys) -> None:
-    """`--api-key "$KEY"` with KEY unset must not serve without a key."""
+    """`--api-key "$KEY"` with KEY unset must not serve without a key (an empty
+    LORAPLEX_API_KEY means no key: tests/test_serve.py serves so)."""
     code, _, err = run(capsys, "serve", "--api-key", "", "--registry", str(tmp_path))
     assert code == 1 and "--api-key is empty" in err

@@ -143,9 +143,8 @@ class DetokenizeRequest(BaseModel):
     tokens: list[int]
 
 
-# OpenAI fields we cannot honour -> the values that ask for nothing (null always does).
-# Any other value is refused by name (400), never silently ignored; `user`, `metadata` and
-# other fields that change nothing in the answer are ignored, as OpenAI's API does.
+# OpenAI's and vLLM's fields we cannot honour -> the values that ask for nothing (null
+# always does). Any other value is refused by name (400), never silently ignored.
 UNSUPPORTED: dict[str, tuple[object, ...]] = {
     "n": (1,),
     "best_of": (1,),
@@ -171,7 +170,12 @@ UNSUPPORTED: dict[str, tuple[object, ...]] = {
     "guided_regex": (),
     "guided_choice": (),
     "guided_grammar": (),
+    "skip_special_tokens": (True,),  # vLLM's; every answer here is decoded without them
 }
+# other servers' fields that change nothing in the answer, named here because they look
+# like a misspelt known field (`refuse_unsupported`): OpenRouter's fallback `models`
+IGNORED = ("models",)
+TYPOS_CHECKED = 64  # unknown fields looked at for a misspelling (difflib), per request
 
 
 # ... and on chat completions only (vLLM's chat `echo` repeats the last message)
@@ -181,8 +185,9 @@ CHAT_UNSUPPORTED: dict[str, tuple[object, ...]] = {"echo": (False,)}
 def refuse_unsupported(req: _Common) -> None:
     """A 400 naming the first field set to something we cannot do, or the first unknown
     field that looks like a misspelt known one ("temprature": a typo would otherwise fall
-    back to the default silently). Other unknown fields are ignored, as vLLM ignores them:
-    clients send newer or other servers' fields."""
+    back to the default silently; so is another server's name for a known field, such as
+    `max_new_tokens` or `repeat_penalty`, which would be ignored). Other unknown fields
+    are ignored, as vLLM ignores them: clients send newer or other servers' fields."""
     fields = {**(req.model_extra or {}), **{k: getattr(req, k) for k in type(req).model_fields}}
     table = UNSUPPORTED | (CHAT_UNSUPPORTED if isinstance(req, ChatRequest) else {})
     for name, harmless in table.items():
@@ -192,9 +197,10 @@ def refuse_unsupported(req: _Common) -> None:
                 400, f"{name}: not supported by this server (leave it out)", name, "unsupported"
             )
     known = [*type(req).model_fields, *UNSUPPORTED, *CHAT_UNSUPPORTED]
-    for name in req.model_extra or {}:
+    unknown = [n for n in req.model_extra or {} if n not in known and n not in IGNORED]
+    for name in unknown[:TYPOS_CHECKED]:
         near = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
-        if name not in known and near:
+        if near:
             raise APIError(
                 400,
                 f"{name}: unrecognized request argument (did you mean {near[0]}?)",

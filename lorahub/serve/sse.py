@@ -1,7 +1,7 @@
 """The SSE encoder: an engine's events for one request as OpenAI's stream of `data:` chunks.
-The routing report first (chat: with the role), a chunk per visible text, `finish_reason`
-last, the usage chunk when asked for, then `data: [DONE]`; an error ends the stream with
-an error chunk in the OpenAI envelope."""
+The routing report in the first chunk (chat: the role's; completions: the first text's), a
+chunk per visible text, `finish_reason` last, the usage chunk when asked for, then
+`data: [DONE]`; an error ends the stream with an error chunk in the OpenAI envelope."""
 
 from __future__ import annotations
 
@@ -34,24 +34,32 @@ class StreamShape:
     include_usage: bool
 
     def text_chunk(
-        self, text: str, finish: str | None, logprobs: list | None, offset: int = 0
+        self,
+        text: str,
+        finish: str | None,
+        logprobs: list | None,
+        offset: int = 0,
+        reported: bool = False,
     ) -> str:
         """offset: where this chunk's first token starts in the whole text (completions'
-        text_offset)."""
+        text_offset); reported: the chunk carries the routing report."""
         if self.chat:
             delta = {"content": text} if text or not finish else {}
-            return sse(p.chat_chunk(self.rid, self.model, delta, finish, logprobs))
-        return sse(p.completion_chunk(self.rid, self.model, text, finish, logprobs, offset))
-
-    def first(self) -> str:
-        """The chunk before any text, with the routing report: chat's role; an empty text
-        for a completion."""
-        if self.chat:
-            role = {"role": "assistant", "content": ""}
-            body = p.chat_chunk(self.rid, self.model, role, None, None)
+            body = p.chat_chunk(self.rid, self.model, delta, finish, logprobs)
         else:
-            body = p.completion_chunk(self.rid, self.model, "", None, None)
-        return sse({**body, "loraplex": self.report})
+            body = p.completion_chunk(self.rid, self.model, text, finish, logprobs, offset)
+        return sse({**body, "loraplex": self.report} if reported else body)
+
+    def role(self) -> list[str]:
+        """Chat's first chunk: the role, with the routing report. A completion sends nothing
+        before its first text, which carries the report (a client's time to first token
+        stays the model's, as with vLLM)."""
+        if not self.chat:
+            return []
+        delta = {"role": "assistant", "content": ""}
+        return [
+            sse({**p.chat_chunk(self.rid, self.model, delta, None, None), "loraplex": self.report})
+        ]
 
     def usage(self, usage: dict) -> str:
         obj = "chat.completion.chunk" if self.chat else "text_completion"
@@ -66,8 +74,9 @@ async def encode(
 ) -> AsyncIterator[str]:
     """The chunks of one request, until its terminal event. `on_event` sees every event
     (timing); `error_body` turns an error event into the envelope sent."""
-    yield shape.first()
-    offset = 0
+    for chunk in shape.role():
+        yield chunk
+    unreported, offset = not shape.chat, 0
     while True:
         ev = await events.get()
         on_event(ev)
@@ -76,10 +85,10 @@ async def encode(
             break
         if ev.kind == "token" and (ev.text or (ev.logprobs and shape.logprobs)):
             lp = list(ev.logprobs) if shape.logprobs else None
-            yield shape.text_chunk(ev.text, None, lp, offset)
-            offset += sum(len(e["token"]) for e in ev.logprobs)
+            yield shape.text_chunk(ev.text, None, lp, offset, unreported)
+            unreported, offset = False, offset + sum(len(e["token"]) for e in ev.logprobs)
         if ev.kind == "done":
-            yield shape.text_chunk("", ev.finish_reason, None)
+            yield shape.text_chunk("", ev.finish_reason, None, reported=unreported)
             if shape.include_usage:
                 yield shape.usage(ev.usage)
             break
